@@ -1,0 +1,101 @@
+"""The uncentered covariance C = E[e eᵀ] of a text encoder's output tokens, estimated and cached.
+
+Tokens counted per caption: BOS, the words and the first EOS (no padding), as the paper does.
+C only enters training (u = C⁻¹ i*); inference needs no C. Cached per text-encoder hash as safetensors.
+For SD1.5's CLIP ViT-L/14, the reference C of the perfusion-pytorch package (100K LAION captions)
+is offered, converted once from its .pt file (loaded with weights_only=True) after a sha256 check.
+"""
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import os
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
+
+from .atomic import atomic_save_safetensors
+from .errors import PerfusionError
+
+REFERENCE_SD15_SHA256 = "bae743eee378894d29eaf313740244e6fabc86623aa803c695eddac33f0d03a5"
+REFERENCE_SD15_RELPATH = Path("data") / "covariance_CLIP_ViT-L-14.pt"
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("PERFUSION_CACHE", Path.home() / ".cache" / "perfusion"))
+
+
+def module_hash(module: torch.nn.Module) -> str:
+    """sha256 over a module's parameter names and bytes: identifies a text encoder's weights."""
+    digest = hashlib.sha256()
+    for name, tensor in sorted(module.state_dict().items()):
+        digest.update(name.encode())
+        digest.update(tensor.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+@torch.no_grad()
+def estimate_covariance(encode, token_ids: list[list[int]], batch_size: int = 64) -> torch.Tensor:
+    """C from captions already tokenized to BOS + words + EOS (no padding), in float64.
+
+    `encode(ids [B, L]) -> [B, L, d]` runs the text encoder; captions are padded per batch and the
+    padding rows are excluded (causal CLIP attention leaves the real tokens unchanged).
+    """
+    total, count = None, 0
+    for start in range(0, len(token_ids), batch_size):
+        chunk = token_ids[start:start + batch_size]
+        width = max(len(ids) for ids in chunk)
+        pad = chunk[0][-1]
+        ids = torch.tensor([ids + [pad] * (width - len(ids)) for ids in chunk])
+        hidden = encode(ids).double()
+        valid = torch.tensor([[i < len(ids_) for i in range(width)] for ids_ in chunk])
+        tokens = hidden[valid]
+        total = tokens.T @ tokens if total is None else total + tokens.T @ tokens
+        count += tokens.shape[0]
+    if total is None:
+        raise PerfusionError("cannot estimate a covariance from an empty caption list")
+    return total / count
+
+
+def tokenize_for_covariance(tokenizer, captions: list[str]) -> list[list[int]]:
+    """BOS + words + first EOS per caption, truncated to the tokenizer's context."""
+    ids = tokenizer(captions, truncation=True, max_length=tokenizer.model_max_length).input_ids
+    return [list(x) for x in ids]
+
+
+def cached_covariance(text_encoder, tokenizer, captions: list[str] | None = None, encode=None) -> torch.Tensor:
+    """C for this text encoder: from the cache when its hash is known, else estimated and cached."""
+    from .captions import caption_corpus
+
+    key = module_hash(text_encoder)
+    path = cache_dir() / "covariance" / f"{key[:32]}.safetensors"
+    if path.exists():
+        return load_file(path)["covariance"].double()
+    encode = encode or (lambda ids: text_encoder(ids.to(text_encoder.device)).last_hidden_state)
+    cov = estimate_covariance(encode, tokenize_for_covariance(tokenizer, captions or caption_corpus()))
+    atomic_save_safetensors({"covariance": cov.float().contiguous()}, path, metadata={"text_encoder_sha256": key})
+    return cov
+
+
+def reference_covariance_sd15() -> torch.Tensor:
+    """The reference C for SD1.5's CLIP ViT-L/14 (768×768) from `pip install perfusion-pytorch==0.1.23`."""
+    cached = cache_dir() / "covariance" / "reference_clip_vit_l14.safetensors"
+    if cached.exists():
+        return load_file(cached)["covariance"].double()
+    spec = importlib.util.find_spec("perfusion_pytorch")
+    if spec is None or not spec.submodule_search_locations:
+        raise PerfusionError(
+            "The reference SD1.5 covariance ships in the perfusion-pytorch package: "
+            "pip install --no-deps perfusion-pytorch==0.1.23"
+        )
+    source = Path(list(spec.submodule_search_locations)[0]) / REFERENCE_SD15_RELPATH
+    digest = hashlib.sha256(source.read_bytes()).hexdigest()
+    if digest != REFERENCE_SD15_SHA256:
+        raise PerfusionError(f"{source} has sha256 {digest}, expected {REFERENCE_SD15_SHA256}; reinstall it.")
+    cov = torch.load(source, map_location="cpu", weights_only=True)
+    if not isinstance(cov, torch.Tensor) or cov.shape != (768, 768):
+        raise PerfusionError(f"{source} does not hold a 768×768 tensor")
+    atomic_save_safetensors({"covariance": cov.float().contiguous()}, cached,
+                            metadata={"source_sha256": digest, "source": "perfusion-pytorch 0.1.23"})
+    return cov.double()

@@ -1,0 +1,101 @@
+"""The gated rank-1 edit of one K or V projection, for any number of concepts (DESIGN.md §1).
+
+For input tokens e, frozen weight W and concepts k with target input i*_k, u_k = C⁻¹ i*_k,
+target output o*_k, strength w_k, gate (β_k, τ_k):
+
+    α(e)   = G⁻¹ Uᵀ e                 (G_jk = u_j · i*_k; exact C⁻¹-orthogonal projection, no C needed)
+    s_k(e) = (u_k · e) / E_k,  E_k = u_k · i*_k
+    g_k(e) = sigmoid((s_k(e) − β_k) / τ_k)
+    out(e) = W e + Σ_k w_k (g_k(e) o*_k − α_k(e) W i*_k)
+
+For one concept α = s, the paper's formula. Gate and projection run in fp32 even for fp16/bf16
+models (an fp16 gate measurably blurs the concept boundary), in fp64 for fp64 inputs (tests);
+only the final delta is cast to the model's dtype.
+"""
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+
+
+@dataclasses.dataclass
+class ProjectionEdit:
+    """Everything one `to_k`/`to_v` needs for its concepts, stacked along the concept axis (n)."""
+
+    target_inputs: torch.Tensor  # I*  [n, d]
+    target_inputs_cinv: torch.Tensor  # U [n, d]
+    target_outputs: torch.Tensor  # O* [n, out]
+    strengths: torch.Tensor  # w [n]
+    betas: torch.Tensor  # [n]
+    taus: torch.Tensor  # [n]
+    linear_gate: bool = False  # g = s: the ungated ROME update (tests, ablations)
+
+    def __post_init__(self):
+        tensors = {f.name: getattr(self, f.name).double() for f in dataclasses.fields(self) if f.name != "linear_gate"}
+        gram = tensors["target_inputs_cinv"] @ tensors["target_inputs"].T  # G_jk = u_j · i*_k
+        tensors["gram_inverse"] = torch.linalg.inv(gram)
+        tensors["energies"] = torch.diagonal(gram).clone()  # E_k = u_k · i*_k
+        self._master = tensors
+        self._cast: dict[tuple, dict[str, torch.Tensor]] = {}
+
+    def _tensors(self, dtype: torch.dtype, device) -> dict[str, torch.Tensor]:
+        key = (dtype, device)
+        if key not in self._cast:
+            self._cast[key] = {k: v.to(device=device, dtype=dtype) for k, v in self._master.items()}
+        return self._cast[key]
+
+    @staticmethod
+    def compute_dtype(e: torch.Tensor) -> torch.dtype:
+        return torch.float64 if e.dtype == torch.float64 else torch.float32
+
+    def coefficients(self, e: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(α, g): projection coefficients and gate values, [..., n] each, in fp32 (fp64 for fp64 e)."""
+        dtype = self.compute_dtype(e)
+        t = self._tensors(dtype, e.device)
+        proj = e.to(dtype) @ t["target_inputs_cinv"].T  # u_k · e
+        alpha = proj @ t["gram_inverse"].T
+        similarity = proj / t["energies"]
+        gate = similarity if self.linear_gate else torch.sigmoid((similarity - t["betas"]) / t["taus"])
+        return alpha, gate
+
+    def project(self, e: torch.Tensor) -> torch.Tensor:
+        """P(e): the C⁻¹-orthogonal projection of e onto span{i*_k}."""
+        alpha, _ = self.coefficients(e)
+        return alpha @ self._tensors(alpha.dtype, e.device)["target_inputs"]
+
+    def delta(self, e: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        """Σ_k w_k (g_k o*_k − α_k W i*_k), shape [..., out], in the compute dtype."""
+        alpha, gate = self.coefficients(e)
+        t = self._tensors(alpha.dtype, e.device)
+        w_target_inputs = t["target_inputs"] @ weight.to(alpha.dtype).T  # rows W i*_k, [n, out]
+        strengths = t["strengths"]
+        return (strengths * gate) @ t["target_outputs"] - (strengths * alpha) @ w_target_inputs
+
+    def apply(self, e: torch.Tensor, base_output: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        """The edited projection output, given the unedited one (W e, plus whatever patches made it)."""
+        return base_output + self.delta(e, weight).to(base_output.dtype)
+
+
+def stack_edit(concepts, kind: str, layer: str, linear_gate: bool = False) -> ProjectionEdit:
+    """Build the ProjectionEdit of `layer` for `kind` ('key' or 'value').
+
+    `concepts` holds (Concept, strength, beta, tau) tuples; every concept must carry the layer.
+    """
+    def stack(values):
+        return torch.stack([v.double() for v in values])
+
+    return ProjectionEdit(
+        target_inputs=stack([c.target_input for c, *_ in concepts]),
+        target_inputs_cinv=stack([c.target_input_cinv for c, *_ in concepts]),
+        target_outputs=stack([c.targets(kind)[layer] for c, *_ in concepts]),
+        strengths=torch.tensor([float(w) for _, w, _, _ in concepts], dtype=torch.float64),
+        betas=torch.tensor([float(b) for _, _, b, _ in concepts], dtype=torch.float64),
+        taus=torch.tensor([float(t) for _, _, _, t in concepts], dtype=torch.float64),
+        linear_gate=linear_gate,
+    )
+
+
+def ema_update(current: torch.Tensor, observed: torch.Tensor, momentum: float = 0.99) -> torch.Tensor:
+    """One EMA step of the target input: i* ← m·i* + (1 − m)·x (DESIGN.md §1, momentum 0.99)."""
+    return momentum * current + (1.0 - momentum) * observed

@@ -1,0 +1,101 @@
+"""Find every cross-attention (`attn2`) block of a UNet and name it canonically (ldm path).
+
+Concept files name layers by their ldm path (`input_blocks.1.1.transformer_blocks.0.attn2`), the
+names A1111's SD1/SD2 (ldm) and SDXL (sgm) UNets use. diffusers' `UNet2DConditionModel` names the
+same blocks differently; the mapping is derived from the model's own structure (resnets per block,
+downsamplers), so it holds for any topology, not just SD1.5's.
+"""
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+
+from .errors import PerfusionError
+
+
+@dataclasses.dataclass(frozen=True)
+class CrossAttentionLayer:
+    name: str  # canonical ldm path
+    module_path: str  # the attn2 module's path inside this UNet
+    to_k: torch.nn.Linear
+    to_v: torch.nn.Linear
+
+    @property
+    def in_dim(self) -> int:
+        return self.to_k.in_features
+
+    @property
+    def out_dim(self) -> int:
+        return self.to_k.out_features
+
+
+def is_diffusers_unet(unet: torch.nn.Module) -> bool:
+    return hasattr(unet, "down_blocks") and hasattr(unet, "up_blocks")
+
+
+def _diffusers_block_prefixes(unet) -> dict[str, str]:
+    """Map diffusers attention-module prefixes (e.g. `down_blocks.1.attentions.0`) to ldm ones."""
+    mapping = {}
+    index = 0  # input_blocks.0 is conv_in
+    for i, block in enumerate(unet.down_blocks):
+        for j in range(len(block.resnets)):
+            index += 1
+            if getattr(block, "attentions", None) is not None and j < len(block.attentions):
+                mapping[f"down_blocks.{i}.attentions.{j}"] = f"input_blocks.{index}.1"
+        if getattr(block, "downsamplers", None):
+            index += 1
+    if unet.mid_block is not None and getattr(unet.mid_block, "attentions", None) is not None:
+        for j in range(len(unet.mid_block.attentions)):
+            mapping[f"mid_block.attentions.{j}"] = f"middle_block.{2 * j + 1}"
+    index = 0
+    for i, block in enumerate(unet.up_blocks):
+        for j in range(len(block.resnets)):
+            if getattr(block, "attentions", None) is not None and j < len(block.attentions):
+                mapping[f"up_blocks.{i}.attentions.{j}"] = f"output_blocks.{index}.1"
+            index += 1
+    return mapping
+
+
+def canonical_name(unet: torch.nn.Module, module_path: str) -> str:
+    """ldm path of an attn2 module given its path inside `unet` (identity for ldm/sgm UNets)."""
+    if not is_diffusers_unet(unet):
+        return module_path
+    prefixes = _diffusers_block_prefixes(unet)
+    for prefix, ldm in prefixes.items():
+        if module_path.startswith(prefix + "."):
+            return ldm + module_path[len(prefix):]
+    raise PerfusionError(f"cannot map diffusers module {module_path!r} to an ldm name")
+
+
+def cross_attention_layers(unet: torch.nn.Module) -> dict[str, CrossAttentionLayer]:
+    """Every attn2 block with its to_k/to_v Linear, keyed by canonical name, in model order."""
+    layers = {}
+    for path, module in unet.named_modules():
+        if path.split(".")[-1] != "attn2":
+            continue
+        to_k, to_v = getattr(module, "to_k", None), getattr(module, "to_v", None)
+        if not isinstance(to_k, torch.nn.Linear) or not isinstance(to_v, torch.nn.Linear):
+            continue
+        name = canonical_name(unet, path)
+        layers[name] = CrossAttentionLayer(name, path, to_k, to_v)
+    if not layers:
+        raise PerfusionError(
+            "This model has no cross-attention (attn2) blocks with to_k/to_v; Perfusion needs a Stable "
+            "Diffusion UNet (SD1, SD2, SDXL)."
+        )
+    return layers
+
+
+# Text width d of the conditioning → base family. The toy model is ours (DESIGN.md §4).
+_FAMILY_BY_CONTEXT_DIM = {768: "sd1", 1024: "sd2", 2048: "sdxl", 128: "toy"}
+
+
+def model_family(layers: dict[str, CrossAttentionLayer]) -> str:
+    dims = {layer.in_dim for layer in layers.values()}
+    if len(dims) != 1:
+        raise PerfusionError(f"cross-attention layers disagree on the text width: {sorted(dims)}")
+    d = dims.pop()
+    if d not in _FAMILY_BY_CONTEXT_DIM:
+        raise PerfusionError(f"unsupported text-conditioning width {d} (known: SD1 768, SD2 1024, SDXL 2048)")
+    return _FAMILY_BY_CONTEXT_DIM[d]

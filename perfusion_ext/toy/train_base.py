@@ -1,0 +1,275 @@
+"""Train the toy base model from scratch: `python -m perfusion_ext.toy.train_base`.
+
+One reproducible command. It trains the VAE first (a few minutes), then the UNet and text encoder
+jointly on freshly rendered scenes, checkpoints every `--checkpoint-minutes` (atomically), evaluates
+attribute accuracy on held-out prompts every `--eval-minutes`, and resumes from its work folder.
+`--export` writes the EMA weights as the committed diffusers folder (fp16) and the fp32 resume file.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+
+from ..atomic import atomic_write_json, atomic_save_safetensors
+from . import model as toy_model
+from . import checkers, world
+from .evaluate import evaluate_pipeline, make_pipeline
+
+RESUME_FILE = Path(__file__).resolve().parents[2] / "training" / "toy_base_resume.safetensors"
+
+
+def images_to_tensor(images: np.ndarray) -> torch.Tensor:
+    return torch.from_numpy(images).permute(0, 3, 1, 2).float() / 127.5 - 1.0
+
+
+class Trainer:
+    def __init__(self, args):
+        self.args = args
+        self.work = Path(args.work)
+        self.work.mkdir(parents=True, exist_ok=True)
+        torch.manual_seed(args.seed)
+        self.tokenizer = make_pipeline_parts_tokenizer()
+        self.vae = toy_model.build_vae()
+        self.unet = toy_model.build_unet()
+        self.text_encoder = toy_model.build_text_encoder()
+        self.ema_unet = toy_model.build_unet().requires_grad_(False)
+        self.ema_text_encoder = toy_model.build_text_encoder().requires_grad_(False)
+        self.ema_unet.load_state_dict(self.unet.state_dict())
+        self.ema_text_encoder.load_state_dict(self.text_encoder.state_dict())
+        self.scheduler = toy_model.build_train_scheduler()
+        self.optimizer = self._make_optimizer()
+        self.state = {"phase": "vae", "vae_step": 0, "step": 0, "images_seen": 0, "train_seconds": 0.0,
+                      "vae_scaling_factor": 1.0}
+        self.rng = np.random.default_rng(args.seed)
+        self.token_cache: dict[str, torch.Tensor] = {}
+        self.vae_optimizer = torch.optim.Adam(self.vae.parameters(), lr=1e-3)
+
+    def _make_optimizer(self):
+        no_decay, decay = [], []
+        for module in (self.unet, self.text_encoder):
+            for name, p in module.named_parameters():
+                (no_decay if ("embedding" in name or p.ndim < 2) else decay).append(p)
+        # Token table rows never used get zero gradient and, without weight decay, stay untouched.
+        return torch.optim.AdamW(
+            [{"params": decay, "weight_decay": 0.01}, {"params": no_decay, "weight_decay": 0.0}],
+            lr=self.args.lr, betas=(0.9, 0.99),
+        )
+
+    # ---- checkpointing -------------------------------------------------------------------
+    def _modules(self):
+        return {"vae": self.vae, "unet": self.unet, "text_encoder": self.text_encoder,
+                "ema_unet": self.ema_unet, "ema_text_encoder": self.ema_text_encoder}
+
+    def save(self):
+        tensors = {}
+        for prefix, module in self._modules().items():
+            for k, v in module.state_dict().items():
+                tensors[f"{prefix}.{k}"] = v.contiguous()
+        params = [p for g in self.optimizer.param_groups for p in g["params"]]
+        for i, p in enumerate(params):
+            st = self.optimizer.state.get(p)
+            if st:
+                tensors[f"opt.{i}.exp_avg"] = st["exp_avg"]
+                tensors[f"opt.{i}.exp_avg_sq"] = st["exp_avg_sq"]
+                tensors[f"opt.{i}.step"] = torch.as_tensor(st["step"]).reshape(1).float()
+        tensors["rng.torch"] = torch.get_rng_state()
+        atomic_save_safetensors(tensors, self.work / "checkpoint.safetensors")
+        meta = dict(self.state, numpy_rng=self.rng.bit_generator.state)
+        atomic_write_json(meta, self.work / "checkpoint.json")
+
+    def load(self) -> bool:
+        ckpt = self.work / "checkpoint.safetensors"
+        if ckpt.exists():
+            tensors = load_file(ckpt)
+            meta = json.loads((self.work / "checkpoint.json").read_text())
+            self.rng.bit_generator.state = meta.pop("numpy_rng")
+            self.state.update(meta)
+            for prefix, module in self._modules().items():
+                module.load_state_dict({k[len(prefix) + 1:]: v for k, v in tensors.items()
+                                        if k.startswith(prefix + ".")})
+            params = [p for g in self.optimizer.param_groups for p in g["params"]]
+            for i, p in enumerate(params):
+                if f"opt.{i}.exp_avg" in tensors:
+                    self.optimizer.state[p] = {
+                        "exp_avg": tensors[f"opt.{i}.exp_avg"],
+                        "exp_avg_sq": tensors[f"opt.{i}.exp_avg_sq"],
+                        "step": tensors[f"opt.{i}.step"].reshape(()),
+                    }
+            torch.set_rng_state(tensors["rng.torch"])
+            return True
+        if RESUME_FILE.exists() and not self.args.from_scratch:
+            # Committed resume point: EMA weights only (the optimizer state is not committed).
+            tensors = load_file(RESUME_FILE)
+            meta = json.loads(RESUME_FILE.with_suffix(".json").read_text())
+            self.state.update(meta)
+            for prefix, module in (("vae", self.vae), ("unet", self.unet), ("text_encoder", self.text_encoder),
+                                   ("unet", self.ema_unet), ("text_encoder", self.ema_text_encoder)):
+                module.load_state_dict({k[len(prefix) + 1:]: v for k, v in tensors.items()
+                                        if k.startswith(prefix + ".")})
+            return True
+        return False
+
+    def export(self):
+        """Write the committed artefacts: fp32 EMA resume file and the fp16 diffusers model folder."""
+        tensors = {}
+        for prefix, module in (("vae", self.vae), ("unet", self.ema_unet), ("text_encoder", self.ema_text_encoder)):
+            for k, v in module.state_dict().items():
+                tensors[f"{prefix}.{k}"] = v.contiguous()
+        RESUME_FILE.parent.mkdir(parents=True, exist_ok=True)
+        atomic_save_safetensors(tensors, RESUME_FILE)
+        atomic_write_json({k: self.state[k] for k in ("phase", "vae_step", "step", "images_seen",
+                                                      "train_seconds", "vae_scaling_factor")},
+                          RESUME_FILE.with_suffix(".json"))
+        pipe = self.pipeline(ema=True)
+        pipe.to(torch.float16).save_pretrained(toy_model.MODEL_DIR, safe_serialization=True)
+
+    def pipeline(self, ema: bool):
+        self.vae.config.scaling_factor = self.state["vae_scaling_factor"]
+        return make_pipeline(
+            vae=self.vae,
+            text_encoder=self.ema_text_encoder if ema else self.text_encoder,
+            unet=self.ema_unet if ema else self.unet,
+            tokenizer=self.tokenizer,
+        )
+
+    # ---- VAE -----------------------------------------------------------------------------
+    def train_vae_step(self):
+        images, _ = world.training_batch(self.rng, 32, drop_caption=0.0)
+        x = images_to_tensor(images)
+        posterior = self.vae.encode(x).latent_dist
+        recon = self.vae.decode(posterior.sample()).sample
+        loss = F.mse_loss(recon, x) + 1e-6 * posterior.kl().mean()
+        self.vae_optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        self.vae_optimizer.step()
+        return loss.item()
+
+    @torch.no_grad()
+    def finish_vae(self):
+        images, _ = world.training_batch(np.random.default_rng(1234), 256, drop_caption=0.0)
+        latents = self.vae.encode(images_to_tensor(images)).latent_dist.sample()
+        self.state["vae_scaling_factor"] = float(1.0 / latents.std())
+        self.state["phase"] = "diffusion"
+        recon = self.vae.decode(self.vae.encode(images_to_tensor(images)).latent_dist.mode()).sample
+        recon = ((recon.clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).numpy()
+        truth = [checkers.read(img) for img in images]
+        agree = np.mean([checkers.read(r) == t for r, t in zip(recon, truth)])
+        print(f"VAE reconstructions read back identically: {agree:.1%}", flush=True)
+
+    # ---- diffusion -----------------------------------------------------------------------
+    def tokens(self, captions: list[str]) -> torch.Tensor:
+        missing = [c for c in set(captions) if c not in self.token_cache]
+        if missing:
+            ids = self.tokenizer(missing, padding="max_length", max_length=77, truncation=True,
+                                 return_tensors="pt").input_ids
+            self.token_cache.update(zip(missing, ids))
+        return torch.stack([self.token_cache[c] for c in captions])
+
+    def train_diffusion_step(self):
+        images, captions = world.training_batch(self.rng, self.args.batch)
+        with torch.no_grad():
+            latents = self.vae.encode(images_to_tensor(images)).latent_dist.sample()
+            latents = latents * self.state["vae_scaling_factor"]
+        noise = torch.randn_like(latents)
+        t = torch.randint(0, self.scheduler.config.num_train_timesteps, (len(latents),))
+        noisy = self.scheduler.add_noise(latents, noise, t)
+        target = self.scheduler.get_velocity(latents, noise, t)
+        text = self.text_encoder(self.tokens(captions)).last_hidden_state
+        pred = self.unet(noisy, t, text).sample
+        loss = F.mse_loss(pred, target)
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_([p for g in self.optimizer.param_groups for p in g["params"]], 1.0)
+        warmup = min(1.0, (self.state["step"] + 1) / 500)
+        for g in self.optimizer.param_groups:
+            g["lr"] = self.args.lr * warmup
+        self.optimizer.step()
+        self._update_ema()
+        self.state["step"] += 1
+        self.state["images_seen"] += len(images)
+        return loss.item()
+
+    @torch.no_grad()
+    def _update_ema(self):
+        decay = min(self.args.ema, (1 + self.state["step"]) / (10 + self.state["step"]))
+        for ema, live in ((self.ema_unet, self.unet), (self.ema_text_encoder, self.text_encoder)):
+            for pe, pl in zip(ema.parameters(), live.parameters()):
+                pe.lerp_(pl, 1.0 - decay)
+
+    def evaluate(self):
+        pipe = self.pipeline(ema=True)
+        result = evaluate_pipeline(pipe, n_prompts=self.args.eval_prompts, grid_path=self.work / "eval_grid.png")
+        result.update(step=self.state["step"], images_seen=self.state["images_seen"],
+                      train_minutes=round(self.state["train_seconds"] / 60, 1))
+        with open(self.work / "eval.jsonl", "a") as f:
+            f.write(json.dumps(result) + "\n")
+        print("EVAL", json.dumps(result), flush=True)
+
+    def run(self):
+        resumed = self.load()
+        print(f"{'resumed' if resumed else 'started'}: {self.state}", flush=True)
+        deadline = time.time() + self.args.minutes * 60
+        last_ckpt = last_eval = time.time()
+        losses = []
+        while time.time() < deadline:
+            t0 = time.time()
+            if self.state["phase"] == "vae":
+                losses.append(self.train_vae_step())
+                self.state["vae_step"] += 1
+                if self.state["vae_step"] >= self.args.vae_steps:
+                    self.finish_vae()
+                    print(f"VAE done, scaling factor {self.state['vae_scaling_factor']:.4f}", flush=True)
+            else:
+                losses.append(self.train_diffusion_step())
+            self.state["train_seconds"] += time.time() - t0
+            n = self.state["step"] if self.state["phase"] == "diffusion" else self.state["vae_step"]
+            if n % 100 == 0:
+                print(f"{self.state['phase']} step {n} loss {np.mean(losses):.4f} "
+                      f"seen {self.state['images_seen']} t {self.state['train_seconds'] / 60:.1f} min", flush=True)
+                losses = []
+            if time.time() - last_ckpt > self.args.checkpoint_minutes * 60:
+                self.save()
+                last_ckpt = time.time()
+            if self.state["phase"] == "diffusion" and time.time() - last_eval > self.args.eval_minutes * 60:
+                self.evaluate()
+                last_eval = time.time()
+        self.save()
+        if self.args.export:
+            self.export()
+
+
+def make_pipeline_parts_tokenizer():
+    from transformers import CLIPTokenizer
+
+    return CLIPTokenizer.from_pretrained(toy_model.MODEL_DIR / "tokenizer")
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__)
+    p.add_argument("--work", default="toy_train", help="checkpoint/eval folder (resumed when present)")
+    p.add_argument("--minutes", type=float, default=60.0, help="training time budget for this call")
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--batch", type=int, default=64)
+    p.add_argument("--lr", type=float, default=5e-4)
+    p.add_argument("--ema", type=float, default=0.999)
+    p.add_argument("--vae-steps", type=int, default=1500)
+    p.add_argument("--checkpoint-minutes", type=float, default=10.0)
+    p.add_argument("--eval-minutes", type=float, default=30.0)
+    p.add_argument("--eval-prompts", type=int, default=219)
+    p.add_argument("--export", action="store_true", help="write the committed model folder at the end")
+    p.add_argument("--from-scratch", action="store_true", help="ignore the committed resume file")
+    args = p.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    Trainer(args).run()
+
+
+if __name__ == "__main__":
+    main()
