@@ -1,8 +1,10 @@
-"""`perfusion` command line: inspect (and, as they land, train, generate, export)."""
+"""`perfusion` command line: train, generate, inspect (and export, from perfusion_export)."""
 from __future__ import annotations
 
 import argparse
 import json
+import logging
+import os
 import sys
 
 from .errors import PerfusionError
@@ -16,9 +18,92 @@ def cmd_inspect(args) -> int:
     return 0
 
 
+def _load(args):
+    from .pipeline import load_pipeline
+
+    return load_pipeline(args.model, device=args.device)
+
+
+def cmd_train(args) -> int:
+    from .backend import DiffusersBackend
+    from .trainer import TrainConfig, train
+
+    config = TrainConfig(
+        name=args.name, superclass=args.superclass, steps=args.steps, seed=args.seed, batch_size=args.batch_size,
+        micro_batch=args.micro_batch, lr_value=args.lr_value, lr_embedding=args.lr_embedding,
+        resolution=args.resolution, checkpoint_every=args.checkpoint_every, preview_every=args.preview_every,
+        masks_dir=args.masks, mode=args.mode, description=args.description,
+    )
+    from .library import default_concepts_dir
+
+    result = train(DiffusersBackend(_load(args)), config, args.images, args.out or default_concepts_dir(), resume=args.resume,
+                   overwrite=args.overwrite)
+    print(f"{result.status}: {result.message}\nconcept: {result.concept_path}\nrun folder: {result.run_dir}")
+    return {"finished": 0, "interrupted": 130}.get(result.status, 1)
+
+
+def cmd_generate(args) -> int:
+    from pathlib import Path
+
+    from .generate import generate
+    from .library import default_concepts_dir
+
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    pipe = _load(args)
+    concepts_dir = args.concepts or default_concepts_dir()
+    images, warnings = generate(pipe, args.prompt, args.negative, concepts_dir, seed=args.seed, n=args.n,
+                                num_inference_steps=args.steps, guidance_scale=args.guidance)
+    for w in warnings:
+        print(f"warning: {w}", file=sys.stderr)
+    for i, image in enumerate(images):
+        path = out / f"{args.seed:06d}-{i:02d}.png"
+        image.save(path)
+        print(path)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="perfusion", description="Perfusion concepts for Stable Diffusion.")
     sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("train", help="train a concept from a folder of images")
+    p.add_argument("--model", default="toy", help="toy, a diffusers folder, or a .safetensors checkpoint")
+    p.add_argument("--images", required=True, help="folder of 4–8 images (optional NAME.txt captions with {})")
+    p.add_argument("--name", required=True)
+    p.add_argument("--superclass", required=True, help="one-token word for what it is: dog, bear, toy, circle…")
+    p.add_argument("--steps", type=int, default=None, help="default: 150 on the toy model, else 400")
+    p.add_argument("--out", default=None,
+                   help="concepts folder to write to (default: $PERFUSION_CONCEPTS, else ./models/perfusion)")
+    p.add_argument("--resume", action="store_true", help="continue the run in OUT/NAME.run/")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing concept/run of that name")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--micro-batch", type=int, default=None, help="gradient-accumulation chunk size")
+    p.add_argument("--lr-value", type=float, default=0.03)
+    p.add_argument("--lr-embedding", type=float, default=0.006)
+    p.add_argument("--resolution", type=int, default=None)
+    p.add_argument("--masks", default=None, help="folder of subject masks named like the images")
+    p.add_argument("--checkpoint-every", type=int, default=50)
+    p.add_argument("--preview-every", type=int, default=50)
+    p.add_argument("--mode", default="perfusion", choices=["perfusion", "textual_inversion", "no_key_lock"])
+    p.add_argument("--description", default="")
+    p.add_argument("--device", default="cpu")
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("generate", help="generate images from a prompt with <perfusion:NAME> tags")
+    p.add_argument("--model", default="toy")
+    p.add_argument("--concepts", default=None,
+                   help="concepts folder (default: $PERFUSION_CONCEPTS, else ./models/perfusion)")
+    p.add_argument("--prompt", required=True)
+    p.add_argument("--negative", default="")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--steps", type=int, default=None)
+    p.add_argument("--guidance", type=float, default=None)
+    p.add_argument("--n", type=int, default=1)
+    p.add_argument("--out", default="outputs")
+    p.add_argument("--device", default="cpu")
+    p.set_defaults(func=cmd_generate)
     p = sub.add_parser("inspect", help="show a concept file's metadata, layers, shapes, dtypes and size")
     p.add_argument("file")
     p.add_argument("--json", action="store_true", help="machine-readable output")
@@ -27,6 +112,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)

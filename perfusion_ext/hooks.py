@@ -30,14 +30,18 @@ class ResolvedConcept:
 
 
 def resolve(concepts, strength: float = 1.0, beta: float | None = None, tau: float | None = None):
-    """Normalise `[c, (c, 0.8), ...]` into ResolvedConcept entries (None β/τ → the file's values)."""
+    """Normalise `[c, (c, 0.8), (c, 0.8, beta, tau), ...]` into ResolvedConcept entries.
+
+    β/τ precedence: the entry's own (per-tag) value, then the call's, then the file's metadata.
+    """
     out = []
     for item in concepts:
-        concept, w = (item if isinstance(item, tuple) else (item, strength))
+        concept, w, b, t = (tuple(item) + (None,) * (4 - len(item))) if isinstance(item, tuple) else (item, None, None, None)
         if not isinstance(concept, Concept):
             raise PerfusionError(f"activate() takes Concept objects (from load_concept), got {type(concept).__name__}")
-        b = concept.beta if beta is None else float(beta)
-        t = concept.tau if tau is None else float(tau)
+        w = strength if w is None else w
+        b = float(next(v for v in (b, beta, concept.beta) if v is not None))
+        t = float(next(v for v in (t, tau, concept.tau) if v is not None))
         if t <= 0:
             raise PerfusionError(f"tau must be > 0, got {t} for concept {concept.name!r}")
         out.append(ResolvedConcept(concept, float(w), b, t))

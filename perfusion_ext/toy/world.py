@@ -161,3 +161,9 @@ def held_out_prompts(n: int, seed: int = 0) -> list[tuple[Scene, str]]:
         scene = Scene(c, s, p, b)
         out.append((scene, caption(scene, rng, EVAL_TEMPLATES)))
     return out
+
+
+def corpus(n: int, seed: int = 0) -> list[str]:
+    """n training-split captions: the caption corpus for the toy text encoder's covariance."""
+    rng = np.random.default_rng(seed)
+    return [caption(random_scene(rng), rng) for _ in range(n)]

@@ -1,0 +1,116 @@
+"""Load and check a concept's training images before any compute is spent.
+
+Policy: files that cannot be used (unreadable, not an image, too small, duplicates) are skipped
+with a message naming each file and the reason; odd but usable ones (CMYK, 16-bit, palette,
+EXIF-rotated, alpha) are converted with a note. Training stops with a clear error only when no
+usable image is left (or the folder is missing/empty). An image's alpha channel becomes its
+subject mask unless a masks folder is given.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from .errors import PerfusionError
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff")
+
+
+@dataclasses.dataclass
+class TrainingImage:
+    path: Path
+    pixels: np.ndarray  # float32 [3, R, R] in [-1, 1]
+    mask: np.ndarray | None  # float32 [R, R] in [0, 1], or None
+    caption: str | None  # optional template from NAME.txt beside the image ("{}" marks the concept)
+
+
+@dataclasses.dataclass
+class Dataset:
+    images: list[TrainingImage]
+    notes: list[str]  # conversions and skips, one line per file
+
+
+def _square(img: Image.Image, size: int, resample) -> Image.Image:
+    return ImageOps.fit(img, (size, size), method=resample, centering=(0.5, 0.5))
+
+
+def _to_rgb(img: Image.Image, name: str, notes: list[str]) -> tuple[Image.Image, Image.Image | None]:
+    """RGB image plus an alpha mask when the image has transparency."""
+    alpha = None
+    if img.mode in ("I;16", "I;16B", "I;16L", "I"):
+        notes.append(f"{name}: 16/32-bit image, scaled to 8 bits")
+        arr = np.asarray(img, dtype=np.float64)
+        img = Image.fromarray((arr / max(arr.max(), 1) * 255).astype(np.uint8)).convert("RGB")
+    if img.mode == "P" and "transparency" in img.info:
+        img = img.convert("RGBA")
+    if img.mode in ("RGBA", "LA", "PA"):
+        alpha = img.getchannel("A")
+        if np.asarray(alpha).min() < 255:
+            notes.append(f"{name}: has transparency; alpha used as the subject mask, background set to grey")
+            grey = Image.new("RGB", img.size, (127, 127, 127))
+            grey.paste(img.convert("RGB"), mask=alpha)
+            return grey, alpha
+        alpha = None
+    if img.mode == "CMYK":
+        notes.append(f"{name}: CMYK converted to RGB")
+    if img.mode != "RGB":
+        img = img.convert("RGB")
+    return img, alpha
+
+
+def load_images(folder: str | Path, resolution: int, masks_dir: str | Path | None = None) -> Dataset:
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise PerfusionError(f"images folder {folder} does not exist or is not a folder.")
+    files = sorted(p for p in folder.iterdir() if p.is_file() and not p.name.startswith("."))
+    if not files:
+        raise PerfusionError(f"images folder {folder} is empty: add 4–8 photos of your concept.")
+    notes, images, seen = [], [], {}
+    min_side = max(16, resolution // 2)
+    for path in files:
+        if path.suffix.lower() == ".txt":
+            continue
+        if path.suffix.lower() not in IMAGE_SUFFIXES:
+            notes.append(f"{path.name}: skipped (not an image type: {', '.join(IMAGE_SUFFIXES)})")
+            continue
+        try:
+            with Image.open(path) as raw:
+                raw.load()
+                rotated = ImageOps.exif_transpose(raw)
+                if rotated is not raw and raw.getexif().get(0x0112, 1) != 1:
+                    notes.append(f"{path.name}: rotated upright from its EXIF orientation")
+                img, alpha = _to_rgb(rotated, path.name, notes)
+        except (UnidentifiedImageError, OSError, ValueError) as exc:
+            notes.append(f"{path.name}: skipped (unreadable or corrupt image: {exc})")
+            continue
+        if min(img.size) < min_side:
+            notes.append(f"{path.name}: skipped ({img.size[0]}×{img.size[1]} px is below {min_side} px; "
+                         f"use images of at least {resolution} px)")
+            continue
+        digest = hashlib.sha256(np.asarray(img).tobytes()).hexdigest()
+        if digest in seen:
+            notes.append(f"{path.name}: skipped (duplicate of {seen[digest]})")
+            continue
+        seen[digest] = path.name
+        mask_img = alpha
+        if masks_dir is not None:
+            candidates = sorted(Path(masks_dir).glob(path.stem + ".*"))
+            if not candidates:
+                notes.append(f"{path.name}: no mask in {masks_dir}; trained unmasked")
+                mask_img = None
+            else:
+                mask_img = ImageOps.exif_transpose(Image.open(candidates[0])).convert("L")
+        pixels = np.asarray(_square(img, resolution, Image.LANCZOS), dtype=np.float32) / 127.5 - 1.0
+        mask = None
+        if mask_img is not None:
+            mask = np.asarray(_square(mask_img.convert("L"), resolution, Image.BILINEAR), dtype=np.float32) / 255.0
+        caption_file = path.with_suffix(".txt")
+        caption = caption_file.read_text(encoding="utf-8").strip() if caption_file.is_file() else None
+        images.append(TrainingImage(path, pixels.transpose(2, 0, 1).copy(), mask, caption))
+    if not images:
+        raise PerfusionError(f"no usable image in {folder}:\n  " + "\n  ".join(notes))
+    return Dataset(images, notes)

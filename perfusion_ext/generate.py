@@ -1,0 +1,92 @@
+"""Generate images with a diffusers pipeline from prompts carrying `<perfusion:...>` tags."""
+from __future__ import annotations
+
+import dataclasses
+import logging
+from pathlib import Path
+
+import torch
+
+from .concept import Concept
+from .errors import PerfusionError
+from .hooks import activate
+from .library import load_named
+from .tags import ConceptTag, parse_prompt
+from .text import PromptEncoder
+
+log = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass
+class PreparedPrompt:
+    segments: list  # str / ConceptTag (only tags whose concept loaded)
+    concepts: list[tuple[ConceptTag, Concept]]
+    warnings: list[str]
+
+
+def prepare_prompt(prompt: str, concepts_dir: str | Path | None, loaded: dict[str, Concept] | None = None) -> PreparedPrompt:
+    """Parse tags and load their concepts; unknown names and bad tags become warnings, not errors."""
+    parsed = parse_prompt(prompt)
+    warnings = list(parsed.warnings)
+    found: list[tuple[ConceptTag, Concept]] = []
+    loaded = dict(loaded or {})
+    for tag in parsed.tags:
+        if tag.name not in loaded:
+            try:
+                if concepts_dir is None:
+                    raise PerfusionError(f"unknown concept {tag.name!r}")
+                loaded[tag.name] = load_named(concepts_dir, tag.name)
+            except PerfusionError as exc:
+                warnings.append(f"ignored <perfusion:{tag.name}>: {exc}")
+                continue
+        found.append((tag, loaded[tag.name]))
+    names = {t.name for t, _ in found}
+    segments = [s for s in parsed.segments if isinstance(s, str) or s.name in names]
+    return PreparedPrompt(segments, found, warnings)
+
+
+def concept_entries(prepared: PreparedPrompt) -> list[tuple[Concept, float, float | None, float | None]]:
+    """One activation entry per distinct concept (the first tag's options win)."""
+    seen, out = set(), []
+    for tag, concept in prepared.concepts:
+        if tag.name not in seen:
+            seen.add(tag.name)
+            out.append((concept, tag.strength, tag.beta, tag.tau))
+    return out
+
+
+def sampling_defaults(pipe) -> dict:
+    """The toy model samples at 32 px with its own schedule settings; SD models at their native size."""
+    from .toy import model as toy_model
+
+    if pipe.unet.config.cross_attention_dim == toy_model.TEXT_DIM:
+        return dict(toy_model.SAMPLING, height=32, width=32)
+    size = pipe.unet.config.sample_size * pipe.vae_scale_factor
+    return dict(num_inference_steps=30, guidance_scale=7.5, height=size, width=size)
+
+
+@torch.no_grad()
+def generate(pipe, prompt: str, negative: str = "", concepts_dir=None, seed: int = 0, n: int = 1,
+             loaded: dict[str, Concept] | None = None, **overrides):
+    """Images for a prompt with tags; returns (PIL images, warnings). Never fails on a bad tag."""
+    prepared = prepare_prompt(prompt, concepts_dir, loaded)
+    warnings = list(prepared.warnings)
+    parsed_negative = parse_prompt(negative)
+    if parsed_negative.tags or parsed_negative.warnings:
+        warnings.append("tags in the negative prompt are ignored (as in the WebUI); removed them from it")
+    negative_text = parsed_negative.text_with(lambda tag: "")
+    encoder = PromptEncoder(pipe.tokenizer, pipe.text_encoder)
+    embeddings = {tag.name: concept.embeddings["clip_l"] for tag, concept in prepared.concepts}
+    cond = encoder.encode([prepared.segments], embeddings)
+    uncond = encoder.encode([[negative_text]], min_tokens=cond.hidden.shape[1])
+    cond_hidden = cond.hidden
+    if uncond.hidden.shape[1] > cond_hidden.shape[1]:
+        cond_hidden = encoder.encode([prepared.segments], embeddings, min_tokens=uncond.hidden.shape[1]).hidden
+    settings = dict(sampling_defaults(pipe), **{k: v for k, v in overrides.items() if v is not None})
+    for w in warnings:
+        log.warning(w)
+    generator = torch.Generator(device="cpu").manual_seed(seed)
+    with activate(pipe.unet, concept_entries(prepared)):
+        result = pipe(prompt_embeds=cond_hidden, negative_prompt_embeds=uncond.hidden, num_images_per_prompt=n,
+                      generator=generator, output_type="pil", **settings)
+    return result.images, warnings

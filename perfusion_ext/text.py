@@ -1,0 +1,120 @@
+"""Encode prompts in which concept tags stand for learned token embeddings (diffusers CLIP encoders).
+
+Each concept vector gets a placeholder token id just past the vocabulary (vocab_size + k), the id the
+exporter later gives it in the exported token table. While encoding, a pre-hook on the token
+embedding swaps placeholder ids for a valid id and a forward hook writes the concept vectors into
+their rows, so gradients reach the vectors (training) and the text encoder itself is never modified.
+Prompts longer than one CLIP window are encoded in chunks of 75 tokens (BOS + 75 + EOS each) and
+concatenated along the token axis, as AUTOMATIC1111 does.
+"""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+
+import torch
+
+from .tags import ConceptTag
+
+CHUNK = 75
+
+
+@dataclasses.dataclass
+class EncodedPrompts:
+    hidden: torch.Tensor  # [B, 77 * chunks, d]
+    concept_positions: list[dict[str, list[int]]]  # per prompt: concept name -> token positions
+
+
+class PromptEncoder:
+    def __init__(self, tokenizer, text_encoder):
+        self.tokenizer = tokenizer
+        self.text_encoder = text_encoder
+        self.vocab_size = text_encoder.get_input_embeddings().num_embeddings
+        self.bos = tokenizer.bos_token_id
+        self.eos = tokenizer.eos_token_id
+        self.pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else self.eos
+
+    def _words(self, text: str) -> list[int]:
+        return self.tokenizer(text, add_special_tokens=False, verbose=False).input_ids if text.strip() else []
+
+    def tokenize(self, segments, slots: dict[str, list[int]]) -> tuple[list[int], dict[str, list[int]]]:
+        """Token ids (no BOS/EOS) for str and ConceptTag segments; concept tags become their slot ids."""
+        ids, where = [], {}
+        for seg in segments:
+            if isinstance(seg, ConceptTag):
+                slot = slots.get(seg.name)
+                if slot is None:
+                    continue
+                where.setdefault(seg.name, []).extend(range(len(ids), len(ids) + len(slot)))
+                ids.extend(slot)
+            else:
+                ids.extend(self._words(seg))
+        return ids, where
+
+    def _chunk(self, ids: list[int], n_chunks: int) -> list[int]:
+        out = []
+        for c in range(n_chunks):
+            body = ids[c * CHUNK:(c + 1) * CHUNK]
+            out += [self.bos] + body + [self.eos] + [self.pad] * (CHUNK - len(body))
+        return out
+
+    @staticmethod
+    def _position_in_chunks(p: int) -> int:
+        chunk, offset = divmod(p, CHUNK)
+        return chunk * (CHUNK + 2) + 1 + offset
+
+    def slots_for(self, embeddings: dict[str, torch.Tensor]) -> tuple[dict[str, list[int]], torch.Tensor | None]:
+        """Placeholder ids per concept name and the stacked vectors they stand for."""
+        slots, vectors, next_id = {}, [], self.vocab_size
+        for name, emb in embeddings.items():
+            slots[name] = list(range(next_id, next_id + emb.shape[0]))
+            next_id += emb.shape[0]
+            vectors.append(emb)
+        return slots, (torch.cat(vectors) if vectors else None)
+
+    def encode(self, prompts: list, embeddings: dict[str, torch.Tensor] | None = None,
+               min_tokens: int = 0) -> EncodedPrompts:
+        """prompts: lists of segments (str / ConceptTag). embeddings: concept name -> [n_vectors, d_tok].
+
+        `min_tokens` pads to at least that many output tokens (so cond and uncond chunk counts match).
+        """
+        slots, table = self.slots_for(embeddings or {})
+        tokenized = [self.tokenize(p if isinstance(p, list) else [p], slots) for p in prompts]
+        n_chunks = max(1, -(-min_tokens // (CHUNK + 2)), max((len(ids) + CHUNK - 1) // CHUNK for ids, _ in tokenized))
+        input_ids = torch.tensor([self._chunk(ids, n_chunks) for ids, _ in tokenized])
+        positions = [{name: [self._position_in_chunks(p) for p in ps] for name, ps in where.items()}
+                     for _, where in tokenized]
+        device = self.text_encoder.device
+        chunks = []
+        with self.placeholder_embeddings(table):
+            for c in range(n_chunks):
+                window = input_ids[:, c * (CHUNK + 2):(c + 1) * (CHUNK + 2)].to(device)
+                chunks.append(self.text_encoder(window).last_hidden_state)
+        return EncodedPrompts(torch.cat(chunks, dim=1), positions)
+
+    @contextlib.contextmanager
+    def placeholder_embeddings(self, table: torch.Tensor | None):
+        """While active, ids >= vocab_size embed as rows of `table` (with gradient)."""
+        if table is None:
+            yield
+            return
+        embedding = self.text_encoder.get_input_embeddings()
+        vocab = self.vocab_size
+        state = {}
+
+        def pre_hook(module, args):
+            ids = args[0]
+            state["mask"] = ids >= vocab
+            state["index"] = (ids - vocab).clamp(min=0)
+            return (torch.where(state["mask"], torch.zeros_like(ids), ids),)
+
+        def post_hook(module, args, output):
+            rows = table.to(device=output.device, dtype=output.dtype)[state["index"]]
+            return torch.where(state["mask"][..., None], rows, output)
+
+        handles = [embedding.register_forward_pre_hook(pre_hook), embedding.register_forward_hook(post_hook)]
+        try:
+            yield
+        finally:
+            for h in handles:
+                h.remove()

@@ -1,0 +1,279 @@
+"""Train a Perfusion concept (DESIGN.md §1) against any `Backend`.
+
+Trained: the concept token embedding (lr 0.006) and one value target o*_V per attn2 layer (lr 0.03).
+Locked: the key target o*_K = W_k i_super, where i_super is the superclass word's encoding at the
+concept position (EMA over batches). The target input i* is the EMA (momentum 0.99) of the concept
+token's encoding, initialised from the superclass encoding; u = C⁻¹ i* follows it. Train-time gate
+β=0.75, τ=0.1. Batch via gradient accumulation; latents cached once; optional subject masks.
+
+Runs are robust: checkpoints (state + a loadable concept) every N steps, written atomically; resume
+continues to the same result as an uninterrupted run; Ctrl-C / should_stop save and return; a
+non-finite loss stops and keeps the last good concept; failing previews are skipped.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import time
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .atomic import atomic_save_safetensors, atomic_write_json
+from .concept import Concept, save_concept
+from .dataset import Dataset
+from .errors import PerfusionError
+from .gated_edit import ema_update
+from .hooks import ResolvedConcept, attach, build_edits, detach
+from .layers import cross_attention_layers
+from .tags import ConceptTag
+from .training_state import load_state, save_state
+
+log = logging.getLogger(__name__)
+
+TEMPLATES = (
+    "a photo of a {}", "a rendering of a {}", "a picture of the {}", "a close-up photo of a {}",
+    "a photo of the {}", "a good photo of a {}", "a bright photo of the {}", "an image of a {}",
+    "a drawing of a {}", "a photo of a small {}", "a photo of a large {}", "a {}",
+)
+MODES = ("perfusion", "textual_inversion", "no_key_lock")
+
+
+@dataclasses.dataclass
+class TrainConfig:
+    name: str
+    superclass: str
+    steps: int | None = None  # None: the family default (toy 150, else 400)
+    batch_size: int = 16
+    micro_batch: int | None = None  # None: the whole batch on the toy model, 4 on a GPU, 1 on a CPU
+    lr_value: float = 0.03
+    lr_embedding: float = 0.006
+    train_beta: float = 0.75
+    train_tau: float = 0.1
+    beta: float = 0.7  # inference defaults written to the file
+    tau: float = 0.15
+    resolution: int | None = None  # None: toy 32, else 512
+    seed: int = 0
+    checkpoint_every: int = 50
+    preview_every: int = 50
+    preview_prompt: str = "a photo of a {}"
+    masks_dir: str | None = None
+    flip: bool = True
+    ema_momentum: float = 0.99
+    mode: str = "perfusion"  # or the benchmark baselines: textual_inversion, no_key_lock
+    description: str = ""
+
+    def resolved(self, family: str, device: torch.device) -> "TrainConfig":
+        toy = family == "toy"
+        micro = self.micro_batch or (self.batch_size if toy else (4 if device.type == "cuda" else 1))
+        return dataclasses.replace(
+            self, steps=self.steps or (150 if toy else 400), resolution=self.resolution or (32 if toy else 512),
+            micro_batch=min(micro, self.batch_size),
+        )
+
+
+@dataclasses.dataclass
+class TrainProgress:
+    step: int
+    total: int
+    loss: float
+    eta_seconds: float
+
+
+@dataclasses.dataclass
+class TrainCallbacks:
+    on_progress: Callable[[TrainProgress], None] | None = None
+    on_preview: Callable[[int, object], None] | None = None
+    should_stop: Callable[[], bool] | None = None
+
+
+@dataclasses.dataclass
+class TrainResult:
+    concept_path: Path | None
+    run_dir: Path
+    steps_done: int
+    status: str  # finished | interrupted | nan
+    message: str
+
+
+class ConceptTrainer:
+    """One training run: parameters, EMA targets, optimizer, data order and RNG, all checkpointable."""
+
+    def __init__(self, backend, config: TrainConfig, dataset: Dataset):
+        if config.mode not in MODES:
+            raise PerfusionError(f"unknown training mode {config.mode!r}; one of {', '.join(MODES)}")
+        self.backend, self.cfg, self.dataset = backend, config, dataset
+        self.layers = cross_attention_layers(backend.unet)
+        self.family = backend.family
+        super_ids = backend.word_token_ids(config.superclass)
+        if len(super_ids) != 1:
+            raise PerfusionError(
+                f"superclass {config.superclass!r} is {len(super_ids)} tokens for this tokenizer; it must be exactly "
+                "one (e.g. 'dog', 'bear', 'toy', 'circle'). Pick a single common word."
+            )
+        self.embedding = {k: torch.nn.Parameter(v.clone()) for k, v in backend.token_embedding(super_ids[0]).items()}
+        self.superclass_embedding = {k: v.clone() for k, v in self.embedding.items()}
+        cov = backend.text_covariance().double()
+        self.cov_cholesky = torch.linalg.cholesky(cov)
+        self.rng = np.random.default_rng(config.seed)
+        self.noise_gen = torch.Generator().manual_seed(config.seed)
+        self.order: list[int] = []
+        self.latents = self._cache_latents()
+        with torch.no_grad():
+            i_super = self._superclass_encoding_mean()
+        self.i_star = i_super.clone()
+        self.i_super = i_super.clone()
+        dtype_out = {name: layer.to_v.weight for name, layer in self.layers.items()}
+        self.value_targets = {name: torch.nn.Parameter((w.detach().double() @ i_super).float())
+                              for name, w in dtype_out.items()}
+        self.key_params = ({name: torch.nn.Parameter((layer.to_k.weight.detach().double() @ i_super).float())
+                            for name, layer in self.layers.items()} if config.mode == "no_key_lock" else {})
+        groups = [{"params": list(self.embedding.values()), "lr": config.lr_embedding}]
+        if config.mode != "textual_inversion":
+            groups.append({"params": list(self.value_targets.values()) + list(self.key_params.values()),
+                           "lr": config.lr_value})
+        self.optimizer = torch.optim.AdamW(groups, weight_decay=0.0)
+        self.step = 0
+        self.losses: list[float] = []
+
+    # ---- data ------------------------------------------------------------------------------
+    @torch.no_grad()
+    def _cache_latents(self) -> torch.Tensor:
+        """Latents of every image and its mirror, encoded once: [n_images, 2, C, h, w]."""
+        pixels = torch.from_numpy(np.stack([im.pixels for im in self.dataset.images]))
+        both = torch.stack([pixels, pixels.flip(-1)], 1).flatten(0, 1)
+        with torch.random.fork_rng(devices=[]):  # the posterior sample is seeded: resume re-encodes identically
+            torch.manual_seed(self.cfg.seed)
+            lat = torch.cat([self.backend.encode_images(both[i:i + 8]).float().cpu() for i in range(0, len(both), 8)])
+        return lat.view(len(pixels), 2, *lat.shape[1:])
+
+    def _next_indices(self, n: int) -> list[int]:
+        out = []
+        while len(out) < n:
+            if not self.order:
+                self.order = [int(i) for i in self.rng.permutation(len(self.dataset.images))]
+            out.append(self.order.pop(0))
+        return out
+
+    def _segments(self, template: str, tag: ConceptTag) -> list:
+        before, _, after = template.partition("{}")
+        return [s for s in (before, tag, after) if s != ""]
+
+    def _template(self, index: int) -> str:
+        caption = self.dataset.images[index].caption
+        if caption and "{}" in caption:
+            return caption
+        return TEMPLATES[int(self.rng.integers(len(TEMPLATES)))]
+
+    def _superclass_encoding_mean(self) -> torch.Tensor:
+        tag = ConceptTag(self.cfg.name)
+        prompts = [self._segments(t, tag) for t in TEMPLATES]
+        enc = self.backend.encode_prompts(prompts, {self.cfg.name: self.superclass_embedding})
+        return torch.stack([enc.hidden[b, p[self.cfg.name][-1]] for b, p in enumerate(enc.concept_positions)]
+                           ).double().mean(0).cpu()
+
+    # ---- the concept -------------------------------------------------------------------------
+    def target_input_cinv(self) -> torch.Tensor:
+        return torch.cholesky_solve(self.i_star[:, None], self.cov_cholesky)[:, 0]
+
+    def concept(self, detach_values: bool = True) -> Concept:
+        def value(t):
+            return t.detach().clone() if detach_values else t
+
+        keys = ({n: value(p) for n, p in self.key_params.items()} if self.key_params else
+                {n: (layer.to_k.weight.detach().double() @ self.i_super).float() for n, layer in self.layers.items()})
+        training = {k: v for k, v in dataclasses.asdict(self.cfg).items() if k not in ("name", "description")}
+        return Concept(
+            name=self.cfg.name, token=self.cfg.name, superclass=self.cfg.superclass, base_family=self.family,
+            embeddings={k: v.detach().clone() for k, v in self.embedding.items()},
+            target_input=self.i_star.float(), target_input_cinv=self.target_input_cinv().float(),
+            key_targets=keys, value_targets={n: value(p) for n, p in self.value_targets.items()},
+            beta=self.cfg.beta, tau=self.cfg.tau, base_hash=getattr(self.backend, "base_hash", ""),
+            metadata={
+                "perfusion.steps": str(self.step), "perfusion.training": json.dumps(training, sort_keys=True),
+                "perfusion.mode": self.cfg.mode, "perfusion.images": str(len(self.dataset.images)),
+                "modelspec.description": self.cfg.description or
+                f"Perfusion concept '{self.cfg.name}' ({self.cfg.superclass}), {self.step} steps",
+                "modelspec.date": time.strftime("%Y-%m-%d"),
+            },
+        )
+
+    # ---- one optimisation step -------------------------------------------------------------
+    def train_step(self) -> float:
+        cfg = self.cfg
+        self.optimizer.zero_grad(set_to_none=True)
+        total = 0.0
+        for _ in range(cfg.batch_size // cfg.micro_batch):
+            total += self._micro_step(cfg.micro_batch, cfg.batch_size)
+        self.optimizer.step()
+        self.step += 1
+        return total
+
+    def _micro_step(self, n: int, batch_size: int) -> float:
+        cfg, tag = self.cfg, ConceptTag(self.cfg.name)
+        idx = self._next_indices(n)
+        flips = (self.rng.random(n) < 0.5).astype(int) if cfg.flip else np.zeros(n, int)
+        prompts = [self._segments(self._template(i), tag) for i in idx]
+        latents = self.latents[idx, flips].to(self.backend.device)
+        noise = torch.randn(latents.shape, generator=self.noise_gen).to(latents.device)
+        t = torch.randint(0, self.backend.num_train_timesteps, (n,), generator=self.noise_gen).to(latents.device)
+        noisy = self.backend.add_noise(latents, noise, t)
+        target = self.backend.target(latents, noise, t)
+        enc = self.backend.encode_prompts(prompts, {cfg.name: self.embedding})
+        positions = [p[cfg.name][-1] for p in enc.concept_positions]
+        with torch.no_grad():
+            sup = self.backend.encode_prompts(prompts, {cfg.name: self.superclass_embedding})
+            rows = torch.arange(n)
+            self.i_super = ema_update(self.i_super, sup.hidden[rows, positions].double().mean(0).cpu(), cfg.ema_momentum)
+            self.i_star = ema_update(self.i_star, enc.hidden[rows, positions].detach().double().mean(0).cpu(),
+                                     cfg.ema_momentum)
+        handles = []
+        if cfg.mode != "textual_inversion":
+            entry = ResolvedConcept(self.concept(detach_values=False), 1.0, cfg.train_beta, cfg.train_tau)
+            handles = attach(build_edits(self.backend.unet, [entry]))
+        try:
+            pred = self.backend.predict(noisy, t, enc.hidden)
+        finally:
+            detach(handles)
+        loss = self._masked_mse(pred.float(), target.float(), idx, flips)
+        (loss * n / batch_size).backward()
+        return loss.item() * n / batch_size
+
+    def _masked_mse(self, pred, target, idx, flips) -> torch.Tensor:
+        err = (pred - target).pow(2).mean(1)  # [n, h, w]
+        masks = [self.dataset.images[i].mask for i in idx]
+        if all(m is None for m in masks):
+            return err.mean()
+        h, w = err.shape[-2:]
+        weights = []
+        for m, f in zip(masks, flips):
+            m = torch.ones(h, w) if m is None else F.interpolate(torch.from_numpy(m)[None, None], (h, w), mode="area")[0, 0]
+            weights.append(m.flip(-1) if f else m)
+        weights = torch.stack(weights).to(err.device)
+        return (err * weights).sum() / weights.sum().clamp(min=1e-6)
+
+    # ---- checkpointable state --------------------------------------------------------------
+    def params(self) -> dict[str, torch.nn.Parameter]:
+        out = {f"embedding.{k}": v for k, v in self.embedding.items()}
+        out.update({f"value.{k}": v for k, v in self.value_targets.items()})
+        out.update({f"key.{k}": v for k, v in self.key_params.items()})
+        return out
+
+    def state(self) -> tuple[dict[str, torch.Tensor], dict]:
+        return save_state(self)
+
+    def restore(self, tensors, meta) -> None:
+        load_state(self, tensors, meta)
+
+
+def train(backend, config: TrainConfig, images_dir, out_dir, resume: bool = False,
+          callbacks: TrainCallbacks | None = None, overwrite: bool = False) -> TrainResult:
+    """Train and write OUT/NAME.safetensors (+ NAME.png preview and the NAME.run/ folder)."""
+    from .training_loop import run_training
+
+    return run_training(backend, config, Path(images_dir), Path(out_dir), resume, callbacks or TrainCallbacks(),
+                        overwrite)

@@ -1,0 +1,170 @@
+"""The trainer's `Backend` over the model AUTOMATIC1111 has loaded (ldm LatentDiffusion, SD1/SD2).
+
+Everything goes through the objects the WebUI already holds, duck-typed so it is testable without
+the WebUI:
+- `sd_model.cond_stage_model` is the WebUI's text wrapper (FrozenCLIPEmbedderWithCustomWords for SD1,
+  FrozenOpenCLIPEmbedderWithCustomWords for SD2): `tokenize(texts)` gives ids without BOS/EOS,
+  `encode_with_transformers(ids)` runs the encoder exactly as generation does (clip skip, SD2's
+  penultimate layer), `id_start/id_end/id_pad` are its special ids.
+- Concept vectors enter through forward hooks on the raw token-embedding table (the WebUI wraps it in
+  EmbeddingsWithFixes, which calls the raw table), so gradients reach them and nothing is modified.
+- Images: `get_first_stage_encoding(encode_first_stage(x))`; noise: `q_sample`; target: ε or
+  `get_v` per `parameterization`; prediction: `apply_model`.
+SDXL (sgm) has its own backend (its own issue); this one refuses it with a clear message.
+"""
+from __future__ import annotations
+
+import types
+
+import torch
+
+from ..backend import Backend
+from ..errors import PerfusionError
+from ..layers import cross_attention_layers, model_family
+from ..text import PromptEncoder
+
+
+def raw_token_embedding(clip) -> torch.nn.Embedding:
+    """The vocabulary table of the WebUI's text encoder (unwrapping EmbeddingsWithFixes)."""
+    wrapped = clip.wrapped
+    if hasattr(wrapped, "transformer"):  # SD1: ldm FrozenCLIPEmbedder around a transformers CLIPTextModel
+        module = wrapped.transformer.text_model.embeddings.token_embedding
+    elif hasattr(wrapped, "model") and hasattr(wrapped.model, "token_embedding"):  # SD2: open_clip
+        module = wrapped.model.token_embedding
+    else:
+        raise PerfusionError(f"unsupported text encoder {type(wrapped).__name__}: Perfusion training needs SD1 or SD2")
+    module = getattr(module, "wrapped", module)
+    if not isinstance(module, torch.nn.Embedding):
+        raise PerfusionError(f"the text encoder's token embedding is a {type(module).__name__}, not an Embedding")
+    return module
+
+
+def text_encoder_module(clip) -> torch.nn.Module:
+    wrapped = clip.wrapped
+    return wrapped.transformer if hasattr(wrapped, "transformer") else wrapped.model
+
+
+class _Tokenizer:
+    """The interface PromptEncoder and the covariance code use, over the WebUI's tokenize()."""
+
+    model_max_length = 77
+
+    def __init__(self, clip):
+        self.clip = clip
+        self.bos_token_id, self.eos_token_id, self.pad_token_id = clip.id_start, clip.id_end, clip.id_pad
+
+    def __call__(self, text, add_special_tokens=True, truncation=False, max_length=None):
+        texts = [text] if isinstance(text, str) else list(text)
+        ids = [list(x) for x in self.clip.tokenize(texts)]
+        if add_special_tokens:
+            limit = (max_length or self.model_max_length) - 2 if truncation else None
+            ids = [[self.bos_token_id] + x[:limit] + [self.eos_token_id] for x in ids]
+        return types.SimpleNamespace(input_ids=ids[0] if isinstance(text, str) else ids)
+
+
+class _TextEncoder:
+    """Looks like a transformers text model to PromptEncoder; runs the WebUI's own encode path."""
+
+    def __init__(self, clip):
+        self.clip = clip
+        self.embedding = raw_token_embedding(clip)
+
+    def get_input_embeddings(self):
+        return self.embedding
+
+    @property
+    def device(self):
+        return self.embedding.weight.device
+
+    def __call__(self, ids):
+        return types.SimpleNamespace(last_hidden_state=self.clip.encode_with_transformers(ids.to(self.device)))
+
+
+class WebuiLdmBackend(Backend):
+    """Backend over A1111's loaded ldm LatentDiffusion (SD1, SD2)."""
+
+    def __init__(self, sd_model):
+        if sd_model is None:
+            raise PerfusionError("No Stable Diffusion checkpoint is loaded: load one in the WebUI first.")
+        if getattr(sd_model, "is_sdxl", False) or not hasattr(sd_model, "cond_stage_model"):
+            raise PerfusionError("Training on SDXL is not supported by this backend yet; load an SD1 or SD2 checkpoint.")
+        self.sd_model = sd_model
+        self.unet = sd_model.model.diffusion_model
+        if getattr(self.unet, "in_channels", 4) != 4:
+            raise PerfusionError(
+                f"The loaded model's UNet takes {self.unet.in_channels} input channels (an inpainting or "
+                "instruct model); train concepts on a regular SD1/SD2 checkpoint."
+            )
+        self.family_name = model_family(cross_attention_layers(self.unet))
+        if self.family_name not in ("sd1", "sd2"):
+            raise PerfusionError(f"the loaded model is {self.family_name}; this backend trains SD1/SD2 concepts")
+        self.encoder_names = ("clip_l",) if self.family_name == "sd1" else ("clip_h",)
+        clip = sd_model.cond_stage_model
+        self.clip = clip
+        self.tokenizer = _Tokenizer(clip)
+        self.text_encoder = _TextEncoder(clip)
+        self.prompt_encoder = PromptEncoder(self.tokenizer, self.text_encoder)
+        self.device = self.text_encoder.device
+        self.unet_dtype = next(self.unet.parameters()).dtype
+        self.base_hash = ""
+
+    @property
+    def family(self) -> str:
+        return self.family_name
+
+    def frozen_modules(self):
+        return [self.sd_model]
+
+    def encode_prompts(self, prompts, embeddings):
+        per_concept = {name: emb[self.encoder_names[0]] for name, emb in embeddings.items()}
+        return self.prompt_encoder.encode(prompts, per_concept)
+
+    def word_token_ids(self, word):
+        return list(self.clip.tokenize([word])[0])
+
+    def token_embedding(self, token_id):
+        row = self.text_encoder.embedding.weight[token_id]
+        return {self.encoder_names[0]: row.detach().float().clone()[None]}
+
+    @torch.no_grad()
+    def encode_images(self, images):
+        first_stage = self.sd_model.first_stage_model
+        dtype = next(first_stage.parameters()).dtype
+        x = images.to(self.device, dtype)
+        return self.sd_model.get_first_stage_encoding(self.sd_model.encode_first_stage(x)).float()
+
+    def add_noise(self, latents, noise, t):
+        return self.sd_model.q_sample(latents, t, noise=noise)
+
+    def target(self, latents, noise, t):
+        if getattr(self.sd_model, "parameterization", "eps") == "v":
+            return self.sd_model.get_v(latents, noise, t)
+        return noise
+
+    def predict(self, noisy, t, context):
+        out = self.sd_model.apply_model(noisy.to(self.unet_dtype), t, context.to(self.unet_dtype))
+        return out.float()
+
+    @property
+    def num_train_timesteps(self):
+        return int(self.sd_model.num_timesteps)
+
+    def text_covariance(self) -> torch.Tensor:
+        """C of this text encoder: the reference LAION C for SD1's CLIP ViT-L/14 when available, else estimated."""
+        from .. import covariance
+
+        if self.family_name == "sd1":
+            try:
+                return covariance.reference_covariance_sd15()
+            except PerfusionError:
+                pass  # perfusion-pytorch not installed: estimate from the caption corpus (cached per encoder)
+
+        def encode(ids):
+            # the WebUI's encoders expect full 77-token windows (SD2's causal mask is fixed-size)
+            width = ids.shape[1]
+            padded = torch.full((ids.shape[0], 77), self.tokenizer.pad_token_id, dtype=ids.dtype)
+            padded[:, :width] = ids
+            with torch.no_grad():
+                return self.clip.encode_with_transformers(padded.to(self.device))[:, :width].float()
+
+        return covariance.cached_covariance(text_encoder_module(self.clip), self.tokenizer, encode=encode)

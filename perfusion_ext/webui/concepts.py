@@ -1,0 +1,117 @@
+"""The concepts folder as the WebUI sees it: names, cached loads, tensor hashes, family checks.
+
+Free of WebUI imports. Names resolve through `perfusion_ext.library.concept_path`, which refuses
+anything that would reach outside the folder. Training run folders (`NAME.run/`) are not concepts.
+"""
+from __future__ import annotations
+
+import dataclasses
+import threading
+from pathlib import Path
+
+from ..concept import Concept, load_concept, tensor_hash
+from ..errors import PerfusionError
+from ..library import concept_path
+
+FAMILY_LABEL = {"sd1": "SD1", "sd2": "SD2", "sdxl": "SDXL", "toy": "the toy model"}
+
+
+@dataclasses.dataclass
+class Entry:
+    name: str
+    path: Path
+    sha256: str
+    concept: Concept | None
+    error: str | None = None
+
+    @property
+    def short_hash(self) -> str:
+        return self.sha256[:12]
+
+
+def mismatch_reason(concept_family: str | None, model_family: str | None) -> str | None:
+    """Why a concept cannot be used on the loaded model, or None."""
+    if concept_family is None or model_family is None or concept_family == model_family:
+        return None
+    return (f"trained for {FAMILY_LABEL.get(concept_family, concept_family)}; "
+            f"an {FAMILY_LABEL.get(model_family, model_family)} model is loaded")
+
+
+def _is_run_file(path: Path, root: Path) -> bool:
+    return any(part.endswith(".run") or part.startswith(".") for part in path.relative_to(root).parts[:-1])
+
+
+class ConceptStore:
+    """Concepts under `folder()` (a callable: the folder can change with settings/command line)."""
+
+    def __init__(self, folder):
+        self._folder = folder
+        self._lock = threading.Lock()
+        self._cache: dict[Path, tuple[tuple, Entry]] = {}
+
+    @property
+    def folder(self) -> Path:
+        return Path(self._folder())
+
+    def path_for(self, name: str) -> Path:
+        """The file of `name`; PerfusionError for unknown names and names that escape the folder."""
+        path = concept_path(self.folder, name)
+        if _is_run_file(path, self.folder.resolve()):
+            raise PerfusionError(f"unknown concept {name!r}: no {name}.safetensors in {self.folder}.")
+        return path
+
+    def entry(self, path: Path) -> Entry:
+        path = Path(path)
+        st = path.stat()
+        key = (st.st_mtime_ns, st.st_size)
+        with self._lock:
+            cached = self._cache.get(path)
+            if cached and cached[0] == key:
+                return cached[1]
+        sha = tensor_hash(path)
+        try:
+            concept, error = load_concept(path), None
+        except PerfusionError as exc:
+            concept, error = None, str(exc)
+        entry = Entry(path.stem, path, sha, concept, error)
+        with self._lock:
+            self._cache[path] = (key, entry)
+        return entry
+
+    def load(self, name: str) -> Entry:
+        entry = self.entry(self.path_for(name))
+        if entry.concept is None:
+            raise PerfusionError(entry.error)
+        return entry
+
+    def entries(self) -> list[Entry]:
+        root = self.folder
+        if not root.is_dir():
+            return []
+        resolved = root.resolve()
+        out = []
+        for path in sorted(root.rglob("*.safetensors")):
+            try:
+                if not path.is_file() or _is_run_file(path.resolve(), resolved):
+                    continue
+                out.append(self.entry(path))
+            except (OSError, ValueError) as exc:  # unreadable header: shown as a broken card
+                out.append(Entry(path.stem, path, "", None, f"unreadable: {exc}"))
+        return out
+
+    def find_by_hash(self, short: str) -> Entry | None:
+        short = short.lower()
+        for entry in self.entries():
+            if entry.sha256 and entry.sha256.startswith(short) and entry.concept is not None:
+                return entry
+        return None
+
+    def resolve_pasted(self, name: str, short: str) -> str | None:
+        """For PNG Info pasting: keep `name` when its file has this hash, else the file that has it."""
+        try:
+            if self.load(name).sha256.startswith(short):
+                return name
+        except PerfusionError:
+            pass
+        found = self.find_by_hash(short)
+        return found.name if found else None

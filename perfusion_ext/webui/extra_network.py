@@ -1,0 +1,103 @@
+"""The `perfusion` extra network: the WebUI calls activate/deactivate around every batch.
+
+Thin: the logic is in runtime.Activator; this file adapts it to the WebUI (its extra-network base
+class, its textual-inversion database, its tag stripper, its UNet replacements, its warnings).
+"""
+from __future__ import annotations
+
+import logging
+
+import torch
+
+from modules import devices, extra_networks, sd_hijack, sd_unet, shared
+from modules.textual_inversion.textual_inversion import Embedding
+
+from . import state
+from .runtime import Activator
+
+log = logging.getLogger("perfusion")
+
+
+class WebuiEnv:
+    def unet(self):
+        if shared.sd_model is None:
+            raise RuntimeError("no model loaded")
+        return shared.sd_model.model.diffusion_model
+
+    def register_embedding(self, word, concept):
+        vectors = {k: v.to(devices.device, dtype=torch.float32) for k, v in concept.embeddings.items()}
+        vec = next(iter(vectors.values())) if len(vectors) == 1 else vectors
+        embedding = Embedding(vec, word)
+        first = next(iter(vectors.values()))
+        embedding.vectors = int(first.shape[0])
+        embedding.shape = sum(int(v.shape[-1]) for v in vectors.values())
+        embedding.filename = str(concept.path) if concept.path else word
+        embedding.shorthash = None  # recorded as "Perfusion hashes", not "TI hashes"
+        sd_hijack.model_hijack.embedding_db.register_embedding_by_name(embedding, shared.sd_model, word)
+
+    def unregister_embedding(self, word):
+        db = sd_hijack.model_hijack.embedding_db
+        if word in db.word_embeddings and shared.sd_model is not None:
+            db.register_embedding_by_name(None, shared.sd_model, word)
+
+    def strip_tags(self, prompt):
+        return extra_networks.parse_prompt(prompt)[0]
+
+    def unet_replacement(self):
+        current = getattr(sd_unet, "current_unet", None)
+        if current is None:
+            return None
+        option = getattr(current, "option", None)
+        return getattr(option, "label", None) or type(current).__name__
+
+    def defaults(self):
+        return {"beta": float(getattr(shared.opts, "perfusion_default_beta", 0) or 0),
+                "tau": float(getattr(shared.opts, "perfusion_default_tau", 0) or 0)}
+
+    def warn(self, p, message):
+        warned = getattr(p, "_perfusion_warned", None)
+        if warned is None:
+            warned = p._perfusion_warned = set()
+        if message in warned:
+            return
+        warned.add(message)
+        log.warning("Perfusion: %s", message)
+        p.comment(f"Perfusion: {message}")
+        if getattr(shared.opts, "perfusion_warning_popup", True):
+            try:
+                import gradio as gr
+                gr.Warning(f"Perfusion: {message}")
+            except Exception:  # noqa: BLE001 - outside a gradio request (API) there is no popup
+                pass
+
+    def on_activate(self, p, activator):
+        """Make sure the hooks go away when `p` is closed, even if sampling raised (deactivate is skipped then)."""
+        if getattr(p, "_perfusion_close_wrapped", False):
+            return
+        original = p.close
+
+        def close():
+            try:
+                activator.release()
+            finally:
+                original()
+
+        p.close = close
+        p._perfusion_close_wrapped = True
+
+
+class ExtraNetworkPerfusion(extra_networks.ExtraNetwork):
+    def __init__(self, activator: Activator):
+        super().__init__("perfusion")
+        self.activator = activator
+
+    def activate(self, p, params_list):
+        # params_list holds only the first prompt's tags; the activator reads every raw prompt itself
+        self.activator.activate(p)
+
+    def deactivate(self, p):
+        self.activator.release()
+
+
+def create() -> ExtraNetworkPerfusion:
+    return ExtraNetworkPerfusion(state.activator())
