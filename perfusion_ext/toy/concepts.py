@@ -56,12 +56,16 @@ class ToyConcept:
     superclass: str
     draw: callable
     backgrounds: tuple[str, ...]  # training backgrounds
+    clashing: tuple[str, ...]  # backgrounds too close to a part's colour for the checkers to see the object
+
+    def readable_backgrounds(self) -> list[str]:
+        return [c for c in COLOURS if c not in self.clashing]
 
 
 CONCEPTS = {
-    "teddy": ToyConcept("teddy", "circle", _teddy, ("white", "green", "blue")),
-    "stripebox": ToyConcept("stripebox", "square", _stripebox, ("blue", "green", "black")),
-    "ring": ToyConcept("ring", "circle", _ring, ("white", "black", "green")),
+    "teddy": ToyConcept("teddy", "circle", _teddy, ("white", "green", "blue"), ("black", "red")),
+    "stripebox": ToyConcept("stripebox", "square", _stripebox, ("blue", "green", "black"), ("red", "white")),
+    "ring": ToyConcept("ring", "circle", _ring, ("white", "black", "green"), ("blue", "yellow")),
 }
 
 
@@ -100,6 +104,15 @@ def _box(mask):
     return (xs.min() + xs.max() + 1) / 2, (ys.min() + ys.max() + 1) / 2, max(xs.max() - xs.min() + 1, ys.max() - ys.min() + 1)
 
 
+def _fit(name: str, cx: float, cy: float, extent: float) -> tuple[float, float, float]:
+    """Centre and side to draw the concept with so that its bounding box is the detected one."""
+    ref_side = 13.0
+    _, mask = render_concept(name, "centre", "green", side=ref_side)
+    rx, ry, ref_extent = _box(mask)
+    scale = extent / ref_extent
+    return cx - (rx - 16.0) * scale, cy - (ry - 16.0) * scale, ref_side * scale
+
+
 def _template_on(draw_layers, background_rgb, shape=(IMAGE_SIZE, IMAGE_SIZE, 3)):
     img = np.empty(shape, np.float32)
     img[:] = background_rgb
@@ -119,12 +132,13 @@ def fidelity(img: np.ndarray, name: str) -> Fidelity:
     mask = checkers.object_mask(img, background_rgb)
     if mask.sum() < 12:
         return Fidelity(False, 0.0)
-    cx, cy, side = _box(mask)
+    cx, cy, extent = _box(mask)
     xs, ys = _grid()
-    half = side / 2 + 1
+    half = extent / 2 + 1
     region = (np.abs(xs - cx) <= half) & (np.abs(ys - cy) <= half)
     target = img.astype(np.float32)[region]
-    concept_t = _template_on(CONCEPTS[name].draw(cx, cy, side), background_rgb)[region]
+    concept_t = _template_on(CONCEPTS[name].draw(*_fit(name, cx, cy, extent)), background_rgb)[region]
+    side = extent
     errors = {"concept": float(((target - concept_t) ** 2).mean())}
     for shape in SHAPES:
         for colour, rgb in COLOURS.items():

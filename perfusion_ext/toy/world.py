@@ -159,7 +159,8 @@ def held_out_prompts(n: int, seed: int = 0) -> list[tuple[Scene, str]]:
     for i in range(n):
         c, s, p, b = combos[i % len(combos)]
         scene = Scene(c, s, p, b)
-        out.append((scene, caption(scene, rng, EVAL_TEMPLATES)))
+        template = EVAL_TEMPLATES[(i // len(combos)) % len(EVAL_TEMPLATES)]
+        out.append((scene, caption(scene, rng, (template,))))
     return out
 
 
