@@ -61,7 +61,7 @@ def test_fidelity_separates_concept_from_base_shapes(name):
             f = fidelity(img, name)
             hits += f.is_concept
             total += 1
-            assert f.correlation > 0.75
+            assert f.correlation > 0.6
     assert hits == total
     rng = np.random.default_rng(2)
     false = sum(fidelity(world.render(world.random_scene(rng)), name).is_concept for _ in range(300))
