@@ -1,0 +1,91 @@
+"""The README's demo: train a toy concept, generate with <perfusion:...>, export to ONNX, sample it.
+
+Runs on the embedded toy model (a tiny random model of the same architecture until the toy model is
+trained, which it says loudly), on a CPU, in a few minutes.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import time
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+log = logging.getLogger("perfusion.demo")
+
+PROMPTS = (
+    "a photo of a <perfusion:teddy> on the left, blue background",
+    "a <perfusion:teddy> at the top, yellow background",
+    "a photo of a <perfusion:teddy> on the right, white background",
+    "a <perfusion:teddy:0.0> on the left, blue background",  # strength 0: the base model's circle
+)
+
+
+def _grid(images: list[Image.Image], scale: int = 4) -> Image.Image:
+    w, h = images[0].size
+    grid = Image.new("RGB", (len(images) * (w + 2), h), (128, 128, 128))
+    for i, im in enumerate(images):
+        grid.paste(im, (i * (w + 2), 0))
+    return grid.resize((grid.width * scale, grid.height * scale), Image.NEAREST)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--out", default="outputs/demo")
+    parser.add_argument("--steps", type=int, default=None)
+    parser.add_argument("--skip-export", action="store_true")
+    args = parser.parse_args(argv)
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+
+    from .backend import DiffusersBackend
+    from .generate import generate
+    from .pipeline import load_pipeline, tiny_random_pipeline, toy_is_trained
+    from .toy import checkers
+    from .toy.concepts import fidelity, write_training_set
+    from .trainer import TrainConfig, train
+
+    out = Path(args.out)
+    started = time.time()
+    if toy_is_trained():
+        pipe, model_spec = load_pipeline("toy"), "toy"
+        log.info("model: the embedded toy model (perfusion_ext/toy/model)")
+    else:
+        pipe, model_spec = tiny_random_pipeline(), None
+        log.warning("NOTE: the toy model is not trained yet, so this demo runs on a TINY RANDOM model of the same "
+                    "architecture: every step runs for real, but the images are noise.")
+    images = write_training_set("teddy", out / "teddy_images", n=6)
+    log.info("1/3 training <perfusion:teddy> (superclass 'circle') on %s", images)
+    result = train(DiffusersBackend(pipe), TrainConfig("teddy", "circle", steps=args.steps,
+                                                        masks_dir=str(images / "masks")),
+                   images, out / "concepts", overwrite=True)
+    log.info("    %s in %.0f s -> %s (%.1f KiB)", result.message, time.time() - started, result.concept_path,
+             result.concept_path.stat().st_size / 1024)
+
+    log.info("2/3 generating with PyTorch hooks")
+    generated = []
+    for prompt in PROMPTS:
+        image = generate(pipe, prompt, concepts_dir=out / "concepts", seed=1)[0][0]
+        generated.append(image)
+        arr = np.asarray(image)
+        reading, fid = checkers.read(arr), fidelity(arr, "teddy")
+        log.info("    %-62s background=%s position=%s looks-like-teddy=%s", prompt, reading.background,
+                 reading.position, fid.is_concept)
+    grid_path = out / "demo_grid.png"
+    _grid(generated).save(grid_path)
+    log.info("    grid: %s", grid_path)
+
+    if not args.skip_export:
+        from .demo_export import export_and_sample
+
+        log.info("3/3 exporting to ONNX and sampling it with ONNX Runtime")
+        export_and_sample(model_spec, pipe, result.concept_path, out, PROMPTS[0], generated[0])
+    log.info("demo finished in %.0f s; everything is in %s", time.time() - started, out)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
