@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import time
 from pathlib import Path
 
@@ -130,6 +131,17 @@ class Trainer:
                           RESUME_FILE.with_suffix(".json"))
         pipe = self.pipeline(ema=True)
         pipe.to(torch.float16).save_pretrained(toy_model.MODEL_DIR, safe_serialization=True)
+        pipe.to(torch.float32)
+        evals = []
+        if (self.work / "eval.jsonl").is_file():
+            evals = [json.loads(line) for line in (self.work / "eval.jsonl").read_text().splitlines() if line]
+        import platform
+
+        summary = (f"{self.state['images_seen']:,} images ({self.state['step']:,} steps of batch {self.args.batch}) in "
+                   f"{self.state['train_seconds'] / 3600:.1f} h on {os.cpu_count()} CPU cores ({platform.machine()})")
+        atomic_write_json({"summary": summary, "state": {k: v for k, v in self.state.items()},
+                           "args": vars(self.args), "evaluations": evals},
+                          toy_model.MODEL_DIR.parent / "model_training.json")
 
     def pipeline(self, ema: bool):
         self.vae.config.scaling_factor = self.state["vae_scaling_factor"]
@@ -283,7 +295,7 @@ def main(argv=None):
     p.add_argument("--batch", type=int, default=64)
     p.add_argument("--lr", type=float, default=5e-4)
     p.add_argument("--ema", type=float, default=0.999)
-    p.add_argument("--vae-steps", type=int, default=1500)
+    p.add_argument("--vae-steps", type=int, default=1000)
     p.add_argument("--checkpoint-minutes", type=float, default=10.0)
     p.add_argument("--eval-minutes", type=float, default=30.0)
     p.add_argument("--eval-prompts", type=int, default=219)

@@ -1,0 +1,55 @@
+"""Shared helpers for the benchmarks: README table splicing and a small Pillow scatter plot."""
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+from PIL import Image, ImageDraw
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def splice_readme(marker: str, text: str, readme: Path = ROOT / "README.md") -> None:
+    """Replace the block between <!-- marker:start --> and <!-- marker:end --> in the README."""
+    content = readme.read_text(encoding="utf-8")
+    pattern = re.compile(rf"(<!-- {marker}:start -->\n).*?(<!-- {marker}:end -->)", re.S)
+    if not pattern.search(content):
+        raise SystemExit(f"README has no <!-- {marker}:start/end --> block")
+    readme.write_text(pattern.sub(lambda m: m.group(1) + text.rstrip() + "\n" + m.group(2), content), encoding="utf-8")
+
+
+def markdown_table(header: list[str], rows: list[list]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def scatter(points: list[tuple[float, float, str, tuple[int, int, int]]], path: Path, xlabel: str, ylabel: str,
+            size=(720, 480)) -> None:
+    """Points (x, y, label, colour) in [0, 1]² with labels; lines join points that share a label prefix."""
+    w, h = size
+    m = 60
+    img = Image.new("RGB", size, "white")
+    d = ImageDraw.Draw(img)
+    d.rectangle([m, 20, w - 20, h - m], outline="black")
+    for v in (0.0, 0.25, 0.5, 0.75, 1.0):
+        x = m + v * (w - m - 20)
+        y = (h - m) - v * (h - m - 20)
+        d.text((x - 8, h - m + 6), f"{v:.2f}", fill="black")
+        d.text((m - 34, y - 6), f"{v:.2f}", fill="black")
+    d.text((w // 2 - 40, h - 24), xlabel, fill="black")
+    d.text((6, 4), ylabel, fill="black")
+
+    def xy(px, py):
+        return m + px * (w - m - 20), (h - m) - py * (h - m - 20)
+
+    series: dict[str, list] = {}
+    for px, py, label, colour in points:
+        series.setdefault(label.split(" ")[0], []).append((xy(px, py), colour))
+        cx, cy = xy(px, py)
+        d.ellipse([cx - 4, cy - 4, cx + 4, cy + 4], fill=colour)
+        d.text((cx + 6, cy - 6), label, fill=colour)
+    for items in series.values():
+        if len(items) > 1:
+            d.line([p for p, _ in items], fill=items[0][1], width=1)
+    img.save(path)
