@@ -139,6 +139,8 @@ class ConceptTrainer:
         self.optimizer = torch.optim.AdamW(groups, weight_decay=0.0)
         self.step = 0
         self.losses: list[float] = []
+        self.gradient_checkpointing = False
+        self.autocast = torch.autocast("cuda", dtype=torch.float16) if backend.device.type == "cuda" else None
 
     # ---- data ------------------------------------------------------------------------------
     @torch.no_grad()
@@ -204,14 +206,35 @@ class ConceptTrainer:
 
     # ---- one optimisation step -------------------------------------------------------------
     def train_step(self) -> float:
-        cfg = self.cfg
-        self.optimizer.zero_grad(set_to_none=True)
-        total = 0.0
-        for _ in range(cfg.batch_size // cfg.micro_batch):
-            total += self._micro_step(cfg.micro_batch, cfg.batch_size)
+        """One optimizer step over `batch_size` images; on out-of-memory, retry with less memory."""
+        while True:
+            try:
+                self.optimizer.zero_grad(set_to_none=True)
+                total = 0.0
+                for _ in range(self.cfg.batch_size // self.cfg.micro_batch):
+                    total += self._micro_step(self.cfg.micro_batch, self.cfg.batch_size)
+                break
+            except torch.OutOfMemoryError:
+                self._reduce_memory()
         self.optimizer.step()
         self.step += 1
         return total
+
+    def _reduce_memory(self) -> None:
+        """Halve the micro-batch (keeping the batch via more accumulation), then turn on checkpointing."""
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+        if self.cfg.micro_batch > 1:
+            smaller = max(d for d in range(1, self.cfg.micro_batch // 2 + 1) if self.cfg.batch_size % d == 0)
+            log.warning("out of memory: micro-batch %d -> %d (same batch via accumulation)", self.cfg.micro_batch, smaller)
+            self.cfg = dataclasses.replace(self.cfg, micro_batch=smaller)
+        elif not self.gradient_checkpointing and hasattr(self.backend.unet, "enable_gradient_checkpointing"):
+            log.warning("out of memory at micro-batch 1: enabling gradient checkpointing")
+            self.backend.unet.enable_gradient_checkpointing()
+            self.gradient_checkpointing = True
+        else:
+            raise PerfusionError("out of memory even at micro-batch 1 with gradient checkpointing: lower the "
+                                 "resolution, close other GPU programs, or train on a larger GPU.")
 
     def _micro_step(self, n: int, batch_size: int) -> float:
         cfg, tag = self.cfg, ConceptTag(self.cfg.name)
@@ -236,7 +259,11 @@ class ConceptTrainer:
             entry = ResolvedConcept(self.concept(detach_values=False), 1.0, cfg.train_beta, cfg.train_tau)
             handles = attach(build_edits(self.backend.unet, [entry]))
         try:
-            pred = self.backend.predict(noisy, t, enc.hidden)
+            if self.autocast is not None:  # mixed precision on GPUs; the gate still runs in fp32
+                with self.autocast:
+                    pred = self.backend.predict(noisy, t, enc.hidden)
+            else:
+                pred = self.backend.predict(noisy, t, enc.hidden)
         finally:
             detach(handles)
         loss = self._masked_mse(pred.float(), target.float(), idx, flips)

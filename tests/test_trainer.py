@@ -181,3 +181,18 @@ def test_odd_images_are_converted_with_notes(tmp_path):
     assert alpha_image.mask is not None and alpha_image.mask.shape == (32, 32)
     assert alpha_image.mask[16, 16] == pytest.approx(1.0) and alpha_image.mask[0, 0] == pytest.approx(0.0)
     assert all(im.pixels.shape == (3, 32, 32) for im in data.images)
+
+
+def test_out_of_memory_falls_back_to_smaller_micro_batches(backend, images, monkeypatch):
+    trainer = ConceptTrainer(backend, config(batch_size=4, micro_batch=4).resolved("toy", backend.device),
+                             load_images(images, 32))
+    original = backend.predict
+
+    def limited(noisy, t, context):
+        if noisy.shape[0] > 1:
+            raise torch.OutOfMemoryError("simulated")
+        return original(noisy, t, context)
+
+    monkeypatch.setattr(backend, "predict", limited)
+    loss = trainer.train_step()
+    assert trainer.cfg.micro_batch == 1 and trainer.step == 1 and np.isfinite(loss)
