@@ -9,12 +9,27 @@ from __future__ import annotations
 
 import abc
 import hashlib
+import weakref
 
 import torch
 
 from .covariance import cached_covariance, module_hash
 from .layers import cross_attention_layers, model_family
 from .text import EncodedPrompts, PromptEncoder
+
+
+_BASE_HASHES: "weakref.WeakKeyDictionary[torch.nn.Module, str]" = weakref.WeakKeyDictionary()
+
+
+def base_hash(text_encoder: torch.nn.Module, unet: torch.nn.Module) -> str:
+    """sha256 of the text encoder and every attn2 K/V weight: what a concept depends on (cached per UNet)."""
+    if unet not in _BASE_HASHES:
+        digest = hashlib.sha256(module_hash(text_encoder).encode())
+        for layer in cross_attention_layers(unet).values():
+            for proj in (layer.to_k, layer.to_v):
+                digest.update(proj.weight.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+        _BASE_HASHES[unet] = digest.hexdigest()
+    return _BASE_HASHES[unet]
 
 
 class Backend(abc.ABC):
@@ -121,12 +136,7 @@ class DiffusersBackend(Backend):
 
     @property
     def base_hash(self) -> str:
-        """sha256 of the text encoder and every attn2 K/V weight: what a concept depends on."""
-        digest = hashlib.sha256(module_hash(self.pipe.text_encoder).encode())
-        for layer in cross_attention_layers(self.unet).values():
-            for proj in (layer.to_k, layer.to_v):
-                digest.update(proj.weight.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
-        return digest.hexdigest()
+        return base_hash(self.pipe.text_encoder, self.unet)
 
     def preview(self, prompt_template: str, concept, seed: int = 0):
         from .generate import generate

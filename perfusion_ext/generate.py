@@ -69,8 +69,15 @@ def sampling_defaults(pipe) -> dict:
 def generate(pipe, prompt: str, negative: str = "", concepts_dir=None, seed: int = 0, n: int = 1,
              loaded: dict[str, Concept] | None = None, **overrides):
     """Images for a prompt with tags; returns (PIL images, warnings). Never fails on a bad tag."""
+    from .backend import base_hash
+
     prepared = prepare_prompt(prompt, concepts_dir, loaded)
     warnings = list(prepared.warnings)
+    model_hash = base_hash(pipe.text_encoder, pipe.unet) if prepared.concepts else ""
+    for tag, concept in prepared.concepts:
+        if concept.base_hash and concept.base_hash != model_hash:
+            warnings.append(f"<perfusion:{tag.name}> was trained on a different base model (like a Lora, it "
+                            "usually still works on fine-tunes of its base)")
     parsed_negative = parse_prompt(negative)
     if parsed_negative.tags or parsed_negative.warnings:
         warnings.append("tags in the negative prompt are ignored (as in the WebUI); removed them from it")

@@ -114,3 +114,12 @@ def test_cli_generate_and_inspect(concepts, tmp_path, capsys, monkeypatch):
     captured = capsys.readouterr()
     assert "warning: ignored <perfusion:ghost>: unknown concept 'ghost'" in captured.err
     assert len(list(out.glob("*.png"))) == 2
+
+
+def test_concept_from_another_base_model_only_warns(pipe, tmp_path):
+    concept = make_concept(pipe.unet, name="other", family="toy", superclass="circle")
+    concept.embeddings = {"clip_l": torch.randn(1, 128)}
+    concept.base_hash = "f" * 64
+    pf.save_concept(concept, tmp_path / "other.safetensors")
+    images, warnings = generate(pipe, "a <perfusion:other>", concepts_dir=tmp_path, num_inference_steps=2)
+    assert len(images) == 1 and any("different base model" in w for w in warnings)
