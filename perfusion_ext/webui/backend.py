@@ -28,7 +28,7 @@ def raw_token_embedding(clip) -> torch.nn.Embedding:
     """The vocabulary table of the WebUI's text encoder (unwrapping EmbeddingsWithFixes)."""
     wrapped = clip.wrapped
     if hasattr(wrapped, "transformer"):  # SD1: ldm FrozenCLIPEmbedder around a transformers CLIPTextModel
-        module = wrapped.transformer.text_model.embeddings.token_embedding
+        module = wrapped.transformer.get_input_embeddings()
     elif hasattr(wrapped, "model") and hasattr(wrapped.model, "token_embedding"):  # SD2: open_clip
         module = wrapped.model.token_embedding
     else:
@@ -53,7 +53,7 @@ class _Tokenizer:
         self.clip = clip
         self.bos_token_id, self.eos_token_id, self.pad_token_id = clip.id_start, clip.id_end, clip.id_pad
 
-    def __call__(self, text, add_special_tokens=True, truncation=False, max_length=None):
+    def __call__(self, text, add_special_tokens=True, truncation=False, max_length=None, **_ignored):
         texts = [text] if isinstance(text, str) else list(text)
         ids = [list(x) for x in self.clip.tokenize(texts)]
         if add_special_tokens:

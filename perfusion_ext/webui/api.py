@@ -1,0 +1,114 @@
+"""REST routes under /perfusion/v1, registered on app start.
+
+Extension routes are not covered by the WebUI's --api-auth, so they enforce it themselves: with
+--api-auth set, every route needs HTTP Basic credentials from that list. Invalid bodies get a 4xx
+with a message. Training requests become server-side jobs that take the WebUI's queue lock.
+"""
+from __future__ import annotations
+
+import json
+import secrets
+
+from fastapi import Depends, FastAPI, HTTPException, Request
+from fastapi.responses import JSONResponse
+from fastapi.security import HTTPBasic, HTTPBasicCredentials
+
+from modules import shared
+
+from . import state
+from .cards import concept_json
+from .train_request import ApiError, parse_train_request
+
+PREFIX = "/perfusion/v1"
+
+
+def parse_credentials(api_auth: str | None) -> dict[str, str]:
+    """`user:password,user2:password2` as the WebUI's --api-auth takes it (a password may contain ':')."""
+    out = {}
+    for item in (api_auth or "").split(","):
+        user, sep, password = item.strip().partition(":")
+        if sep and user:
+            out[user] = password
+    return out
+
+
+def check_credentials(credentials: dict[str, str], user: str | None, password: str | None) -> bool:
+    expected = credentials.get(user or "")
+    return expected is not None and secrets.compare_digest((password or "").encode(), expected.encode())
+
+
+def _auth_dependency():
+    credentials = parse_credentials(getattr(shared.cmd_opts, "api_auth", None))
+    if not credentials:
+        return []
+    basic = HTTPBasic(auto_error=False)
+
+    def auth(creds: HTTPBasicCredentials | None = Depends(basic)):
+        if creds is None or not check_credentials(credentials, creds.username, creds.password):
+            raise HTTPException(status_code=401, detail="Incorrect username or password",
+                                headers={"WWW-Authenticate": "Basic"})
+        return True
+
+    return [Depends(auth)]
+
+
+def _error(exc: ApiError) -> JSONResponse:
+    return JSONResponse(status_code=exc.status, content={"error": exc.message, "detail": exc.message})
+
+
+def register(_demo, app: FastAPI) -> None:
+    deps = _auth_dependency()
+
+    async def list_concepts():
+        return [concept_json(e) for e in state.store().entries()]
+
+    async def start_training(request: Request):
+        try:
+            raw = await request.body()
+            try:
+                body = json.loads(raw or b"null")
+            except ValueError as exc:
+                raise ApiError(400, f"the body is not valid JSON: {exc}") from None
+            defaults = {"steps": int(getattr(shared.opts, "perfusion_default_steps", 400) or 400)}
+            req = parse_train_request(body, state.images_dirs(), defaults)
+            if shared.sd_model is None:
+                raise ApiError(409, "no Stable Diffusion checkpoint is loaded")
+            job = state.jobs().submit(req)
+        except ApiError as exc:
+            return _error(exc)
+        return {"job_id": job.id, "state": job.state, "name": req.name}
+
+    async def list_jobs():
+        return [j.to_json(preview=False) for j in state.jobs().list()]
+
+    async def get_job(job_id: str, preview: bool = True):
+        try:
+            return state.jobs().get(job_id).to_json(preview=preview)
+        except ApiError as exc:
+            return _error(exc)
+
+    async def interrupt_job(job_id: str):
+        try:
+            job = state.jobs().interrupt(job_id)
+        except ApiError as exc:
+            return _error(exc)
+        return {"id": job.id, "state": job.state, "interrupt_requested": True}
+
+    async def export(request: Request):
+        from .export import export_from_body
+
+        try:
+            body = json.loads(await request.body() or b"null")
+        except ValueError as exc:
+            return _error(ApiError(400, f"the body is not valid JSON: {exc}"))
+        try:
+            return export_from_body(body)
+        except ApiError as exc:
+            return _error(exc)
+
+    app.add_api_route(f"{PREFIX}/concepts", list_concepts, methods=["GET"], dependencies=deps)
+    app.add_api_route(f"{PREFIX}/train", start_training, methods=["POST"], dependencies=deps)
+    app.add_api_route(f"{PREFIX}/jobs", list_jobs, methods=["GET"], dependencies=deps)
+    app.add_api_route(f"{PREFIX}/jobs/{{job_id}}", get_job, methods=["GET"], dependencies=deps)
+    app.add_api_route(f"{PREFIX}/jobs/{{job_id}}/interrupt", interrupt_job, methods=["POST"], dependencies=deps)
+    app.add_api_route(f"{PREFIX}/export", export, methods=["POST"], dependencies=deps)

@@ -1,0 +1,27 @@
+"""The "Perfusion" settings section."""
+from __future__ import annotations
+
+import gradio as gr
+
+from modules import shared
+
+SECTION = ("perfusion", "Perfusion")
+
+
+def add_settings() -> None:
+    options = {
+        "perfusion_default_strength": shared.OptionInfo(
+            1.0, "Strength written by a card click", gr.Slider, {"minimum": 0.0, "maximum": 2.0, "step": 0.05}),
+        "perfusion_default_beta": shared.OptionInfo(
+            0.0, "Default β for tags without beta= (0: the value stored in the concept file)", gr.Slider,
+            {"minimum": 0.0, "maximum": 1.5, "step": 0.01}),
+        "perfusion_default_tau": shared.OptionInfo(
+            0.0, "Default τ for tags without tau= (0: the value stored in the concept file)", gr.Slider,
+            {"minimum": 0.0, "maximum": 1.0, "step": 0.01}),
+        "perfusion_default_steps": shared.OptionInfo(400, "Default training steps", gr.Number, {"precision": 0}),
+        "perfusion_save_previews": shared.OptionInfo(True, "Render and save preview images while training"),
+        "perfusion_warning_popup": shared.OptionInfo(True, "Show Perfusion warnings (unknown concepts, bad tags) as popups"),
+    }
+    for key, info in options.items():
+        info.section = SECTION
+        shared.opts.add_option(key, info)

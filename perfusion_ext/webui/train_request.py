@@ -1,0 +1,174 @@
+"""Validate a training request (REST body or training-tab fields) into a TrainRequest. No WebUI imports.
+
+Every problem is an ApiError with an HTTP status and a message for the user: 400/422 for a bad body,
+403 for a server path outside the allowed folders, never a 500.
+"""
+from __future__ import annotations
+
+import base64
+import binascii
+import dataclasses
+import io
+import re
+from pathlib import Path
+
+from ..tags import NAME_RE
+
+SUPERCLASS_RE = re.compile(r"^[A-Za-z][A-Za-z'\-]{0,39}$")
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp"}
+MAX_IMAGES = 200
+MAX_IMAGE_BYTES = 32 << 20
+
+
+class ApiError(Exception):
+    def __init__(self, status: int, message: str):
+        super().__init__(message)
+        self.status = status
+        self.message = message
+
+
+@dataclasses.dataclass
+class TrainRequest:
+    name: str
+    superclass: str
+    image_paths: list[Path]  # files or one folder, already checked
+    image_bytes: list[bytes]  # decoded uploads
+    steps: int = 400
+    batch_size: int = 16
+    micro_batch: int | None = None
+    lr_value: float = 0.03
+    lr_embedding: float = 0.006
+    beta: float = 0.7
+    tau: float = 0.15
+    resolution: int = 512
+    seed: int = 0
+    checkpoint_every: int = 50
+    preview_every: int = 50
+    masks_dir: Path | None = None
+    resume: bool = False
+    overwrite: bool = False
+    description: str = ""
+
+
+# field -> (type, minimum, maximum)
+NUMBERS = {
+    "steps": (int, 1, 100_000), "batch_size": (int, 1, 64), "micro_batch": (int, 1, 64),
+    "lr_value": (float, 1e-7, 10.0), "lr_embedding": (float, 1e-7, 10.0), "beta": (float, -5.0, 5.0),
+    "tau": (float, 1e-4, 10.0), "resolution": (int, 64, 2048), "seed": (int, 0, 2**32 - 1),
+    "checkpoint_every": (int, 1, 100_000), "preview_every": (int, 0, 100_000),
+}
+KNOWN = {"name", "superclass", "images", "images_dir", "masks_dir", "resume", "overwrite", "description", *NUMBERS}
+
+
+def _number(body: dict, key: str, default):
+    if key not in body or body[key] is None:
+        return default
+    kind, lo, hi = NUMBERS[key]
+    value = body[key]
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or (kind is int and not float(value).is_integer()):
+        raise ApiError(422, f"{key} must be {'an integer' if kind is int else 'a number'}, got {value!r}")
+    value = kind(value)
+    if not lo <= value <= hi:
+        raise ApiError(422, f"{key} must be between {lo:g} and {hi:g}, got {value:g}")
+    return value
+
+
+def _inside(path: Path, roots: list[Path]) -> bool:
+    resolved = path.resolve()
+    return any(resolved.is_relative_to(root.resolve()) for root in roots)
+
+
+def _server_path(text: str, roots: list[Path] | None, what: str) -> Path:
+    path = Path(text).expanduser()
+    if roots is not None:
+        if not path.is_absolute():
+            path = roots[0] / path
+        if not _inside(path, roots):
+            allowed = ", ".join(str(r) for r in roots)
+            raise ApiError(403, f"{what} {text!r} is outside the folders the API may read ({allowed}); "
+                                "copy the images there or send them as base64")
+    if not path.exists():
+        raise ApiError(422, f"{what} {text!r} does not exist on the server")
+    return path
+
+
+B64_RE = re.compile(r"^[A-Za-z0-9+/]+={0,2}$")
+
+
+def _looks_like_base64(text: str) -> bool:
+    """data: URLs, or long runs of base64 characters (an image is never a short string)."""
+    return text.startswith("data:") or (len(text) >= 64 and B64_RE.match(text) is not None and len(text) % 4 == 0)
+
+
+def decode_image(text: str, index: int) -> bytes:
+    payload = text.split(",", 1)[1] if text.startswith("data:") else text
+    try:
+        data = base64.b64decode(payload, validate=True)
+    except (binascii.Error, ValueError):
+        raise ApiError(422, f"images[{index}] is neither a server path nor valid base64") from None
+    if len(data) > MAX_IMAGE_BYTES:
+        raise ApiError(413, f"images[{index}] is larger than {MAX_IMAGE_BYTES >> 20} MiB")
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(io.BytesIO(data)) as img:
+            img.verify()
+    except (UnidentifiedImageError, OSError, SyntaxError):
+        raise ApiError(422, f"images[{index}] is base64 but not an image PIL can read") from None
+    return data
+
+
+def parse_train_request(body, allowed_roots: list[Path] | None, defaults: dict | None = None) -> TrainRequest:
+    """`allowed_roots=None` trusts any server path (the UI tab); the REST API passes its allowed folders."""
+    if not isinstance(body, dict):
+        raise ApiError(422, "the body must be a JSON object")
+    unknown = sorted(set(body) - KNOWN)
+    if unknown:
+        raise ApiError(422, f"unknown field(s): {', '.join(unknown)}; known: {', '.join(sorted(KNOWN))}")
+    name = body.get("name")
+    if not isinstance(name, str) or not NAME_RE.match(name.strip()) or name.strip() in (".", ".."):
+        raise ApiError(422, "name is required: 1-100 letters, digits, space, _ . - (no paths)")
+    name = name.strip()
+    superclass = body.get("superclass")
+    if not isinstance(superclass, str) or not SUPERCLASS_RE.match(superclass.strip()):
+        raise ApiError(422, "superclass is required: one plain word such as 'dog', 'bear', 'toy'")
+    for flag in ("resume", "overwrite"):
+        if flag in body and not isinstance(body[flag], bool):
+            raise ApiError(422, f"{flag} must be true or false")
+    resume = bool(body.get("resume", False))
+    images = body.get("images") or []
+    if body.get("images_dir"):
+        images = list(images) + [body["images_dir"]]
+    if not isinstance(images, list) or not all(isinstance(x, str) and x for x in images):
+        raise ApiError(422, "images must be a list of server paths or base64-encoded images")
+    if not images:
+        raise ApiError(422, "images is required (server paths inside the allowed folder, or base64 images)")
+    if len(images) > MAX_IMAGES:
+        raise ApiError(422, f"at most {MAX_IMAGES} images")
+    paths, blobs = [], []
+    for i, item in enumerate(images):
+        if _looks_like_base64(item):
+            blobs.append(decode_image(item, i))
+            continue
+        path = _server_path(item, allowed_roots, f"images[{i}]")
+        if path.is_file() and path.suffix.lower() not in IMAGE_SUFFIXES:
+            raise ApiError(422, f"images[{i}] {item!r} is not an image file ({', '.join(sorted(IMAGE_SUFFIXES))})")
+        paths.append(path)
+    if sum(p.is_dir() for p in paths) and (len(paths) > 1 or blobs):
+        raise ApiError(422, "give either one images folder or a list of image files/base64 images, not both")
+    masks = body.get("masks_dir")
+    if masks is not None and not isinstance(masks, str):
+        raise ApiError(422, "masks_dir must be a server path")
+    masks_dir = _server_path(masks, allowed_roots, "masks_dir") if masks else None
+    description = body.get("description", "")
+    if not isinstance(description, str) or len(description) > 2000:
+        raise ApiError(422, "description must be a string of at most 2000 characters")
+    d = {**dataclasses.asdict(TrainRequest("x", "x", [], [])), **(defaults or {})}
+    values = {key: _number(body, key, d[key]) for key in NUMBERS}
+    if values["micro_batch"] is not None and values["batch_size"] % values["micro_batch"]:
+        raise ApiError(422, f"micro_batch ({values['micro_batch']}) must divide batch_size ({values['batch_size']})")
+    if values["resolution"] % 64:
+        raise ApiError(422, f"resolution must be a multiple of 64, got {values['resolution']}")
+    return TrainRequest(name=name, superclass=superclass.strip(), image_paths=paths, image_bytes=blobs,
+                        masks_dir=masks_dir, resume=resume, overwrite=bool(body.get("overwrite", False)),
+                        description=description, **values)

@@ -1,0 +1,157 @@
+"""Training inside the WebUI: the job runner (the loaded model, the WebUI's progress state and its
+queue lock) and previews rendered by the WebUI's own txt2img.
+"""
+from __future__ import annotations
+
+import contextlib
+import logging
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from modules import call_queue, paths, processing, shared
+
+from ..errors import PerfusionError
+from ..hooks import ResolvedConcept, attach, build_edits, detach
+from . import state
+from .backend import WebuiLdmBackend
+from .concepts import mismatch_reason
+from .jobs import Job, JobManager
+from .prompts import concept_word
+
+log = logging.getLogger("perfusion")
+
+
+class WebuiTrainingBackend(WebuiLdmBackend):
+    """Adds previews: the WebUI's txt2img with the concept in memory (not yet in the concepts folder)."""
+
+    preview_steps = 20
+
+    def __init__(self, sd_model, resolution: int):
+        super().__init__(sd_model)
+        self.preview_resolution = resolution
+
+    def preview(self, prompt_template, concept, seed=0):
+        from .extra_network import WebuiEnv
+
+        env = WebuiEnv()
+        word = concept_word(concept.name, "0" * 6) + "preview"
+        env.register_embedding(word, concept)
+        handles = attach(build_edits(self.unet, [ResolvedConcept(concept, 1.0, concept.beta, concept.tau)]))
+        saved = {k: getattr(shared.state, k) for k in ("job", "job_count", "job_no", "sampling_step", "sampling_steps",
+                                                        "textinfo", "current_image")}
+        try:
+            p = processing.StableDiffusionProcessingTxt2Img(
+                sd_model=shared.sd_model, prompt=prompt_template.format(word), negative_prompt="", seed=int(seed),
+                sampler_name="Euler a", steps=self.preview_steps, cfg_scale=7.0, width=self.preview_resolution,
+                height=self.preview_resolution, batch_size=1, n_iter=1, do_not_save_samples=True,
+                do_not_save_grid=True, do_not_reload_embeddings=True,
+            )
+            p.disable_extra_networks = True  # our hooks are already on; the extra network would reset them
+            p.scripts = None
+            with torch.no_grad(), contextlib.closing(p):
+                processed = processing.process_images(p)
+            return processed.images[0]
+        finally:
+            detach(handles)
+            env.unregister_embedding(word)
+            for k, v in saved.items():
+                setattr(shared.state, k, v)
+
+
+@contextlib.contextmanager
+def frozen(model: torch.nn.Module):
+    """No parameter of the WebUI's model takes gradients during training; flags restored afterwards."""
+    flags = [(p, p.requires_grad) for p in model.parameters()]
+    model.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for p, flag in flags:
+            p.requires_grad_(flag)
+
+
+def _stage_images(job: Job) -> tuple[Path, Path | None]:
+    """The folder the trainer reads: the given folder, or a job folder with the listed files/uploads."""
+    req = job.request
+    if len(req.image_paths) == 1 and req.image_paths[0].is_dir() and not req.image_bytes:
+        return req.image_paths[0], None
+    tmp = Path(tempfile.mkdtemp(prefix=f"perfusion-{job.id}-", dir=_tmp_root()))
+    for i, path in enumerate(req.image_paths):
+        shutil.copyfile(path, tmp / f"{i:03d}_{path.name}")
+    for i, data in enumerate(req.image_bytes):
+        (tmp / f"upload_{i:03d}.png").write_bytes(data)
+    return tmp, tmp
+
+
+def _tmp_root() -> str:
+    root = Path(paths.data_path) / "tmp" / "perfusion"
+    root.mkdir(parents=True, exist_ok=True)
+    return str(root)
+
+
+def run_job(job: Job) -> None:
+    """Train on shared.sd_model; the caller holds the WebUI's queue lock."""
+    from ..trainer import TrainCallbacks, TrainConfig, train
+
+    req = job.request
+    state.release_hooks()
+    sd_model = shared.sd_model
+    backend = WebuiTrainingBackend(sd_model, req.resolution)
+    out_dir = state.concepts_dir()
+    if req.resume:
+        existing = out_dir / f"{req.name}.safetensors"
+        if existing.is_file():
+            entry = state.store().entry(existing)
+            if entry.concept is not None:
+                reason = mismatch_reason(entry.concept.base_family, backend.family)
+                if reason:
+                    raise PerfusionError(f"cannot resume {req.name!r}: {reason}")
+    preview_every = req.preview_every if getattr(shared.opts, "perfusion_save_previews", True) else 0
+    cfg = TrainConfig(
+        name=req.name, superclass=req.superclass, steps=req.steps, batch_size=req.batch_size,
+        micro_batch=req.micro_batch, lr_value=req.lr_value, lr_embedding=req.lr_embedding, beta=req.beta,
+        tau=req.tau, resolution=req.resolution, seed=req.seed, checkpoint_every=req.checkpoint_every,
+        preview_every=preview_every, masks_dir=str(req.masks_dir) if req.masks_dir else None,
+        description=req.description,
+    )
+    images_dir, cleanup = _stage_images(job)
+    st = shared.state
+    st.begin(job=f"perfusion-train-{job.id}")
+    st.job_count = 1
+    st.sampling_steps = req.steps
+    st.textinfo = f"Perfusion: training {req.name}"
+
+    def on_progress(p):
+        job.step, job.total, job.loss, job.eta_seconds = p.step, p.total, p.loss, p.eta_seconds
+        st.sampling_step, st.sampling_steps = p.step, p.total
+        st.textinfo = f"Perfusion {req.name}: step {p.step}/{p.total}, loss {p.loss:.4f}"
+
+    def on_preview(step, image):
+        job.preview, job.preview_step = image, step
+        st.assign_current_image(image)
+
+    def should_stop():
+        return job.stop.is_set() or bool(st.interrupted)
+
+    started = time.time()
+    try:
+        with frozen(sd_model), torch.enable_grad():
+            result = train(backend, cfg, images_dir, out_dir, resume=req.resume, overwrite=req.overwrite,
+                           callbacks=TrainCallbacks(on_progress=on_progress, on_preview=on_preview,
+                                                    should_stop=should_stop))
+    finally:
+        st.end()
+        if cleanup is not None:
+            shutil.rmtree(cleanup, ignore_errors=True)
+    job.state = result.status
+    job.step = result.steps_done
+    job.concept_path = str(result.concept_path) if result.concept_path else None
+    job.message = f"{result.message} in {time.time() - started:.0f} s; use <perfusion:{req.name}>"
+
+
+def create_job_manager() -> JobManager:
+    return JobManager(run_job, call_queue.queue_lock)

@@ -1,0 +1,142 @@
+"""The "Perfusion" tab: start, watch and interrupt training jobs; export.
+
+Jobs run on the server (jobs.py); the status box and preview poll the job registry every few
+seconds, so a reloaded or reopened page shows the running job again.
+"""
+from __future__ import annotations
+
+import html
+import time
+
+import gradio as gr
+
+from modules import shared
+
+from ..tags import format_tag
+from . import state
+from .train_request import ApiError, parse_train_request
+
+
+def _fmt_eta(seconds):
+    if seconds is None or seconds != seconds:
+        return "–"
+    return time.strftime("%H:%M:%S", time.gmtime(max(0, seconds)))
+
+
+def status_html() -> str:
+    job = state.jobs().latest()
+    if job is None:
+        return "<div class='perfusion-status'>No training job yet.</div>"
+    j = job.to_json(preview=False)
+    pct = 100.0 * j["step"] / max(1, j["total"])
+    loss = "–" if j["loss"] is None else f"{j['loss']:.4f}"
+    tag = html.escape(format_tag(j["name"]))
+    done = "" if job.active else f"<div>{html.escape(j['message'])}</div>"
+    if j["state"] == "finished":
+        done += f"<div>Use it: <code>{tag}</code></div>"
+    return (
+        f"<div class='perfusion-status'><b>{html.escape(j['name'])}</b> ({html.escape(j['superclass'])}) — "
+        f"<b>{j['state']}</b>, job {j['id']}<div class='progressDiv'><div class='progress' style='width:{pct:.1f}%'>"
+        f"{j['step']}/{j['total']}</div></div>step {j['step']}/{j['total']} · loss {loss} · ETA {_fmt_eta(j['eta_seconds'])}"
+        f"{done}</div>"
+    )
+
+
+def preview_image():
+    job = state.jobs().latest()
+    return None if job is None else job.preview
+
+
+def start(name, superclass, images_dir, uploads, masks_dir, steps, batch_size, micro_batch, lr_value, lr_embedding,
+          beta, tau, resolution, seed, resume, overwrite):
+    images = []
+    if images_dir and images_dir.strip():
+        images.append(images_dir.strip())
+    for f in uploads or []:
+        images.append(getattr(f, "name", f))
+    body = {"name": name, "superclass": superclass, "images": images, "masks_dir": masks_dir.strip() or None,
+            "steps": int(steps), "batch_size": int(batch_size), "micro_batch": int(micro_batch) or None,
+            "lr_value": float(lr_value), "lr_embedding": float(lr_embedding), "beta": float(beta), "tau": float(tau),
+            "resolution": int(resolution), "seed": int(seed), "resume": bool(resume), "overwrite": bool(overwrite)}
+    try:
+        if shared.sd_model is None:
+            raise ApiError(409, "no Stable Diffusion checkpoint is loaded: load one first")
+        job = state.jobs().submit(parse_train_request(body, allowed_roots=None))
+    except ApiError as exc:
+        return f"<div class='perfusion-status perfusion-error'>{html.escape(exc.message)}</div>"
+    return f"<div class='perfusion-status'>Job {job.id} queued: training {html.escape(job.request.name)}…</div>"
+
+
+def interrupt():
+    job = state.jobs().latest()
+    if job is None or not job.active:
+        return "<div class='perfusion-status'>No running job.</div>"
+    state.jobs().interrupt(job.id)
+    return f"<div class='perfusion-status'>Interrupt requested for job {job.id}; it saves and stops after this step.</div>"
+
+
+def export(names, out_dir):
+    from .export import export_from_body
+
+    try:
+        return html.escape(str(export_from_body({"concepts": list(names or []), "out_dir": out_dir or None})))
+    except ApiError as exc:
+        return html.escape(exc.message)
+
+
+def concept_names():
+    return [e.name for e in state.store().entries() if e.concept is not None]
+
+
+def create_tab():
+    opts = shared.opts
+    with gr.Blocks(analytics_enabled=False) as tab:
+        with gr.Row(equal_height=False):
+            with gr.Column(variant="panel"):
+                gr.HTML("<p>Train a Perfusion concept on the loaded checkpoint. It is saved to "
+                        f"<code>{html.escape(str(state.concepts_dir()))}</code> and used as "
+                        "<code>&lt;perfusion:NAME&gt;</code> in prompts.</p>")
+                with gr.Row():
+                    name = gr.Textbox(label="Name", placeholder="teddy", elem_id="perfusion_name")
+                    superclass = gr.Textbox(label="Superclass (one word)", placeholder="bear", elem_id="perfusion_superclass")
+                images_dir = gr.Textbox(label="Images folder (on the server)", elem_id="perfusion_images_dir")
+                uploads = gr.File(label="…or upload 4–8 images", file_count="multiple", file_types=["image"],
+                                  elem_id="perfusion_uploads")
+                masks_dir = gr.Textbox(label="Masks folder (optional: NAME.png masks, white = subject)", elem_id="perfusion_masks_dir")
+                with gr.Row():
+                    steps = gr.Number(label="Steps", value=int(getattr(opts, "perfusion_default_steps", 400)), precision=0,
+                                      elem_id="perfusion_steps")
+                    batch_size = gr.Number(label="Batch size", value=16, precision=0, elem_id="perfusion_batch_size")
+                    micro_batch = gr.Number(label="Micro-batch (0: auto)", value=0, precision=0, elem_id="perfusion_micro_batch")
+                    resolution = gr.Number(label="Resolution", value=512, precision=0, elem_id="perfusion_resolution")
+                with gr.Row():
+                    lr_value = gr.Number(label="Learning rate o*_V", value=0.03, elem_id="perfusion_lr_value")
+                    lr_embedding = gr.Number(label="Learning rate embedding", value=0.006, elem_id="perfusion_lr_embedding")
+                    beta = gr.Number(label="β (stored default)", value=float(getattr(opts, "perfusion_default_beta", 0) or 0.7),
+                                     elem_id="perfusion_beta")
+                    tau = gr.Number(label="τ (stored default)", value=float(getattr(opts, "perfusion_default_tau", 0) or 0.15),
+                                    elem_id="perfusion_tau")
+                    seed = gr.Number(label="Seed", value=0, precision=0, elem_id="perfusion_seed")
+                with gr.Row():
+                    resume = gr.Checkbox(label="Resume the run of this name", value=False, elem_id="perfusion_resume")
+                    overwrite = gr.Checkbox(label="Overwrite an existing concept", value=False, elem_id="perfusion_overwrite")
+                with gr.Row():
+                    train_button = gr.Button("Train", variant="primary", elem_id="perfusion_train")
+                    interrupt_button = gr.Button("Interrupt", elem_id="perfusion_interrupt")
+                with gr.Accordion("Export to ONNX", open=False):
+                    export_names = gr.Dropdown(label="Concepts", multiselect=True, choices=concept_names(),
+                                               elem_id="perfusion_export_concepts")
+                    export_dir = gr.Textbox(label="Output folder", elem_id="perfusion_export_dir")
+                    export_button = gr.Button("Export", elem_id="perfusion_export")
+                    export_result = gr.HTML()
+            with gr.Column():
+                message = gr.HTML(elem_id="perfusion_message")
+                status = gr.HTML(value=status_html, every=2, elem_id="perfusion_status")
+                preview = gr.Image(value=preview_image, every=5, label="Latest preview", interactive=False,
+                                   type="pil", elem_id="perfusion_preview")
+        train_button.click(start, inputs=[name, superclass, images_dir, uploads, masks_dir, steps, batch_size, micro_batch,
+                                          lr_value, lr_embedding, beta, tau, resolution, seed, resume, overwrite],
+                           outputs=[message])
+        interrupt_button.click(interrupt, outputs=[message])
+        export_button.click(export, inputs=[export_names, export_dir], outputs=[export_result])
+    return [(tab, "Perfusion", "perfusion")]

@@ -1,0 +1,211 @@
+"""Verification against a REAL AUTOMATIC1111 WebUI (see ../shared/a1111/README.md); skipped in CI.
+
+    PERFUSION_WEBUI_URL=http://127.0.0.1:7861      a running WebUI (--api) with this extension linked
+    PERFUSION_WEBUI_LOG=/path/to/its/console.log    optional: check console warnings
+    PERFUSION_WEBUI_AUTH_URL=http://127.0.0.1:7862  optional: a second one started with --api-auth user:pass
+    PERFUSION_WEBUI_AUTH=user:pass
+Run by tests/webui/run_real_webui.sh, which starts and stops the servers. Images are compared by
+pixels (the PNG embeds the prompt). Uses the random-init SD1.5 of the setup: 64x64, 2 Euler steps.
+"""
+from __future__ import annotations
+
+import base64
+import io
+import json
+import os
+import shutil
+import threading
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+URL = os.environ.get("PERFUSION_WEBUI_URL")
+pytestmark = pytest.mark.skipif(not URL, reason="no WebUI: set PERFUSION_WEBUI_URL (tests/webui/run_real_webui.sh)")
+NAME = "vteddy"
+BASE = {"negative_prompt": "", "width": 64, "height": 64, "steps": 2, "sampler_name": "Euler", "cfg_scale": 7,
+        "seed": 1, "batch_size": 1}
+
+
+def call(path, body=None, url=None, auth=None, timeout=900):
+    req = urllib.request.Request((url or URL) + path, data=None if body is None else json.dumps(body).encode(),
+                                 headers={"Content-Type": "application/json"}, method="GET" if body is None else "POST")
+    if auth:
+        req.add_header("Authorization", "Basic " + base64.b64encode(auth.encode()).decode())
+    try:
+        with urllib.request.urlopen(req, timeout=timeout) as r:
+            return r.status, json.loads(r.read() or b"null")
+    except urllib.error.HTTPError as e:
+        return e.code, json.loads(e.read() or b"null")
+
+
+def txt2img(prompt, **kw):
+    status, body = call("/sdapi/v1/txt2img", {**BASE, "prompt": prompt, **kw})
+    assert status == 200, body
+    return body
+
+
+def pixels(b64):
+    from PIL import Image
+
+    return np.asarray(Image.open(io.BytesIO(base64.b64decode(b64))).convert("RGB"))
+
+
+def wait_job(job_id, states=("finished", "interrupted", "nan", "failed"), timeout=900):
+    end = time.time() + timeout
+    while time.time() < end:
+        status, job = call(f"/perfusion/v1/jobs/{job_id}?preview=false")
+        assert status == 200, job
+        if job["state"] in states:
+            return job
+        time.sleep(1)
+    raise AssertionError(f"job {job_id} did not reach {states}")
+
+
+def images_dir() -> Path:
+    root = Path(os.environ.get("A1111_ROOT", "/tmp/a1111")) / "webui" / "perfusion-images" / NAME
+    root.mkdir(parents=True, exist_ok=True)
+    from PIL import Image, ImageDraw
+
+    for i in range(4):
+        im = Image.new("RGB", (64, 64), (30 + 40 * i, 120, 200 - 30 * i))
+        ImageDraw.Draw(im).ellipse((10 + 3 * i, 12, 50, 54), fill=(150, 90, 40))
+        im.save(root / f"{i}.png")
+    return root
+
+
+@pytest.fixture(scope="module")
+def trained():
+    """POST /perfusion/v1/train for 3 steps at 64 px (with one preview), then the concept is listed."""
+    images_dir()
+    status, body = call("/perfusion/v1/train", {"name": NAME, "superclass": "bear", "images": [NAME], "steps": 3,
+                                                "batch_size": 2, "micro_batch": 1, "resolution": 64,
+                                                "checkpoint_every": 3, "preview_every": 3, "overwrite": True})
+    assert status == 200, body
+    job = wait_job(body["job_id"])
+    assert job["state"] == "finished", job
+    status, job_full = call(f"/perfusion/v1/jobs/{body['job_id']}")
+    assert job_full["preview"], "a preview image was rendered by the WebUI during training"
+    status, concepts = call("/perfusion/v1/concepts")
+    entry = next(c for c in concepts if c["name"] == NAME)
+    assert entry["compatible"] and entry["base_family"] == "sd1"
+    return entry
+
+
+def test_plain_baseline_then_tag_changes_image_then_plain_is_identical(trained):
+    plain = "a photo of a bear on the beach"
+    p0 = pixels(txt2img(plain)["images"][0])
+    tagged = txt2img(f"a photo of a <perfusion:{NAME}> on the beach")
+    t1 = pixels(tagged["images"][0])
+    t0 = pixels(txt2img(f"a photo of a <perfusion:{NAME}:0> on the beach")["images"][0])
+    assert not np.array_equal(t1, p0), "the tag changes the image"
+    assert not np.array_equal(t1, t0), "the K/V edits (strength 1 vs 0) change the image"
+    p1 = pixels(txt2img(plain)["images"][0])
+    assert np.array_equal(p0, p1), "the next plain generation is pixel-identical to the one before"
+    info = json.loads(tagged["info"])["infotexts"][0]
+    assert f'Perfusion hashes: "{NAME}: {trained["hash"][:12]}"' in info, info  # quoted by the WebUI, like Lora hashes
+    assert f"<perfusion:{NAME}>" in info  # the prompt in the infotext keeps the tag
+
+
+def test_bad_tags_still_generate_unchanged(trained):
+    plain = pixels(txt2img("a cat")["images"][0])
+    body = txt2img("<perfusion:doesnotexist> <perfusion:vteddy:beta=oops> <perfusion:../../etc/passwd> a cat")
+    assert np.array_equal(pixels(body["images"][0]), plain), "bad tags are ignored, the image is the plain one"
+    log = os.environ.get("PERFUSION_WEBUI_LOG")
+    if log:
+        text = Path(log).read_text(errors="replace")
+        assert "unknown concept 'doesnotexist'" in text and "bad option" in text and "invalid concept name" in text
+
+
+def test_hires_fix_and_batch_size_2(trained):
+    hr = dict(enable_hr=True, hr_scale=2, hr_upscaler="Latent", hr_second_pass_steps=2, denoising_strength=0.6)
+    with_tag = txt2img(f"a <perfusion:{NAME}> in a forest", **hr)
+    without = txt2img("a bear in a forest", **hr)
+    a, b = pixels(with_tag["images"][0]), pixels(without["images"][0])
+    assert a.shape == (128, 128, 3) and not np.array_equal(a, b)
+    assert "Perfusion hashes" in json.loads(with_tag["info"])["infotexts"][0]
+    batch = txt2img(f"a <perfusion:{NAME}> in a forest", batch_size=2)
+    assert len(batch["images"]) == 2
+    infos = json.loads(batch["info"])["infotexts"]
+    assert all("Perfusion hashes" in i for i in infos)
+
+
+def test_negative_prompt_tag_is_applied(trained):
+    neg_plain = pixels(txt2img("a cat", negative_prompt="a bear")["images"][0])
+    neg_tag = pixels(txt2img("a cat", negative_prompt=f"a <perfusion:{NAME}>")["images"][0])
+    assert not np.array_equal(neg_plain, neg_tag)
+
+
+def test_png_info_finds_renamed_file_by_hash(trained):
+    body = txt2img(f"a photo of <perfusion:{NAME}:0.7>")
+    folder = Path(trained["filename"]).parent
+    src, dst = folder / f"{NAME}.safetensors", folder / f"{NAME}renamed.safetensors"
+    shutil.move(src, dst)
+    try:
+        status, info = call("/sdapi/v1/png-info", {"image": "data:image/png;base64," + body["images"][0]})
+        assert status == 200
+        params = info["parameters"]
+        assert f"<perfusion:{NAME}renamed:0.7>" in params["Prompt"], params["Prompt"]
+    finally:
+        shutil.move(dst, src)
+
+
+def test_retrained_same_name_does_not_reuse_cached_conditioning(trained):
+    prompt = f"a photo of a <perfusion:{NAME}> on the beach"
+    before = pixels(txt2img(prompt)["images"][0])
+    status, body = call("/perfusion/v1/train", {"name": NAME, "superclass": "dog", "images": [NAME], "steps": 2,
+                                                "batch_size": 2, "micro_batch": 1, "resolution": 64, "seed": 7,
+                                                "preview_every": 0, "overwrite": True})
+    assert status == 200, body
+    assert wait_job(body["job_id"])["state"] == "finished"
+    after = pixels(txt2img(prompt)["images"][0])
+    assert not np.array_equal(before, after)
+
+
+def test_interrupt_and_queue_lock():
+    images_dir()
+    status, body = call("/perfusion/v1/train", {"name": NAME + "long", "superclass": "bear", "images": [NAME],
+                                                "steps": 200, "batch_size": 1, "resolution": 64, "preview_every": 0,
+                                                "overwrite": True})
+    assert status == 200, body
+    job_id = body["job_id"]
+    wait_job(job_id, states=("running",))
+    end = time.time() + 300
+    while call(f"/perfusion/v1/jobs/{job_id}?preview=false")[1]["step"] < 1 and time.time() < end:
+        time.sleep(0.5)
+    done = {}
+    thread = threading.Thread(target=lambda: done.setdefault("t", (txt2img("a cat"), time.time())))
+    thread.start()  # must wait for the training job: it holds the WebUI's queue lock
+    time.sleep(3)
+    assert "t" not in done, "a generation ran during training"
+    status, progress = call("/sdapi/v1/progress?skip_current_image=true")
+    assert "Perfusion" in (progress.get("textinfo") or ""), progress
+    status, _ = call(f"/perfusion/v1/jobs/{job_id}/interrupt", {})
+    assert status == 200
+    job = wait_job(job_id)
+    assert job["state"] == "interrupted" and job["step"] < 200, job
+    thread.join(600)
+    assert done["t"][1] >= job["finished"]
+    assert Path(job["concept_path"]).is_file()
+
+
+def test_invalid_bodies_get_4xx():
+    for body, code in [([], 422), ({"name": "x"}, 422), ({"name": "x", "superclass": "dog", "images": ["/etc"]}, 403),
+                       ({"name": "../x", "superclass": "dog", "images": [NAME]}, 422)]:
+        status, answer = call("/perfusion/v1/train", body)
+        assert status == code and answer.get("error"), (body, status, answer)
+    assert call("/perfusion/v1/jobs/nope")[0] == 404
+
+
+@pytest.mark.skipif(not os.environ.get("PERFUSION_WEBUI_AUTH_URL"), reason="no --api-auth WebUI given")
+def test_api_auth_refuses_anonymous_calls():
+    url, auth = os.environ["PERFUSION_WEBUI_AUTH_URL"], os.environ.get("PERFUSION_WEBUI_AUTH", "user:pass")
+    for path, body in [("/perfusion/v1/concepts", None), ("/perfusion/v1/train", {}), ("/perfusion/v1/jobs/x", None),
+                       ("/perfusion/v1/jobs/x/interrupt", {})]:
+        assert call(path, body, url=url)[0] == 401, path
+        assert call(path, body, url=url, auth="user:wrong")[0] == 401, path
+    assert call("/perfusion/v1/concepts", url=url, auth=auth)[0] == 200
+    assert call("/perfusion/v1/train", {}, url=url, auth=auth)[0] == 422
