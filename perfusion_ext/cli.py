@@ -42,6 +42,25 @@ def cmd_train(args) -> int:
     return {"finished": 0, "interrupted": 130}.get(result.status, 1)
 
 
+def _generate_exported(args) -> tuple[list, list[str]]:
+    """An exported ONNX folder: sample it with ONNX Runtime (concepts are baked in)."""
+    import warnings as py_warnings
+
+    from perfusion_export.ort_pipeline import OrtStableDiffusion, generate_onnx
+
+    from .generate import sampling_defaults_for
+
+    pipe = OrtStableDiffusion(args.model)
+    defaults = sampling_defaults_for(pipe.info["base_family"])
+    with py_warnings.catch_warnings(record=True) as caught:
+        py_warnings.simplefilter("always")
+        images = generate_onnx(args.model, args.prompt, negative_prompt=args.negative, seed=args.seed, n=args.n,
+                               steps=args.steps or defaults["num_inference_steps"],
+                               guidance_scale=args.guidance or defaults["guidance_scale"],
+                               guidance_rescale=defaults.get("guidance_rescale", 0.0), pipeline=pipe)
+    return images, [str(w.message) for w in caught]
+
+
 def cmd_generate(args) -> int:
     from pathlib import Path
 
@@ -50,10 +69,12 @@ def cmd_generate(args) -> int:
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    pipe = _load(args)
-    concepts_dir = args.concepts or default_concepts_dir()
-    images, warnings = generate(pipe, args.prompt, args.negative, concepts_dir, seed=args.seed, n=args.n,
-                                num_inference_steps=args.steps, guidance_scale=args.guidance)
+    if Path(args.model).is_dir() and (Path(args.model) / "perfusion_manifest.json").is_file():
+        images, warnings = _generate_exported(args)
+    else:
+        concepts_dir = args.concepts or default_concepts_dir()
+        images, warnings = generate(_load(args), args.prompt, args.negative, concepts_dir, seed=args.seed, n=args.n,
+                                    num_inference_steps=args.steps, guidance_scale=args.guidance)
     for w in warnings:
         print(f"warning: {w}", file=sys.stderr)
     for i, image in enumerate(images):
@@ -92,7 +113,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("generate", help="generate images from a prompt with <perfusion:NAME> tags")
-    p.add_argument("--model", default="toy")
+    p.add_argument("--model", default="toy", help="toy, a diffusers folder, a .safetensors checkpoint, or a folder "
+                   "written by `perfusion export` (sampled with ONNX Runtime)")
     p.add_argument("--concepts", default=None,
                    help="concepts folder (default: $PERFUSION_CONCEPTS, else ./models/perfusion)")
     p.add_argument("--prompt", required=True)
@@ -108,6 +130,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("file")
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.set_defaults(func=cmd_inspect)
+    from perfusion_export.cli import add_parser as add_export_parser  # light: heavy imports happen on use
+
+    add_export_parser(sub)
     return parser
 
 

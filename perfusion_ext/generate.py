@@ -55,14 +55,21 @@ def concept_entries(prepared: PreparedPrompt) -> list[tuple[Concept, float, floa
     return out
 
 
-def sampling_defaults(pipe) -> dict:
-    """The toy model samples at 32 px with its own schedule settings; SD models at their native size."""
+def sampling_defaults_for(family: str) -> dict:
+    """Steps and guidance per base family: the toy model has its own (v-prediction, CFG rescale)."""
     from .toy import model as toy_model
 
-    if pipe.unet.config.cross_attention_dim == toy_model.TEXT_DIM:
-        return dict(toy_model.SAMPLING, height=32, width=32)
+    if family == "toy":
+        return dict(toy_model.SAMPLING)
+    return dict(num_inference_steps=30, guidance_scale=7.5)
+
+
+def sampling_defaults(pipe) -> dict:
+    """Family defaults plus the pipeline's native image size."""
+    from .layers import cross_attention_layers, model_family
+
     size = pipe.unet.config.sample_size * pipe.vae_scale_factor
-    return dict(num_inference_steps=30, guidance_scale=7.5, height=size, width=size)
+    return dict(sampling_defaults_for(model_family(cross_attention_layers(pipe.unet))), height=size, width=size)
 
 
 @torch.no_grad()

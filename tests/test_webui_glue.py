@@ -315,3 +315,19 @@ def test_job_failures_become_state_not_crashes():
     jobs = JobManager(runner, threading.Lock())
     job = jobs.submit(_request("b"))
     assert _wait(job, ("failed",)) == "failed" and "boom" in job.message
+
+
+def test_export_request_validation():
+    from perfusion_ext.webui.export import ExportRequest, parse_export_request
+    from perfusion_ext.webui.train_request import ApiError
+
+    assert parse_export_request({"concepts": ["teddy", "teddy", "ring"]}) == ExportRequest(("teddy", "ring"))
+    assert parse_export_request({"concepts": ["a"], "layout": "optimum", "precision": "fp32", "beta": 0.6}) == \
+        ExportRequest(("a",), "optimum", "fp32", 0.6, None)
+    for body, why in (([], "JSON object"), ({"concepts": []}, "non-empty"), ({"concepts": ["../x"]}, "non-empty"),
+                      ({"concepts": ["a"], "layout": "tensorrt"}, "layout"), ({"concepts": ["a"], "precision": "int8"},
+                      "precision"), ({"concepts": ["a"], "tau": 0}, "tau"), ({"concepts": ["a"], "beta": "x"}, "beta"),
+                      ({"concepts": ["a"], "out_dir": "/etc"}, "unknown field")):
+        with pytest.raises(ApiError, match=why) as err:
+            parse_export_request(body)
+        assert 400 <= err.value.status < 500

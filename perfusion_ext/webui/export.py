@@ -1,30 +1,103 @@
-"""The Export section and POST /perfusion/v1/export: a thin call into the exporter (perfusion_export).
+"""The Export section and POST /perfusion/v1/export: bake concepts into the loaded checkpoint's ONNX UNet.
 
-The exporter is developed separately (export/perfusion_export); until it provides
-`export_concepts(model, concepts, out_dir, **options)`, both answer with a clear "not available".
+Validation (`parse_export_request`) has no WebUI imports and is unit-tested. The export itself runs
+under the WebUI's queue lock (never during a generation), reports progress through `shared.state`,
+writes the full export into `models/perfusion-onnx/<checkpoint>-<concepts>/` and, for the
+`a1111-trt` layout, copies the UNet .onnx (+ .onnx_data) into `models/Unet-onnx/`, where NVIDIA's
+TensorRT extension picks it up.
 """
 from __future__ import annotations
 
+import dataclasses
+import shutil
+from pathlib import Path
+
+from ..errors import PerfusionError
+from ..tags import NAME_RE
 from .train_request import ApiError
 
+LAYOUTS = ("a1111-trt", "optimum", "unet-only")
+PRECISIONS = ("fp16", "fp32")
 
-def exporter():
+
+@dataclasses.dataclass(frozen=True)
+class ExportRequest:
+    concepts: tuple[str, ...]
+    layout: str = "a1111-trt"
+    precision: str = "fp16"
+    beta: float | None = None
+    tau: float | None = None
+
+
+def parse_export_request(body) -> ExportRequest:
+    if not isinstance(body, dict):
+        raise ApiError(422, 'body must be a JSON object like {"concepts": ["teddy"], "layout": "a1111-trt"}')
+    unknown = set(body) - {"concepts", "layout", "precision", "beta", "tau"}
+    if unknown:
+        raise ApiError(422, f"unknown field(s): {', '.join(sorted(unknown))}")
+    names = body.get("concepts")
+    if not isinstance(names, list) or not names or not all(isinstance(n, str) and NAME_RE.match(n) for n in names):
+        raise ApiError(422, "concepts must be a non-empty list of concept names")
+    layout, precision = body.get("layout", "a1111-trt"), body.get("precision", "fp16")
+    if layout not in LAYOUTS:
+        raise ApiError(422, f"layout must be one of {', '.join(LAYOUTS)}")
+    if precision not in PRECISIONS:
+        raise ApiError(422, f"precision must be one of {', '.join(PRECISIONS)}")
+    numbers = {}
+    for key in ("beta", "tau"):
+        value = body.get(key)
+        if value is not None and (not isinstance(value, (int, float)) or isinstance(value, bool)):
+            raise ApiError(422, f"{key} must be a number")
+        numbers[key] = None if value is None else float(value)
+    if numbers["tau"] is not None and numbers["tau"] <= 0:
+        raise ApiError(422, "tau must be > 0")
+    return ExportRequest(tuple(dict.fromkeys(names)), layout, precision, numbers["beta"], numbers["tau"])
+
+
+def _exporter():
     try:
-        import perfusion_export
-    except ImportError:
-        return None
-    return getattr(perfusion_export, "export_concepts", None)
+        from perfusion_export.exporter import export_pipeline
+    except ImportError as exc:
+        raise ApiError(501, f"ONNX export needs onnx, onnxruntime and onnxscript in the WebUI's Python ({exc}); "
+                            "install them with the WebUI's pip if your WebUI's pins allow it") from exc
+    return export_pipeline
 
 
 def export_from_body(body) -> dict:
-    fn = exporter()
-    if fn is None:
-        raise ApiError(501, "the ONNX exporter (perfusion_export.export_concepts) is not available in this version")
-    if not isinstance(body, dict) or not isinstance(body.get("concepts"), list):
-        raise ApiError(422, "body must be {\"concepts\": [names], \"out_dir\": path, ...}")
+    request = parse_export_request(body)
+    export_pipeline = _exporter()
+    from modules import call_queue, paths, shared
+
     from . import state
 
-    paths = [str(state.store().path_for(n)) for n in body["concepts"]]
-    result = fn(model=body.get("model"), concepts=paths, out_dir=body.get("out_dir"),
-                **{k: v for k, v in body.items() if k not in ("model", "concepts", "out_dir")})
-    return {"result": str(result)}
+    info = getattr(getattr(shared, "sd_model", None), "sd_checkpoint_info", None)
+    if info is None:
+        raise ApiError(409, "no checkpoint is loaded")
+    checkpoint = Path(info.filename)
+    try:
+        concept_files = [state.store().path_for(n) for n in request.concepts]
+    except PerfusionError as exc:
+        raise ApiError(404, str(exc)) from exc
+    name = f"{checkpoint.stem}-{'-'.join(request.concepts)}"
+    out = Path(paths.models_path) / "perfusion-onnx" / name
+    with call_queue.queue_lock:
+        shared.state.begin(job="perfusion-export")
+        shared.state.textinfo = f"Perfusion: exporting {name} to ONNX"
+        try:
+            manifest = export_pipeline(checkpoint, concept_files, out, layout=request.layout,
+                                       precision=request.precision, beta=request.beta, tau=request.tau,
+                                       overwrite=True, model_name=name)
+        except PerfusionError as exc:
+            raise ApiError(422, str(exc)) from exc
+        finally:
+            shared.state.end()
+    result = {"out": str(out), "concepts": [c["name"] for c in manifest["concepts"]],
+              "verification": manifest.get("verification", {}).get("unet", {})}
+    if request.layout == "a1111-trt":
+        target = Path(paths.models_path) / "Unet-onnx"
+        target.mkdir(parents=True, exist_ok=True)
+        for f in (out / "models" / "Unet-onnx").iterdir():
+            shutil.copyfile(f, target / f".{f.name}.tmp")
+            (target / f".{f.name}.tmp").replace(target / f.name)
+        result["unet_onnx"] = str(target / f"{name}.onnx")
+    return result

@@ -75,13 +75,17 @@ def interrupt():
     return f"<div class='perfusion-status'>Interrupt requested for job {job.id}; it saves and stops after this step.</div>"
 
 
-def export(names, out_dir):
+def export(names, layout, precision):
     from .export import export_from_body
 
     try:
-        return html.escape(str(export_from_body({"concepts": list(names or []), "out_dir": out_dir or None})))
+        result = export_from_body({"concepts": list(names or []), "layout": layout, "precision": precision})
     except ApiError as exc:
         return html.escape(exc.message)
+    lines = [f"Exported to {result['out']}"] + ([f"TensorRT extension file: {result['unet_onnx']}"]
+                                               if "unet_onnx" in result else [])
+    lines.append(f"verification: {result['verification']}")
+    return "<br>".join(html.escape(line) for line in lines)
 
 
 def concept_names():
@@ -126,7 +130,10 @@ def create_tab():
                 with gr.Accordion("Export to ONNX", open=False):
                     export_names = gr.Dropdown(label="Concepts", multiselect=True, choices=concept_names(),
                                                elem_id="perfusion_export_concepts")
-                    export_dir = gr.Textbox(label="Output folder", elem_id="perfusion_export_dir")
+                    export_layout = gr.Radio(label="Layout", choices=["a1111-trt", "optimum", "unet-only"],
+                                             value="a1111-trt", elem_id="perfusion_export_layout")
+                    export_precision = gr.Radio(label="Precision", choices=["fp16", "fp32"], value="fp16",
+                                                elem_id="perfusion_export_precision")
                     export_button = gr.Button("Export", elem_id="perfusion_export")
                     export_result = gr.HTML()
             with gr.Column():
@@ -138,5 +145,5 @@ def create_tab():
                                           lr_value, lr_embedding, beta, tau, resolution, seed, resume, overwrite],
                            outputs=[message])
         interrupt_button.click(interrupt, outputs=[message])
-        export_button.click(export, inputs=[export_names, export_dir], outputs=[export_result])
+        export_button.click(export, inputs=[export_names, export_layout, export_precision], outputs=[export_result])
     return [(tab, "Perfusion", "perfusion")]

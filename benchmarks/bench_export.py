@@ -1,0 +1,137 @@
+"""Exporter benchmark (issue 8): ORT latency of the baked UNet vs the base UNet export, ORT vs PyTorch
+eager (with the concept hooks) per denoising step, and export time and peak RSS, side by side.
+
+    OMP_NUM_THREADS=1 python benchmarks/bench_export.py            # tiny SD1.5-topology UNet (~3 min)
+    OMP_NUM_THREADS=1 python benchmarks/bench_export.py --full     # + SD1.5-size random UNet (long, ~8 GB)
+
+Random weights (no downloads). Each export runs in its own child process so its peak RSS is its own.
+Latencies are medians over interleaved runs (base, baked, torch alternate) on one thread.
+"""
+from __future__ import annotations
+
+import argparse
+import multiprocessing as mp
+import resource
+import statistics
+import sys
+import tempfile
+import time
+import types
+from pathlib import Path
+
+import torch
+
+SIZES = {
+    # SD1.5 topology (4 levels, 2 layers per block, 16 attn2) at toy widths, as in the tests
+    "tiny": dict(block_out_channels=(32, 64, 64, 64), attention_head_dim=2, norm_num_groups=32, latent=16),
+    # SD1.5 itself (860M parameters), random weights
+    "sd15": dict(block_out_channels=(320, 640, 1280, 1280), attention_head_dim=8, norm_num_groups=32, latent=64),
+}
+
+
+def build_unet(size: str):
+    from diffusers import UNet2DConditionModel
+
+    cfg = dict(SIZES[size])
+    latent = cfg.pop("latent")
+    torch.manual_seed(0)
+    return UNet2DConditionModel(
+        sample_size=latent, in_channels=4, out_channels=4, layers_per_block=2, cross_attention_dim=768,
+        down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+        up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3, **cfg).eval()
+
+
+def random_concept(unet, seed=1):
+    from perfusion_ext.concept import Concept
+    from perfusion_ext.layers import cross_attention_layers
+
+    g = torch.Generator().manual_seed(seed)
+    layers = cross_attention_layers(unet)
+    d = 768
+    a = torch.randn(d, d, generator=g, dtype=torch.float64)
+    cov = a @ a.T / d + 0.1 * torch.eye(d, dtype=torch.float64)
+    i_star, i_super = torch.randn(d, generator=g, dtype=torch.float64), torch.randn(d, generator=g, dtype=torch.float64)
+    keys = {n: (l.to_k.weight.detach().double() @ i_super).float() for n, l in layers.items()}
+    values = {n: torch.randn(l.out_dim, generator=g) for n, l in layers.items()}
+    return Concept(name="bench", token="bench", superclass="thing", base_family="sd1",
+                   embeddings={"clip_l": torch.randn(1, d, generator=g)}, target_input=i_star.float(),
+                   target_input_cinv=torch.linalg.solve(cov, i_star).float(), key_targets=keys, value_targets=values)
+
+
+def _export_child(size: str, baked: bool, out: str, queue) -> None:
+    torch.set_num_threads(1)
+    from perfusion_export.exporter import export_pipeline
+
+    unet = build_unet(size)
+    concepts = [random_concept(unet)] if baked else []
+    pipe = types.SimpleNamespace(unet=unet, text_encoder=None)
+    start = time.perf_counter()
+    export_pipeline(pipe, concepts, out, layout="unet-only", verify_export=False, model_name=size)
+    queue.put((time.perf_counter() - start, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20))
+
+
+def timed_export(size: str, baked: bool, out: Path) -> tuple[float, float]:
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    proc = ctx.Process(target=_export_child, args=(size, baked, str(out), queue))
+    proc.start()
+    result = queue.get()
+    proc.join()
+    return result
+
+
+def latencies(size: str, folders: dict[str, Path], repeats: int) -> dict[str, float]:
+    from perfusion_export.verify import session
+    from perfusion_ext.hooks import activate
+
+    torch.set_num_threads(1)
+    unet = build_unet(size)
+    concept = random_concept(unet)
+    latent = SIZES[size]["latent"]
+    g = torch.Generator().manual_seed(0)
+    x, e = torch.randn(2, 4, latent, latent, generator=g), torch.randn(2, 77, 768, generator=g)
+    t = torch.tensor([500.0])
+    feed = {"sample": x.numpy(), "timestep": t.numpy(), "encoder_hidden_states": e.numpy()}
+    sessions = {k: session(f / "unet/model.onnx") for k, f in folders.items()}
+    times = {k: [] for k in ("base_ort", "baked_ort", "torch_hooks")}
+    for sess in sessions.values():
+        sess.run(None, feed)  # warm-up
+    for _ in range(repeats):
+        for key, name in (("base_ort", "base"), ("baked_ort", "baked")):
+            start = time.perf_counter()
+            sessions[name].run(None, feed)
+            times[key].append(time.perf_counter() - start)
+        with torch.no_grad(), activate(unet, [concept]):
+            start = time.perf_counter()
+            unet(x, t, encoder_hidden_states=e)
+            times["torch_hooks"].append(time.perf_counter() - start)
+    return {k: statistics.median(v) for k, v in times.items()}
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--full", action="store_true", help="also the SD1.5-size UNet (slow, ~8 GB RAM)")
+    parser.add_argument("--repeats", type=int, default=15)
+    args = parser.parse_args(argv)
+    sizes = ["tiny"] + (["sd15"] if args.full else [])
+    rows = []
+    for size in sizes:
+        with tempfile.TemporaryDirectory() as tmp:
+            folders, exports = {}, {}
+            for kind in ("base", "baked"):
+                folders[kind] = Path(tmp) / kind
+                exports[kind] = timed_export(size, kind == "baked", folders[kind])
+            lat = latencies(size, folders, args.repeats if size == "tiny" else max(3, args.repeats // 5))
+        rows.append((size, exports, lat))
+    print(f"{'UNet':6s} {'export s base/baked':>20s} {'peak RSS GiB base/baked':>24s} {'ORT base ms':>12s} "
+          f"{'ORT baked ms':>13s} {'baked/base':>11s} {'torch+hooks ms':>15s} {'torch/ORT':>10s}")
+    for size, exports, lat in rows:
+        (tb, rb), (tk, rk) = exports["base"], exports["baked"]
+        print(f"{size:6s} {tb:9.1f}/{tk:<9.1f} {rb:11.2f}/{rk:<11.2f} {lat['base_ort'] * 1e3:12.2f} "
+              f"{lat['baked_ort'] * 1e3:13.2f} {lat['baked_ort'] / lat['base_ort']:10.3f}x "
+              f"{lat['torch_hooks'] * 1e3:15.2f} {lat['torch_hooks'] / lat['baked_ort']:9.2f}x")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,103 @@
+"""Export each pipeline component (UNet with concepts baked, text encoder with concept rows, VAE halves)."""
+from __future__ import annotations
+
+import contextlib
+from pathlib import Path
+
+import torch
+
+from perfusion_ext.layers import cross_attention_layers
+
+from . import layouts, onnx_io
+from .bake import SlotEntry, baked_weight, gate_parameters
+from .modules import (GATE_BIAS, GATE_WEIGHT, GatedTextInput, TextEncoderForExport, UNetForExport, VaeDecoderForExport,
+                      VaeEncoderForExport, baked_name, extended_text_encoder, swapped_projections)
+
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16}
+
+
+@contextlib.contextmanager
+def cast_parameters(module: torch.nn.Module, dtype: torch.dtype):
+    """Run the block with the module's floating tensors in `dtype`; the originals come back bit for bit."""
+    saved = []
+    try:
+        for t in list(module.parameters()) + list(module.buffers()):
+            if t.is_floating_point() and t.dtype != dtype:
+                saved.append((t, t.data))
+                t.data = t.data.to(dtype)
+        yield module
+    finally:
+        for t, data in saved:
+            t.data = data
+
+
+def latent_factor(unet) -> int:
+    """Latent sizes must be multiples of this (2 ** number of downsamplers)."""
+    channels = getattr(getattr(unet, "config", None), "block_out_channels", None)
+    return 2 ** (len(channels) - 1) if channels else 8
+
+
+def text_dim(unet) -> int:
+    return next(iter(cross_attention_layers(unet).values())).in_dim
+
+
+def unet_tensors(layers, entries: list[SlotEntry], n_slots: int, dtype) -> dict[str, torch.Tensor]:
+    """Every concept-dependent initializer by its ONNX name: the gate and each baked K/V weight.
+
+    `layers` is `cross_attention_layers(unet)` (or the base K/V kept for refit). The gate stays fp32.
+    """
+    if n_slots == 0:
+        return {}
+    gate_w, gate_b = gate_parameters(entries, n_slots, next(iter(layers.values())).in_dim)
+    out = {GATE_WEIGHT: gate_w.float(), GATE_BIAS: gate_b.float()}
+    for name, layer in layers.items():
+        for proj, kind in (("to_k", "key"), ("to_v", "value")):
+            w = getattr(layer, proj).weight
+            out[baked_name(layer.module_path, proj)] = baked_weight(w, name, kind, entries, n_slots).to(dtype)
+    return out
+
+
+def unet_contract(unet, layout: str) -> layouts.Contract:
+    cfg = unet.config
+    return layouts.unet_contract(layout, cfg.in_channels, cfg.out_channels, text_dim(unet))
+
+
+def export_unet(unet, entries, n_slots: int, layout: str, precision: str, opset: int, path: Path) -> list[str]:
+    """Export the UNet; returns the names of its concept-dependent initializers (empty for the base)."""
+    dtype = DTYPES[precision]
+    tensors = unet_tensors(cross_attention_layers(unet), entries, n_slots, dtype)
+    gate = GatedTextInput(tensors[GATE_WEIGHT], tensors[GATE_BIAS]) if tensors else None
+    lookup = {layer.module_path: layer for layer in cross_attention_layers(unet).values()}
+    weights = {(path_, proj): tensors[baked_name(path_, proj)] for path_ in lookup for proj in ("to_k", "to_v")
+               if baked_name(path_, proj) in tensors}
+    f = latent_factor(unet)
+    batch = 2
+    args = (torch.randn(batch, unet.config.in_channels, 2 * f, 3 * f),
+            torch.full((batch if layout == "a1111-trt" else 1,), 500.0),
+            torch.randn(batch, 154, text_dim(unet)))
+    contract = unet_contract(unet, layout)
+    with swapped_projections(unet, weights), cast_parameters(unet, dtype):
+        onnx_io.export_module(UNetForExport(unet, gate, dtype).eval(), args, contract, opset, path)
+    return sorted(tensors)
+
+
+def export_text_encoder(text_encoder, rows: torch.Tensor, eos_token_id: int, opset: int, path: Path) -> None:
+    contract = layouts.text_encoder_contract(text_encoder.config.hidden_size)
+    ids = torch.randint(0, 1000, (2, 77), dtype=torch.int32)
+    with extended_text_encoder(text_encoder, rows, eos_token_id):
+        onnx_io.export_module(TextEncoderForExport(text_encoder).eval(), (ids,), contract, opset, path)
+
+
+def vae_factor(vae) -> int:
+    return 2 ** (len(vae.config.block_out_channels) - 1)
+
+
+def export_vae(vae, opset: int, folder: Path) -> None:
+    cfg = vae.config
+    f = vae_factor(vae)
+    enc = layouts.vae_encoder_contract(cfg.in_channels, cfg.latent_channels)
+    dec = layouts.vae_decoder_contract(cfg.out_channels, cfg.latent_channels)
+    onnx_io.export_module(VaeEncoderForExport(vae).eval(), (torch.randn(2, cfg.in_channels, 8 * f, 12 * f),), enc,
+                          opset, folder / "vae_encoder" / "model.onnx")
+    onnx_io.export_module(VaeDecoderForExport(vae).eval(), (torch.randn(2, cfg.latent_channels, 8, 12),), dec,
+                          opset, folder / "vae_decoder" / "model.onnx")

@@ -1,0 +1,230 @@
+"""`export_pipeline`: a Stable Diffusion pipeline plus concepts -> a verified ONNX folder (issue 8).
+
+Everything that can be refused is checked before a byte is written (options, concept files, the
+concepts' fit to the model); the export is built in a temp folder, verified, and renamed into place.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+from pathlib import Path
+
+import torch
+
+from perfusion_ext.concept import Concept, load_concept, tensor_hash
+from perfusion_ext.errors import PerfusionError
+from perfusion_ext.hooks import check_fits, resolve
+from perfusion_ext.layers import cross_attention_layers, model_family
+
+from . import components, layouts, manifest, slots as slot_store, tokens, verify
+from .bake import SlotEntry
+
+log = logging.getLogger(__name__)
+PRECISIONS = ("fp32", "fp16")
+OPSETS = (18, 19)  # dynamo at 17 writes an invalid model; opset 20 emits Gelu, which TensorRT 9 rejects
+
+
+def check_options(layout: str, precision: str, opset: int, n_slots: int | None, n_concepts: int) -> None:
+    if layout not in layouts.LAYOUTS:
+        raise PerfusionError(f"unknown layout {layout!r}; choose one of {', '.join(layouts.LAYOUTS)}.")
+    if precision not in PRECISIONS:
+        raise PerfusionError(f"unknown precision {precision!r}; choose fp32 or fp16.")
+    if opset not in OPSETS:
+        raise PerfusionError(f"opset {opset} is not supported: use 18 (default) or 19 (17 makes an invalid "
+                             "dynamo export, 20 emits Gelu which TensorRT 9 parsers reject).")
+    if n_slots is not None and not 1 <= n_slots <= 64:
+        raise PerfusionError(f"--slots must be between 1 and 64, got {n_slots}.")
+    if n_slots is not None and n_concepts > n_slots:
+        raise PerfusionError(f"{n_concepts} concepts do not fit in {n_slots} slots; raise --slots.")
+
+
+def _concepts(items) -> list:
+    out = []
+    for item in items:
+        concept, strength = item if isinstance(item, tuple) else (item, 1.0)
+        if not isinstance(concept, Concept):
+            concept = load_concept(concept)
+        out.append((concept, float(strength)))
+    names = [c.name for c, _ in out]
+    if len(set(names)) != len(names):
+        raise PerfusionError(f"the same concept name appears twice: {names}; each concept needs its own trigger.")
+    return out
+
+
+def slot_entries(unet, concepts, beta, tau) -> list[SlotEntry]:
+    """Validate every concept against the UNet (family first) and place them in slots 0..n-1."""
+    layers = cross_attention_layers(unet)
+    family = model_family(layers)
+    resolved = resolve(concepts, beta=beta, tau=tau)
+    for r in resolved:
+        check_fits(r.concept, layers, family)
+    return [SlotEntry(k, r.concept, r.strength, r.beta, r.tau) for k, r in enumerate(resolved)]
+
+
+def _model_name(model) -> str:
+    return "toy" if str(model) == "toy" else (Path(str(model)).stem or "model") if isinstance(model, (str, Path)) else "model"
+
+
+def export_pipeline(model, concepts=(), out="export", *, layout: str = "optimum", precision: str = "fp32",
+                    opset: int = 18, slots: int | None = None, beta: float | None = None, tau: float | None = None,
+                    verify_export: bool = True, overwrite: bool = False, model_name: str | None = None) -> dict:
+    """Export `model` ('toy', a diffusers folder, a .safetensors file, or a loaded pipeline) with `concepts`
+    (paths, Concept objects or (Concept, strength) pairs) baked in. Returns the manifest.
+    """
+    from .staging import check_destination, staged
+
+    check_options(layout, precision, opset, slots, len(concepts))
+    out = Path(out)
+    check_destination(out, overwrite)
+    loaded = _concepts(concepts)
+    if isinstance(model, (str, Path)):
+        from perfusion_ext.pipeline import load_pipeline
+
+        pipe = load_pipeline(model)
+    else:
+        pipe = model
+    family = model_family(cross_attention_layers(pipe.unet))
+    if family == "sdxl":
+        raise PerfusionError("SDXL export is not supported yet (two text encoders); export SD1/SD2 models.")
+    entries = slot_entries(pipe.unet, loaded, beta, tau)
+    n_slots = slots if slots is not None else len(entries)
+    name = model_name or _model_name(model)
+    with staged(out, overwrite) as tmp:
+        info = _write(pipe, entries, n_slots, slots is not None, layout, precision, opset, name, tmp, family,
+                      verify_export)
+        manifest.write(tmp, info)
+    return info
+
+
+def _write(pipe, entries, n_slots, slot_mode, layout, precision, opset, name, tmp: Path, family, verify_export) -> dict:
+    unet_rel = layouts.unet_path(layout, name)
+    unet_file = tmp / unet_rel
+    log.info("exporting the UNet (%s, %s, %d concept slots)", layout, precision, n_slots)
+    baked = components.export_unet(pipe.unet, entries, n_slots, layout, precision, opset, unet_file)
+    contract = components.unet_contract(pipe.unet, layout)
+    info = {
+        "format_version": manifest.FORMAT_VERSION, "layout": layout, "precision": precision, "opset": opset,
+        "base_family": family, "base_hash": _base_hash(pipe), "model_name": name,
+        "files": {"unet": unet_rel}, "io": {"unet": contract.as_table()},
+        "slots": {"count": n_slots, "fixed": slot_mode, "initializers": baked},
+        "concepts": [_concept_info(e) for e in entries], "tools": manifest.tool_versions(),
+    }
+    token_slots, rows = None, None
+    if layout == "optimum":
+        token_slots, rows = _write_pipeline_parts(pipe, entries, n_slots, slot_mode, opset, tmp, info)
+    if slot_mode:
+        slot_store.save(tmp, pipe.unet, entries)
+    if verify_export:
+        info["verification"] = _verify(pipe, entries, tmp, unet_file, contract, layout, precision, opset,
+                                       token_slots, rows)
+    return info
+
+
+def _concept_info(e: SlotEntry) -> dict:
+    c = e.concept
+    return {"slot": e.slot, "name": c.name, "strength": e.strength, "beta": e.beta, "tau": e.tau,
+            "base_hash": c.base_hash, "file": c.path.name if c.path else None,
+            "tensor_sha256": tensor_hash(c.path) if c.path else None}
+
+
+def _base_hash(pipe) -> str:
+    """The hash concepts record as `perfusion.base_hash` (text encoder + attn2 K/V); '' without a text encoder."""
+    if getattr(pipe, "text_encoder", None) is None:
+        return ""
+    from perfusion_ext.backend import DiffusersBackend
+
+    return DiffusersBackend(pipe).base_hash
+
+
+def rows_per_slot(entries, slot_mode: bool) -> int | None:
+    if not slot_mode:
+        return None
+    return max([1] + [next(iter(e.concept.embeddings.values())).shape[0] for e in entries])
+
+
+def _write_pipeline_parts(pipe, entries, n_slots, slot_mode, opset, tmp: Path, info: dict):
+    te = pipe.text_encoder
+    vocab = te.get_input_embeddings().num_embeddings
+    token_slots, rows = tokens.token_layout(vocab, te.config.hidden_size, info["base_family"], entries, n_slots,
+                                            rows_per_slot(entries, slot_mode))
+    eos = pipe.tokenizer.eos_token_id
+    log.info("exporting the text encoder (%d concept rows) and the VAE", len(rows))
+    components.export_text_encoder(te, rows, eos, opset, tmp / "text_encoder" / "model.onnx")
+    components.export_vae(pipe.vae, opset, tmp)
+    tokens.write_tokenizer(pipe.tokenizer, [r for s in token_slots for r in tokens.row_tokens(s)], tmp / "tokenizer")
+    config = te.config.to_dict()
+    config.update(eos_token_id=eos, vocab_size=vocab + len(rows))
+    _json(tmp / "text_encoder" / "config.json", config)
+    _json(tmp / "unet" / "config.json", dict(pipe.unet.config))
+    for part in ("vae_encoder", "vae_decoder"):
+        _json(tmp / part / "config.json", dict(pipe.vae.config))
+    pipe.scheduler.save_pretrained(str(tmp / "scheduler"))
+    _json(tmp / "model_index.json", _model_index(pipe))
+    cfg = pipe.vae.config
+    info["files"].update({k: f"{k}/model.onnx" for k in ("text_encoder", "vae_encoder", "vae_decoder")})
+    info["io"].update({
+        "text_encoder": layouts.text_encoder_contract(te.config.hidden_size).as_table(),
+        "vae_encoder": layouts.vae_encoder_contract(cfg.in_channels, cfg.latent_channels).as_table(),
+        "vae_decoder": layouts.vae_decoder_contract(cfg.out_channels, cfg.latent_channels).as_table(),
+    })
+    info["tokens"] = {"vocab_size": vocab, "eos_token_id": eos,
+                      "slots": [{"slot": s.slot, "name": s.name, "triggers": s.triggers, "ids": s.ids,
+                                 "rows": s.n_rows} for s in token_slots]}
+    for c, s in zip(info["concepts"], [s for s in token_slots if s.name is not None]):
+        c.update(triggers=s.triggers, token_ids=s.ids)
+    return token_slots, rows
+
+
+def _model_index(pipe) -> dict:
+    index = {"_class_name": "StableDiffusionPipeline", "requires_safety_checker": False}
+    for key, value in dict(pipe.config).items():
+        if key.startswith("_") or not isinstance(value, (list, tuple)):
+            continue
+        index[key] = list(value) if key not in ("safety_checker", "feature_extractor", "image_encoder") else [None, None]
+    return index
+
+
+def _json(path: Path, data: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    clean = {k: v for k, v in data.items() if not k.startswith("_name_or_path")}
+    path.write_text(json.dumps(clean, indent=2, sort_keys=True, default=_jsonable) + "\n", encoding="utf-8")
+
+
+def _jsonable(value):
+    if isinstance(value, torch.dtype):
+        return str(value).replace("torch.", "")
+    if isinstance(value, (tuple, set)):
+        return list(value)
+    return str(value)
+
+
+def _verify(pipe, entries, tmp: Path, unet_file: Path, contract, layout, precision, opset, token_slots, rows) -> dict:
+    log.info("verifying (onnx.checker, I/O contract, op allow-list, ORT parity)")
+    figures = {}
+    files = sorted(tmp.rglob("*.onnx"))
+    for f in files:
+        verify.check_model(f)
+        figures.setdefault("ops", {})[str(f.relative_to(tmp))] = verify.check_ops(f)
+    verify.check_contract(unet_file, contract)
+    figures["unet"] = verify.unet_parity(pipe.unet, entries, unet_file, contract, precision,
+                                         components.latent_factor(pipe.unet))
+    if precision == "fp16" and entries:
+        figures["gate_dtypes"] = verify.check_gate_fp32(unet_file)
+    if layout == "optimum":
+        te = pipe.text_encoder
+        for part, c in (("text_encoder", layouts.text_encoder_contract(te.config.hidden_size)),
+                        ("vae_encoder", layouts.vae_encoder_contract(pipe.vae.config.in_channels, pipe.vae.config.latent_channels)),
+                        ("vae_decoder", layouts.vae_decoder_contract(pipe.vae.config.out_channels, pipe.vae.config.latent_channels))):
+            verify.check_contract(tmp / part / "model.onnx", c)
+        scratch = tmp / ".verify"
+        try:
+            base_te = scratch / "text_encoder" / "model.onnx"
+            components.export_text_encoder(te, None, pipe.tokenizer.eos_token_id, opset, base_te)
+            figures["text_encoder"] = verify.text_encoder_checks(
+                te, rows, pipe.tokenizer.eos_token_id, tmp / "tokenizer", tmp / "text_encoder" / "model.onnx", base_te,
+                token_slots)
+        finally:
+            shutil.rmtree(scratch, ignore_errors=True)
+        figures["vae"] = verify.vae_parity(pipe.vae, tmp)
+    return figures

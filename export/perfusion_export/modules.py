@@ -1,0 +1,145 @@
+"""torch modules that give each exported component its exact ONNX signature.
+
+Parameter names become ONNX initializer names, so they are chosen to be stable: the gate is
+`perfusion_gate.weight` / `perfusion_gate.bias` and each baked projection is
+`unet.<attn2 path>.to_k.baked_weight` (stored [d + N, out], the orientation MatMul consumes, so the
+exporter's optimizer never folds a Transpose into an anonymous initializer). Refit finds them by name.
+"""
+from __future__ import annotations
+
+import contextlib
+
+import torch
+
+from perfusion_ext.layers import is_diffusers_unet
+
+GATE_WEIGHT, GATE_BIAS = "perfusion_gate.weight", "perfusion_gate.bias"
+
+
+def baked_name(module_path: str, proj: str) -> str:
+    return f"unet.{module_path}.{proj}.baked_weight"
+
+
+class GatedTextInput(torch.nn.Module):
+    """e_aug = Concat(e, Sigmoid(e·A + b)): MatMul, Add, Sigmoid, Concat once for the whole UNet, in fp32."""
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor):
+        super().__init__()
+        self.weight = torch.nn.Parameter(weight.float(), requires_grad=False)
+        self.bias = torch.nn.Parameter(bias.float(), requires_grad=False)
+
+    def forward(self, e: torch.Tensor) -> torch.Tensor:
+        return torch.cat([e, torch.sigmoid(e @ self.weight + self.bias)], dim=-1)
+
+
+class ExtendedProjection(torch.nn.Module):
+    """Stands in for an attn2 to_k/to_v Linear (no bias in SD): x_aug @ baked_weight."""
+
+    def __init__(self, weight: torch.Tensor):
+        super().__init__()
+        self.baked_weight = torch.nn.Parameter(weight, requires_grad=False)
+
+    def forward(self, x, *args, **kwargs):
+        return x @ self.baked_weight
+
+
+@contextlib.contextmanager
+def swapped_projections(unet: torch.nn.Module, weights: dict[tuple[str, str], torch.Tensor]):
+    """Replace attn2 to_k/to_v by ExtendedProjection for the block; the originals come back after.
+
+    weights: (module_path, 'to_k'|'to_v') -> [d + N, out]. Swapping in place (not deep-copying) keeps
+    the peak memory of an SD1.5 export at one UNet.
+    """
+    originals = []
+    try:
+        for (path, proj), weight in weights.items():
+            attn = unet.get_submodule(path)
+            originals.append((attn, proj, getattr(attn, proj)))
+            setattr(attn, proj, ExtendedProjection(weight))
+        yield unet
+    finally:
+        for attn, proj, module in reversed(originals):
+            setattr(attn, proj, module)
+
+
+class UNetForExport(torch.nn.Module):
+    """(sample, timestep, encoder_hidden_states) -> noise prediction, fp32 I/O whatever the inner dtype.
+
+    With a gate, the text input is augmented once, in fp32, before the (possibly fp16) UNet.
+    """
+
+    def __init__(self, unet: torch.nn.Module, gate: GatedTextInput | None, dtype: torch.dtype):
+        super().__init__()
+        self.unet = unet
+        self.perfusion_gate = gate
+        self.dtype = dtype
+
+    def forward(self, sample, timestep, encoder_hidden_states):
+        e = encoder_hidden_states
+        if self.perfusion_gate is not None:
+            e = self.perfusion_gate(e)
+        x, e = sample.to(self.dtype), e.to(self.dtype)
+        if is_diffusers_unet(self.unet):
+            out = self.unet(x, timestep, encoder_hidden_states=e, return_dict=False)[0]
+        else:
+            out = self.unet(x, timesteps=timestep, context=e)
+        return out.float()
+
+
+class TextEncoderForExport(torch.nn.Module):
+    """input_ids (int32) -> (last_hidden_state, pooler_output)."""
+
+    def __init__(self, text_encoder):
+        super().__init__()
+        self.model = text_encoder
+
+    def forward(self, input_ids):
+        out = self.model(input_ids=input_ids.long())
+        return out.last_hidden_state.float(), out.pooler_output.float()
+
+
+@contextlib.contextmanager
+def extended_text_encoder(text_encoder, rows: torch.Tensor | None, eos_token_id: int):
+    """The text encoder with `rows` appended to its token table and pooling at the real EOS id.
+
+    CLIP configs of SD1.5/SDXL carry the legacy eos_token_id = 2, with which transformers pools at
+    argmax(input_ids): a concept id above EOS would hijack the pooled output. Restored afterwards.
+    """
+    text_model = getattr(text_encoder, "text_model", text_encoder)  # transformers 4 nests it, 5 does not
+    embeddings = text_model.embeddings
+    old_table, old_eos = embeddings.token_embedding, text_model.eos_token_id
+    try:
+        if rows is not None and len(rows):
+            base = old_table.weight.detach()
+            table = torch.cat([base, rows.to(base.dtype)])
+            embeddings.token_embedding = torch.nn.Embedding.from_pretrained(table, freeze=True)
+        text_model.eos_token_id = eos_token_id
+        yield text_encoder
+    finally:
+        embeddings.token_embedding = old_table
+        text_model.eos_token_id = old_eos
+
+
+class VaeEncoderForExport(torch.nn.Module):
+    """sample [B, 3, H, W] -> latent_parameters (mean ‖ logvar), what optimum's VAE encoder returns."""
+
+    def __init__(self, vae):
+        super().__init__()
+        self.vae = vae
+
+    def forward(self, sample):
+        moments = self.vae.encoder(sample)
+        if self.vae.quant_conv is not None:
+            moments = self.vae.quant_conv(moments)
+        return moments
+
+
+class VaeDecoderForExport(torch.nn.Module):
+    """latent_sample (unscaled) -> sample in [-1, 1]."""
+
+    def __init__(self, vae):
+        super().__init__()
+        self.vae = vae
+
+    def forward(self, latent_sample):
+        return self.vae.decode(latent_sample, return_dict=False)[0]

@@ -1,0 +1,143 @@
+"""Sample an exported `optimum` folder with ONNX Runtime: what `perfusion generate --model DIR` runs.
+
+Concept tags `<perfusion:NAME…>` in prompts become the concept's trigger tokens (the strength, β and τ
+were baked at export, so tag options are ignored with a warning). Prompts longer than 75 tokens are
+encoded in 77-token chunks exactly like `PromptEncoder`, and the loop mirrors diffusers'
+StableDiffusionPipeline (classifier-free guidance, guidance rescale, the folder's scheduler), so the
+same seed gives the same image as the PyTorch pipeline with the concept hooks.
+"""
+from __future__ import annotations
+
+import json
+import warnings
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+import torch
+from PIL import Image
+
+from perfusion_ext.errors import PerfusionError
+from perfusion_ext.tags import parse_prompt
+
+from . import manifest as manifest_io
+
+CHUNK = 75
+
+
+def is_export(folder) -> bool:
+    """True for a folder written by `perfusion export` (the generate command dispatches on this)."""
+    return (Path(folder) / manifest_io.MANIFEST).is_file()
+
+
+def providers() -> list[str]:
+    """TensorRT, then CUDA, then CPU: whichever this onnxruntime build offers."""
+    available = ort.get_available_providers()
+    return [p for p in ("TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider") if p in available]
+
+
+def replace_tags(prompt: str, info: dict) -> str:
+    """`<perfusion:NAME…>` -> the concept's trigger tokens; unknown concepts are dropped with a warning."""
+    triggers = {c["name"]: c.get("triggers") for c in info["concepts"]}
+    parsed = parse_prompt(prompt)
+    for w in parsed.warnings:
+        warnings.warn(w)
+
+    def replace(tag):
+        if not triggers.get(tag.name):
+            warnings.warn(f"concept {tag.name!r} is not baked into this export; the tag is ignored")
+            return ""
+        if tag.strength != 1.0 or tag.beta is not None or tag.tau is not None:
+            warnings.warn(f"<perfusion:{tag.name}> options are ignored: strength, beta and tau were baked at export")
+        return " ".join(triggers[tag.name])
+
+    return parsed.text_with(replace)
+
+
+class OrtStableDiffusion:
+    """The exported components as ORT sessions, plus tokenizer and scheduler from the folder."""
+
+    def __init__(self, folder, execution_providers: list[str] | None = None, threads: int = 0):
+        from diffusers import schedulers
+        from transformers import CLIPTokenizer
+
+        self.folder = Path(folder)
+        self.info = manifest_io.read(self.folder)
+        if self.info["layout"] != "optimum":
+            raise PerfusionError(f"{folder} is a {self.info['layout']!r} export; generating needs the optimum layout "
+                                 "(text encoder, VAE and tokenizer).")
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = threads
+        options.log_severity_level = 3
+        chosen = execution_providers or providers()
+        self.sessions = {part: ort.InferenceSession(str(self.folder / part / "model.onnx"), options, providers=chosen)
+                         for part in ("text_encoder", "unet", "vae_decoder")}
+        self.tokenizer = CLIPTokenizer.from_pretrained(str(self.folder / "tokenizer"))
+        config = json.loads((self.folder / "scheduler" / "scheduler_config.json").read_text())
+        self.scheduler = getattr(schedulers, config["_class_name"]).from_pretrained(str(self.folder / "scheduler"))
+        self.unet_config = json.loads((self.folder / "unet" / "config.json").read_text())
+        self.vae_config = json.loads((self.folder / "vae_decoder" / "config.json").read_text())
+
+    def token_ids(self, prompts: list[str]) -> np.ndarray:
+        tok = self.tokenizer
+        words = [tok(p, add_special_tokens=False).input_ids if p.strip() else [] for p in prompts]
+        n_chunks = max(1, max((len(w) + CHUNK - 1) // CHUNK for w in words))
+        pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+        rows = []
+        for ids in words:
+            row = []
+            for c in range(n_chunks):
+                body = ids[c * CHUNK:(c + 1) * CHUNK]
+                row += [tok.bos_token_id] + body + [tok.eos_token_id] + [pad] * (CHUNK - len(body))
+            rows.append(row)
+        return np.array(rows, dtype=np.int32)
+
+    def encode(self, prompts: list[str]) -> np.ndarray:
+        ids = self.token_ids(prompts)
+        te = self.sessions["text_encoder"]
+        chunks = [te.run(None, {"input_ids": ids[:, c:c + CHUNK + 2]})[0] for c in range(0, ids.shape[1], CHUNK + 2)]
+        return np.concatenate(chunks, axis=1)
+
+    def unet(self, sample: np.ndarray, t, context: np.ndarray) -> np.ndarray:
+        session = self.sessions["unet"]
+        names = [i.name for i in session.get_inputs()]
+        per_sample = session.get_inputs()[1].shape != [1]
+        timestep = np.full((sample.shape[0],) if per_sample else (1,), float(t), dtype=np.float32)
+        return session.run(None, dict(zip(names, (sample.astype(np.float32), timestep, context))))[0]
+
+
+def generate_onnx(folder, prompt: str | list[str], *, negative_prompt: str = "", seed: int = 0, steps: int = 20,
+                  n: int = 1, guidance_scale: float = 7.5, guidance_rescale: float = 0.0, height: int | None = None,
+                  width: int | None = None, execution_providers: list[str] | None = None,
+                  pipeline: OrtStableDiffusion | None = None) -> list[Image.Image]:
+    """Images for `prompt` (tags allowed) from the exported folder, `n` per prompt, seeded like diffusers."""
+    from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion import rescale_noise_cfg
+
+    pipe = pipeline or OrtStableDiffusion(folder, execution_providers)
+    prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+    prompts = [replace_tags(p, pipe.info) for p in prompts for _ in range(n)]
+    negatives = [replace_tags(negative_prompt, pipe.info)] * len(prompts)
+    cfg = guidance_scale > 1.0
+    context = pipe.encode(negatives + prompts) if cfg else pipe.encode(prompts)  # one chunk count for both
+    factor = 2 ** (len(pipe.vae_config["block_out_channels"]) - 1)
+    size = pipe.unet_config["sample_size"] * factor
+    h, w = (height or size) // factor, (width or size) // factor
+    scheduler = pipe.scheduler
+    scheduler.set_timesteps(steps)
+    generator = torch.Generator().manual_seed(seed)
+    latents = torch.randn((len(prompts), pipe.unet_config["in_channels"], h, w), generator=generator)
+    latents = latents * scheduler.init_noise_sigma
+    for t in scheduler.timesteps:
+        model_in = torch.cat([latents] * 2) if cfg else latents
+        model_in = scheduler.scale_model_input(model_in, t)
+        noise = torch.from_numpy(pipe.unet(model_in.numpy(), t, context))
+        if cfg:
+            uncond, text = noise.chunk(2)
+            noise = uncond + guidance_scale * (text - uncond)
+            if guidance_rescale > 0:
+                noise = rescale_noise_cfg(noise, text, guidance_rescale=guidance_rescale)
+        latents = scheduler.step(noise, t, latents).prev_sample
+    decoded = pipe.sessions["vae_decoder"].run(
+        None, {"latent_sample": (latents / pipe.vae_config["scaling_factor"]).numpy().astype(np.float32)})[0]
+    images = np.clip(decoded / 2 + 0.5, 0.0, 1.0).transpose(0, 2, 3, 1)
+    return [Image.fromarray((img * 255).round().astype(np.uint8)) for img in images]
