@@ -305,3 +305,13 @@ def test_cli_generate_samples_an_export_with_ort(baked, tmp_path, capsys):
     assert code == 0
     assert len(list(tmp_path.glob("*.png"))) == 1
     assert "'ghost' is not baked into this export" in capsys.readouterr().err
+
+
+def test_two_exports_of_the_same_inputs_are_byte_identical(toy, files, two_slots, tmp_path):
+    first, _ = two_slots
+    second = tmp_path / "again"
+    export_pipeline(toy, [files["teddy"], files["robot"]], second, layout="unet-only", slots=3)
+    names = sorted(p.relative_to(first).as_posix() for p in first.rglob("*") if p.is_file())
+    assert names == sorted(p.relative_to(second).as_posix() for p in second.rglob("*") if p.is_file())
+    for name in names:
+        assert (first / name).read_bytes() == (second / name).read_bytes(), name
