@@ -3,8 +3,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
-import os
 import sys
 
 from .errors import PerfusionError
@@ -137,9 +135,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
-    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    from .logs import setup_cli_logging
+
+    setup_cli_logging()
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)

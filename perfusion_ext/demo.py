@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
 import time
 from pathlib import Path
 
@@ -38,8 +37,9 @@ def main(argv=None) -> int:
     parser.add_argument("--steps", type=int, default=None)
     parser.add_argument("--skip-export", action="store_true")
     args = parser.parse_args(argv)
-    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    from .logs import setup_cli_logging
+
+    setup_cli_logging()
 
     from .backend import DiffusersBackend
     from .generate import generate

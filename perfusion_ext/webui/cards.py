@@ -16,7 +16,7 @@ from modules.ui_extra_networks import quote_js
 from ..layers import cross_attention_layers, model_family
 from ..tags import format_tag
 from . import state
-from .concepts import FAMILY_LABEL, Entry, mismatch_reason
+from .concepts import FAMILY_LABEL, Entry, drop_folder_buttons, mismatch_reason
 
 
 def current_family() -> str | None:
@@ -113,6 +113,11 @@ class ExtraNetworksPagePerfusion(ui_extra_networks.ExtraNetworksPage):
         if reason and isinstance(out, str) and out:
             out = out.replace('<div class="card"', f'<div class="card perfusion-incompatible" title="{html.escape(reason)}"', 1)
         return out
+
+    def create_dirs_view_html(self, tabname):
+        # training runs (NAME.run/checkpoints, NAME.run/previews) are no concepts: no folder buttons for them.
+        # The "Tree" view needs nothing: the WebUI leaves out folders that hold no listed item.
+        return drop_folder_buttons(super().create_dirs_view_html(tabname))
 
     def allowed_directories_for_previews(self):
         return [str(state.concepts_dir())]

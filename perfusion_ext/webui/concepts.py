@@ -6,6 +6,8 @@ anything that would reach outside the folder. Training run folders (`NAME.run/`)
 from __future__ import annotations
 
 import dataclasses
+import html
+import re
 import threading
 from pathlib import Path
 
@@ -35,6 +37,33 @@ def mismatch_reason(concept_family: str | None, model_family: str | None) -> str
         return None
     return (f"trained for {FAMILY_LABEL.get(concept_family, concept_family)}; "
             f"an {FAMILY_LABEL.get(model_family, model_family)} model is loaded")
+
+
+def is_hidden_folder(relative: str) -> bool:
+    """A folder under the concepts folder that holds no concepts of its own: a training run (`NAME.run/`,
+    with its checkpoints/ and previews/) or a hidden one, at any depth. `relative` as the WebUI labels it."""
+    return any(part.endswith(".run") or (part.startswith(".") and part not in (".", ".."))
+               for part in re.split(r"[\\/]+", relative.strip()) if part)
+
+
+_DIR_BUTTON = re.compile(r"\s*<button\b[^>]*>(.*?)</button>\s*", re.S)
+
+
+def drop_folder_buttons(buttons_html: str) -> str:
+    """The Extra Networks "Dirs" view (one button per subfolder, plus "all") without the buttons of hidden
+    folders; no buttons at all when only "all" would be left, as the WebUI does for a flat folder."""
+    matches = list(_DIR_BUTTON.finditer(buttons_html))
+    if not matches:  # markup we do not know: leave it alone
+        return buttons_html
+    kept, others = [], 0
+    for m in matches:
+        label = html.unescape(m.group(1)).strip()
+        if "search-all" in m.group(0).split(">", 1)[0]:
+            kept.append(m.group(0))
+        elif not is_hidden_folder(label):
+            kept.append(m.group(0))
+            others += 1
+    return "".join(kept) if others else ""
 
 
 def _is_run_file(path: Path, root: Path) -> bool:
