@@ -36,7 +36,7 @@ class Trainer:
         self.work = Path(args.work)
         self.work.mkdir(parents=True, exist_ok=True)
         torch.manual_seed(args.seed)
-        self.tokenizer = make_pipeline_parts_tokenizer()
+        self.tokenizer = load_toy_tokenizer()
         self.vae = toy_model.build_vae()
         self.vae_best = toy_model.build_vae().requires_grad_(False)  # best validation snapshot
         self.unet = toy_model.build_unet()
@@ -251,6 +251,7 @@ class Trainer:
         resumed = self.load()
         print(f"{'resumed' if resumed else 'started'}: {self.state}", flush=True)
         deadline = time.time() + self.args.minutes * 60
+        progress_at_start = (self.state["vae_step"], self.state["step"])
         last_ckpt = last_eval = time.time()
         losses = []
         while time.time() < deadline:
@@ -275,12 +276,13 @@ class Trainer:
             if self.state["phase"] == "diffusion" and time.time() - last_eval > self.args.eval_minutes * 60:
                 self.evaluate()
                 last_eval = time.time()
-        self.save()
+        if (self.state["vae_step"], self.state["step"]) != progress_at_start:  # never rewrite an unchanged state
+            self.save()
         if self.args.export:
             self.export()
 
 
-def make_pipeline_parts_tokenizer():
+def load_toy_tokenizer():
     from transformers import CLIPTokenizer
 
     return CLIPTokenizer.from_pretrained(toy_model.MODEL_DIR / "tokenizer")
