@@ -331,3 +331,23 @@ def test_export_request_validation():
         with pytest.raises(ApiError, match=why) as err:
             parse_export_request(body)
         assert 400 <= err.value.status < 500
+
+
+# ---- concept cards: no folder buttons for training runs -------------------------------------
+def _buttons(*labels):
+    return "".join(f"\n<button class='lg secondary gradio-button custom-button{' search-all' if not label else ''}' "
+                   f"onclick='extraNetworksSearchButton(\"txt2img\", \"perfusion\", event)'>\n{label or 'all'}\n</button>\n"
+                   for label in labels)
+
+
+def test_folder_buttons_of_training_runs_are_dropped():
+    from perfusion_ext.webui.concepts import drop_folder_buttons, is_hidden_folder
+
+    assert is_hidden_folder("vteddy.run/") and is_hidden_folder("/vteddy.run/checkpoints/")
+    assert is_hidden_folder("people\\kid.run\\previews\\") and is_hidden_folder(".cache/")
+    assert not is_hidden_folder("people/") and not is_hidden_folder("runners/")
+    only_runs = _buttons("", "vteddy.run/", "vteddy.run/checkpoints/", "vteddy.run/previews/")
+    assert drop_folder_buttons(only_runs) == ""  # like a flat folder: no "all" button alone
+    mixed = drop_folder_buttons(_buttons("", "people/", "people/kid.run/", "vteddy.run/"))
+    assert "people/" in mixed and ">\nall\n<" in mixed and ".run" not in mixed
+    assert drop_folder_buttons("") == "" and drop_folder_buttons("<div>x</div>") == "<div>x</div>"

@@ -1,0 +1,259 @@
+"""The extension's UI in a REAL AUTOMATIC1111 WebUI, driven in headless chromium; skipped in CI.
+
+    PERFUSION_WEBUI_UI_URL=http://127.0.0.1:7860   a running WebUI in UI mode (--api), after `Startup time:`
+    A1111_ROOT=/tmp/a1111                          its setup (../shared/a1111), for the concepts folder
+    PERFUSION_CHROMIUM=/usr/bin/chromium
+Needs playwright (the uitest-venv of ../shared/a1111, A1111_UI_TEST=1) and the concept `vteddy` that
+test_real_webui.py trains; run by tests/webui/run_real_webui.sh after that suite. Covers: the concept
+cards page (no folder buttons for training runs `NAME.run/`), the user metadata editor on a Perfusion
+card, the `<perfusion:` completion hint, and the training tab's upload path and Interrupt button.
+Training: 64 px, 2 steps (upload) and an interrupted long run. Standard library only besides playwright.
+"""
+from __future__ import annotations
+
+import base64
+import json
+import os
+import re
+import shutil
+import struct
+import time
+import urllib.request
+import zlib
+from pathlib import Path
+
+import pytest
+
+URL = os.environ.get("PERFUSION_WEBUI_UI_URL")
+pytestmark = pytest.mark.skipif(not URL, reason="no WebUI UI: set PERFUSION_WEBUI_UI_URL (tests/webui/run_real_webui.sh)")
+NAME = "vteddy"
+CONCEPTS = Path(os.environ.get("A1111_ROOT", "/tmp/a1111")) / "webui" / "models" / "perfusion"
+SHOTS = Path(__file__).resolve().parents[2] / "docs"
+
+
+def api(path, body=None):
+    req = urllib.request.Request(URL + path, data=None if body is None else json.dumps(body).encode(),
+                                 headers={"Content-Type": "application/json"}, method="GET" if body is None else "POST")
+    with urllib.request.urlopen(req, timeout=600) as r:
+        return json.loads(r.read() or b"null")
+
+
+def png(path: Path, seed: int, size: int = 64) -> Path:
+    """A small RGB PNG (a disc on a gradient) written with the standard library."""
+    rows = []
+    for y in range(size):
+        row = bytearray([0])
+        for x in range(size):
+            inside = (x - 30 - 2 * seed) ** 2 + (y - 32) ** 2 < 18 ** 2
+            row += bytes((150, 90, 40) if inside else ((30 + 40 * seed + x) % 256, 120, (200 - 30 * seed + y) % 256))
+        rows.append(bytes(row))
+
+    def chunk(kind, data):
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", size, size, 8, 2, 0, 0, 0))
+                     + chunk(b"IDAT", zlib.compress(b"".join(rows))) + chunk(b"IEND", b""))
+    return path
+
+
+@pytest.fixture(scope="module")
+def page():
+    sync_api = pytest.importorskip("playwright.sync_api")
+    if not any(c["name"] == NAME for c in api("/perfusion/v1/concepts")):
+        pytest.skip(f"no concept {NAME!r}: run tests/webui/test_real_webui.py first (the runner does)")
+    console = []
+    with sync_api.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=os.environ.get("PERFUSION_CHROMIUM", "/usr/bin/chromium"),
+                                    headless=True, args=["--no-sandbox"])
+        pg = browser.new_page(viewport={"width": 1400, "height": 900})
+        pg.on("console", lambda m: console.append(f"{m.type}: {m.text}"))
+        pg.on("pageerror", lambda e: console.append(f"error: {e}"))
+        pg.goto(URL, wait_until="domcontentloaded", timeout=120_000)
+        pg.wait_for_selector("#txt2img_prompt textarea", timeout=120_000)
+        yield pg
+        browser.close()
+    errors = [c for c in console if c.startswith("error") and "perfusion" in c.lower()]
+    assert not errors, errors
+
+
+def open_cards(page):
+    page.locator("#tabs > .tab-nav button", has_text="txt2img").first.click()
+    page.locator("#txt2img_extra_tabs > .tab-nav button", has_text="Perfusion").first.click()
+    page.wait_for_selector(f"#txt2img_perfusion_cards .card[data-name='{NAME}']", timeout=60_000)
+
+
+def refresh_cards(page):
+    page.locator("#txt2img_perfusion_extra_refresh:visible").first.click()  # the WebUI repeats this id
+    page.wait_for_timeout(1500)
+    page.wait_for_selector(f"#txt2img_perfusion_cards .card[data-name='{NAME}']", timeout=60_000)
+
+
+def dir_buttons(page):
+    return [t.strip() for t in page.locator("#txt2img_perfusion_dirs button").all_inner_texts()]
+
+
+def test_concept_cards_show_no_training_run_folders(page):
+    runs = sorted(p.name for p in CONCEPTS.glob("*.run") if p.is_dir())
+    assert runs, "the trainer left NAME.run/ folders in the concepts folder (test_real_webui.py trains)"
+    open_cards(page)
+    buttons = dir_buttons(page)
+    print("run folders on disk:", runs, "| folder buttons:", buttons)
+    assert not any(".run" in b for b in buttons), buttons
+    assert buttons == [], "a flat concepts folder shows no folder buttons at all, like the WebUI's own pages"
+    page.screenshot(path=str(SHOTS / "webui-concept-cards.png"))
+    # a real subfolder with a concept still gets its button (and its own training run still does not)
+    sub = CONCEPTS / "uitestsub"
+    (sub / "vsub.run" / "checkpoints").mkdir(parents=True, exist_ok=True)
+    shutil.copy(CONCEPTS / f"{NAME}.safetensors", sub / "vsub.safetensors")
+    try:
+        refresh_cards(page)
+        buttons = dir_buttons(page)
+        print("with a subfolder:", buttons)
+        assert "all" in buttons and any(b.strip("/\\") == "uitestsub" for b in buttons), buttons
+        assert not any(".run" in b for b in buttons), buttons
+        assert page.locator("#txt2img_perfusion_cards .card[data-name='vsub']").count() == 1
+    finally:
+        shutil.rmtree(sub)
+        refresh_cards(page)
+    assert dir_buttons(page) == []
+
+
+def test_user_metadata_editor_on_a_perfusion_card(page):
+    open_cards(page)
+    concept = next(c for c in api("/perfusion/v1/concepts") if c["name"] == NAME)
+    sidecar = CONCEPTS / f"{NAME}.json"
+    backup = sidecar.read_bytes() if sidecar.exists() else None
+    text = f"UI test description {int(time.time())}"
+    card = page.locator(f"#txt2img_perfusion_cards .card[data-name='{NAME}']")
+    try:
+        card.hover()
+        card.locator(".edit-button").click()
+        editor = page.locator("#txt2img_perfusion_edit_user_metadata")
+        editor.wait_for(state="visible", timeout=30_000)
+        page.wait_for_function(
+            "() => document.querySelector('#txt2img_perfusion_edit_user_metadata .file-metadata') !== null", timeout=30_000)
+        table = editor.locator(".file-metadata").inner_text()
+        print("editor file table:", table.replace("\n", " | "))
+        assert concept["short_hash"] in table and f"{NAME}.safetensors" in table, table
+        description = editor.locator("label:has-text('Description') textarea")
+        description.fill(text)
+        editor.locator("label:has-text('Notes') textarea").fill("notes from the UI test")
+        editor.locator("button", has_text="Save").click()
+        end = time.time() + 30
+        while time.time() < end and not (sidecar.exists() and text in sidecar.read_text()):
+            time.sleep(0.3)
+        saved = json.loads(sidecar.read_text())
+        assert saved["description"] == text and saved["notes"] == "notes from the UI test", saved
+        page.wait_for_function(  # the card is re-rendered by get-single-card with the new description
+            f"() => {{ const c = document.querySelector(\"#txt2img_perfusion_cards .card[data-name='{NAME}'] .description\");"
+            f" return c && c.innerText.includes({json.dumps(text)}); }}", timeout=30_000)
+        # the extension still reads the concept and the tag still generates with the sidecar in place
+        assert any(c["name"] == NAME and c["compatible"] for c in api("/perfusion/v1/concepts"))
+    finally:
+        if backup is None:
+            sidecar.unlink(missing_ok=True)
+        else:
+            sidecar.write_bytes(backup)
+        refresh_cards(page)
+
+
+def test_completion_hint_in_the_prompt_box(page):
+    page.locator("#tabs > .tab-nav button", has_text="txt2img").first.click()
+    box = page.locator("#txt2img_prompt textarea")
+    box.fill("")
+    box.click()
+    box.type("a photo of <perfusion:", delay=30)
+    page.wait_for_timeout(1500)  # the first hint loads the names from /perfusion/v1/concepts
+    box.type(NAME[:3], delay=60)
+    hint = page.locator("#txt2img_prompt .perfusion-hint")
+    hint.wait_for(state="visible", timeout=10_000)
+    shown = hint.inner_text()
+    print("hint:", shown)
+    assert f"<perfusion:{NAME}>" in shown and "Tab completes" in shown, shown
+    box.press("Tab")
+    value = box.input_value()
+    print("after Tab:", repr(value))
+    assert value == f"a photo of <perfusion:{NAME}>", value
+    assert not hint.is_visible()
+    box.type(" and <perfusion:zzz", delay=30)
+    assert "no Perfusion concept starts with" in hint.inner_text()
+    box.fill("")
+
+
+def _tab(page):
+    page.locator("#tabs > .tab-nav button", has_text="Perfusion").first.click()
+    page.wait_for_selector("#perfusion_train", timeout=60_000)
+
+
+def _fill(page, elem_id, value):
+    page.locator(f"#{elem_id} :is(textarea, input)").first.fill(str(value))
+
+
+def _job_id(page, timeout=60):
+    page.wait_for_function("() => /Job [\\w-]+ queued/.test(document.querySelector('#perfusion_message').innerText)",
+                           timeout=timeout * 1000)
+    return re.search(r"Job ([\w-]+) queued", page.inner_text("#perfusion_message")).group(1)
+
+
+def _wait_state(job_id, states, timeout=600):
+    end = time.time() + timeout
+    while time.time() < end:
+        job = api(f"/perfusion/v1/jobs/{job_id}?preview=false")
+        if job["state"] in states:
+            return job
+        time.sleep(1)
+    raise AssertionError(f"job {job_id} did not reach {states}")
+
+
+def test_training_tab_upload_then_interrupt(page, tmp_path):
+    files = [str(png(tmp_path / f"up{i}.png", i)) for i in range(4)]
+    _tab(page)
+    _fill(page, "perfusion_name", NAME + "ui")
+    _fill(page, "perfusion_superclass", "bear")
+    _fill(page, "perfusion_images_dir", "")
+    _fill(page, "perfusion_steps", 2)
+    _fill(page, "perfusion_batch_size", 2)
+    _fill(page, "perfusion_micro_batch", 1)
+    _fill(page, "perfusion_resolution", 64)
+    overwrite = page.locator("#perfusion_overwrite input[type=checkbox]")
+    if not overwrite.is_checked():
+        overwrite.check()
+    page.locator("#perfusion_uploads input[type=file]").set_input_files(files)
+    page.wait_for_function("() => document.querySelectorAll('#perfusion_uploads tr, #perfusion_uploads .file').length >= 4"
+                           " || document.querySelector('#perfusion_uploads').innerText.includes('up3')", timeout=60_000)
+    page.locator("#perfusion_train").click()
+    job_id = _job_id(page)
+    job = _wait_state(job_id, ("finished", "failed", "nan", "interrupted"))
+    assert job["state"] == "finished" and job["step"] == 2, job
+    page.wait_for_function(f"() => document.querySelector('#perfusion_status').innerText.includes('{job_id}') && "
+                           "document.querySelector('#perfusion_status').innerText.includes('finished')", timeout=30_000)
+    concept = next(c for c in api("/perfusion/v1/concepts") if c["name"] == NAME + "ui")
+    print("uploaded-images concept:", {k: concept[k] for k in ("name", "short_hash", "steps", "compatible")})
+    assert concept["compatible"] and Path(concept["filename"]).is_file()
+
+    # a long run from the same uploads, stopped with the Interrupt button
+    _fill(page, "perfusion_name", NAME + "uiint")
+    _fill(page, "perfusion_steps", 300)
+    _fill(page, "perfusion_batch_size", 1)
+    page.locator("#perfusion_train").click()
+    page.wait_for_function(  # the new job's message replaces the old one
+        "() => /Job [\\w-]+ queued: training vteddyuiint/.test(document.querySelector('#perfusion_message').innerText)",
+        timeout=60_000)
+    job_id = _job_id(page)
+    _wait_state(job_id, ("running",))
+    end = time.time() + 300
+    while api(f"/perfusion/v1/jobs/{job_id}?preview=false")["step"] < 1 and time.time() < end:
+        time.sleep(0.5)
+    page.wait_for_function("() => /running/.test(document.querySelector('#perfusion_status').innerText) && "
+                           "/step [1-9][0-9]*\\/300/.test(document.querySelector('#perfusion_status').innerText)",
+                           timeout=60_000)
+    page.screenshot(path=str(SHOTS / "webui-training-running.png"), full_page=True)
+    page.locator("#perfusion_interrupt").click()
+    page.wait_for_function("() => document.querySelector('#perfusion_message').innerText.includes('Interrupt requested')",
+                           timeout=30_000)
+    job = _wait_state(job_id, ("finished", "interrupted", "failed", "nan"))
+    print("interrupted job:", {k: job[k] for k in ("state", "step", "total")})
+    assert job["state"] == "interrupted" and 1 <= job["step"] < 300, job
+    assert Path(job["concept_path"]).is_file()
+    page.wait_for_function("() => document.querySelector('#perfusion_status').innerText.includes('interrupted')",
+                           timeout=30_000)
