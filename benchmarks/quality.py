@@ -32,18 +32,21 @@ COLOURS = {"perfusion": (20, 60, 200), "textual_inversion": (200, 80, 20), "no_k
 
 
 def unseen_prompts(name: str) -> list[tuple[str, str, str]]:
-    """(prompt template with {} for the subject, background, position) never used in training."""
-    from perfusion_ext.toy.concepts import CONCEPTS
+    """(prompt template with {} for the subject, background, position): every readable background ×
+    position pair the training images never showed, in two phrasings with size words."""
+    from perfusion_ext.toy.concepts import CONCEPTS, training_scenes
     from perfusion_ext.toy.world import POSITION_PHRASES, POSITIONS
 
-    concept = CONCEPTS[name]
-    backgrounds = [b for b in concept.readable_backgrounds() if b not in concept.backgrounds]
+    seen = {(s["background"], s["position"]) for s in training_scenes(name)}
     out = []
-    for i, bg in enumerate(backgrounds):
+    for i, bg in enumerate(CONCEPTS[name].readable_backgrounds()):
         for j, pos in enumerate(POSITIONS):
-            phrase = POSITION_PHRASES[pos][(i + j) % len(POSITION_PHRASES[pos])]
-            size = ("", "small ", "large ")[(i + j) % 3]
-            out.append((f"a photo of a {size}{{}} {phrase}, {bg} background", bg, pos))
+            if (bg, pos) in seen:
+                continue
+            phrases = POSITION_PHRASES[pos]
+            out.append((f"a photo of a {{}} {phrases[(i + j) % len(phrases)]}, {bg} background", bg, pos))
+            size = ("small", "large")[(i + j) % 2]
+            out.append((f"a {size} {{}} {phrases[(i + j + 1) % len(phrases)]} on a {bg} background", bg, pos))
     return out
 
 
@@ -71,6 +74,7 @@ def main(argv=None) -> int:
     p.add_argument("--concepts", nargs="+", default=["teddy", "stripebox", "ring"])
     p.add_argument("--seeds", type=int, default=2)
     p.add_argument("--steps", type=int, default=None)
+    p.add_argument("--model", default="toy", help="toy (default) or a diffusers folder of the toy architecture")
     p.add_argument("--update-readme", action="store_true")
     args = p.parse_args(argv)
 
@@ -79,7 +83,7 @@ def main(argv=None) -> int:
     from perfusion_ext.toy.concepts import CONCEPTS, write_training_set
     from perfusion_ext.trainer import TrainConfig, train
 
-    pipe = load_pipeline("toy")
+    pipe = load_pipeline(args.model)
     backend = DiffusersBackend(pipe)
     results = {"concepts": {}, "betas": BETAS, "seeds": args.seeds}
     work = Path(tempfile.mkdtemp(prefix="perfusion-quality-"))

@@ -21,6 +21,7 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("--prompts", type=int, default=219)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--model", default="toy", help="toy (default) or a diffusers folder of the toy architecture")
     p.add_argument("--update-readme", action="store_true")
     args = p.parse_args(argv)
 
@@ -29,7 +30,7 @@ def main(argv=None) -> int:
     from perfusion_ext.toy.evaluate import evaluate_pipeline, generate, save_grid
     from perfusion_ext.toy.world import held_out_prompts
 
-    pipe = load_pipeline("toy")
+    pipe = load_pipeline(args.model)
     started = time.time()
     result = evaluate_pipeline(pipe, n_prompts=args.prompts, seed=args.seed)
     result["seconds"] = round(time.time() - started, 1)

@@ -73,9 +73,9 @@ def cached_covariance(text_encoder, tokenizer, captions: list[str] | None = None
     if path.exists():
         return load_file(path)["covariance"].double()
     encode = encode or (lambda ids: text_encoder(ids.to(text_encoder.device)).last_hidden_state)
-    cov = estimate_covariance(encode, tokenize_for_covariance(tokenizer, captions or caption_corpus()))
-    atomic_save_safetensors({"covariance": cov.float().contiguous()}, path, metadata={"text_encoder_sha256": key})
-    return cov
+    cov = estimate_covariance(encode, tokenize_for_covariance(tokenizer, captions or caption_corpus())).float()
+    atomic_save_safetensors({"covariance": cov.contiguous()}, path, metadata={"text_encoder_sha256": key})
+    return cov.double()  # exactly what a later cache read returns, so runs do not depend on the cache
 
 
 def reference_covariance_sd15() -> torch.Tensor:

@@ -43,6 +43,17 @@ TEMPLATES = (
 MODES = ("perfusion", "textual_inversion", "no_key_lock")
 
 
+COVARIANCE_RIDGE = 1e-5
+
+
+def regularized(cov: torch.Tensor) -> torch.Tensor:
+    """C + 1e-5·mean(diag C)·I in float64. A final LayerNorm can make C (nearly) singular — e.g. the
+    all-ones direction when its bias is zero — and fp32 storage can tip that below zero; the ridge keeps
+    C⁻¹ defined while changing u = C⁻¹i* only along directions text encodings never take."""
+    cov = cov.double()
+    return cov + COVARIANCE_RIDGE * cov.diagonal().mean() * torch.eye(cov.shape[0], dtype=torch.float64)
+
+
 @dataclasses.dataclass
 class TrainConfig:
     name: str
@@ -117,8 +128,7 @@ class ConceptTrainer:
             )
         self.embedding = {k: torch.nn.Parameter(v.clone()) for k, v in backend.token_embedding(super_ids[0]).items()}
         self.superclass_embedding = {k: v.clone() for k, v in self.embedding.items()}
-        cov = backend.text_covariance().double()
-        self.cov_cholesky = torch.linalg.cholesky(cov)
+        self.cov_cholesky = torch.linalg.cholesky(regularized(backend.text_covariance()))
         self.rng = np.random.default_rng(config.seed)
         self.noise_gen = torch.Generator().manual_seed(config.seed)
         self.order: list[int] = []

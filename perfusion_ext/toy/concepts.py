@@ -17,6 +17,7 @@ from . import checkers
 from .world import COLOURS, IMAGE_SIZE, POSITIONS, SHAPES, _grid, shape_mask
 
 BROWN = (150, 90, 40)
+MAX_OBJECT_EXTENT = 22  # px; the largest toy object is 16 px, so anything wider is not one object
 
 
 def _disc(cx, cy, r):
@@ -81,21 +82,29 @@ def render_concept(name: str, position: str, background: str, side: float = 13.0
     return img, mask
 
 
-def write_training_set(name: str, folder: Path, n: int = 6, seed: int = 0) -> Path:
-    """n images (PNG), masks (folder/masks/) and captions (.txt with "{}" for the concept)."""
+def training_scenes(name: str, n: int = 6, seed: int = 0) -> list[dict]:
+    """The scenes of a concept's training set: background, position, size and jitter per image."""
     concept = CONCEPTS[name]
     rng = np.random.default_rng(seed)
+    positions = list(POSITIONS)
+    scenes = []
+    for i in range(n):
+        background = concept.backgrounds[i % len(concept.backgrounds)]
+        position = positions[int(rng.integers(len(positions)))]
+        scenes.append(dict(position=position, background=background, side=float(rng.uniform(12, 15)),
+                           dx=float(rng.uniform(-1, 1)), dy=float(rng.uniform(-1, 1))))
+    return scenes
+
+
+def write_training_set(name: str, folder: Path, n: int = 6, seed: int = 0) -> Path:
+    """n images (PNG), masks (folder/masks/) and captions (.txt with "{}" for the concept)."""
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "masks").mkdir(exist_ok=True)
-    positions = list(POSITIONS)
-    for i in range(n):
-        bg = concept.backgrounds[i % len(concept.backgrounds)]
-        pos = positions[int(rng.integers(len(positions)))]
-        img, mask = render_concept(name, pos, bg, side=float(rng.uniform(12, 15)), dx=rng.uniform(-1, 1),
-                                   dy=rng.uniform(-1, 1))
+    for i, scene in enumerate(training_scenes(name, n, seed)):
+        img, mask = render_concept(name, **scene)
         Image.fromarray(img).save(folder / f"{name}_{i}.png")
         Image.fromarray((mask * 255).astype(np.uint8)).save(folder / "masks" / f"{name}_{i}.png")
-        (folder / f"{name}_{i}.txt").write_text(f"a photo of a {{}} on a {bg} background\n")
+        (folder / f"{name}_{i}.txt").write_text(f"a photo of a {{}} on a {scene['background']} background\n")
     return folder
 
 
@@ -133,6 +142,8 @@ def fidelity(img: np.ndarray, name: str) -> Fidelity:
     if mask.sum() < 12:
         return Fidelity(False, 0.0)
     cx, cy, extent = _box(mask)
+    if extent > MAX_OBJECT_EXTENT:  # no object, just texture across the image
+        return Fidelity(False, 0.0)
     xs, ys = _grid()
     half = extent / 2 + 1
     region = (np.abs(xs - cx) <= half) & (np.abs(ys - cy) <= half)
