@@ -80,32 +80,68 @@ def timed_export(size: str, baked: bool, out: Path) -> tuple[float, float]:
     return result
 
 
-def latencies(size: str, folders: dict[str, Path], repeats: int) -> dict[str, float]:
-    from perfusion_export.verify import session
-    from perfusion_ext.hooks import activate
-
-    torch.set_num_threads(1)
-    unet = build_unet(size)
-    concept = random_concept(unet)
+def _inputs(size: str):
     latent = SIZES[size]["latent"]
     g = torch.Generator().manual_seed(0)
     x, e = torch.randn(2, 4, latent, latent, generator=g), torch.randn(2, 77, 768, generator=g)
-    t = torch.tensor([500.0])
-    feed = {"sample": x.numpy(), "timestep": t.numpy(), "encoder_hidden_states": e.numpy()}
-    sessions = {k: session(f / "unet/model.onnx") for k, f in folders.items()}
-    times = {k: [] for k in ("base_ort", "baked_ort", "torch_hooks")}
-    for sess in sessions.values():
-        sess.run(None, feed)  # warm-up
+    return x, torch.tensor([500.0]), e
+
+
+def _latency_child(size: str, variant: str, folder: str | None, repeats: int, queue) -> None:
+    """Median seconds per UNet call of one variant, alone in its process (an SD1.5 UNet in ORT and in
+    torch at once would need > 20 GB)."""
+    torch.set_num_threads(1)
+    x, t, e = _inputs(size)
+    if variant == "torch_hooks":
+        from perfusion_ext.hooks import activate
+
+        unet = build_unet(size)
+        concept = random_concept(unet)
+
+        def call():
+            with torch.no_grad(), activate(unet, [concept]):
+                unet(x, t, encoder_hidden_states=e)
+    else:
+        from perfusion_export.verify import session
+
+        sess = session(Path(folder) / "unet/model.onnx")
+        feed = {"sample": x.numpy(), "timestep": t.numpy(), "encoder_hidden_states": e.numpy()}
+
+        def call():
+            sess.run(None, feed)
+    call()  # warm-up
+    times = []
     for _ in range(repeats):
-        for key, name in (("base_ort", "base"), ("baked_ort", "baked")):
-            start = time.perf_counter()
-            sessions[name].run(None, feed)
-            times[key].append(time.perf_counter() - start)
-        with torch.no_grad(), activate(unet, [concept]):
-            start = time.perf_counter()
-            unet(x, t, encoder_hidden_states=e)
-            times["torch_hooks"].append(time.perf_counter() - start)
-    return {k: statistics.median(v) for k, v in times.items()}
+        start = time.perf_counter()
+        call()
+        times.append(time.perf_counter() - start)
+    queue.put(statistics.median(times))
+
+
+def latencies(size: str, folders: dict[str, Path], repeats: int, rounds: int = 2) -> dict[str, float]:
+    """Per-call medians, measured side by side: the variants alternate, `rounds` times each."""
+    ctx = mp.get_context("spawn")
+    samples = {"base_ort": [], "baked_ort": [], "torch_hooks": []}
+    for _ in range(rounds):
+        for variant, folder in (("base_ort", folders["base"]), ("baked_ort", folders["baked"]), ("torch_hooks", None)):
+            queue = ctx.Queue()
+            proc = ctx.Process(target=_latency_child, args=(size, variant, str(folder) if folder else None,
+                                                            repeats, queue))
+            proc.start()
+            samples[variant].append(queue.get())
+            proc.join()
+    return {k: statistics.median(v) for k, v in samples.items()}
+
+
+HEADER = (f"{'UNet':6s} {'export s base/baked':>20s} {'peak RSS GiB base/baked':>24s} {'ORT base ms':>12s} "
+          f"{'ORT baked ms':>13s} {'baked/base':>11s} {'torch+hooks ms':>15s} {'torch/ORT':>10s}")
+
+
+def row(size, exports, lat) -> str:
+    (tb, rb), (tk, rk) = exports["base"], exports["baked"]
+    return (f"{size:6s} {tb:9.1f}/{tk:<9.1f} {rb:11.2f}/{rk:<11.2f} {lat['base_ort'] * 1e3:12.2f} "
+            f"{lat['baked_ort'] * 1e3:13.2f} {lat['baked_ort'] / lat['base_ort']:10.3f}x "
+            f"{lat['torch_hooks'] * 1e3:15.2f} {lat['torch_hooks'] / lat['baked_ort']:9.2f}x")
 
 
 def main(argv=None) -> int:
@@ -114,22 +150,16 @@ def main(argv=None) -> int:
     parser.add_argument("--repeats", type=int, default=15)
     args = parser.parse_args(argv)
     sizes = ["tiny"] + (["sd15"] if args.full else [])
-    rows = []
+    print(HEADER, flush=True)
     for size in sizes:
         with tempfile.TemporaryDirectory() as tmp:
             folders, exports = {}, {}
             for kind in ("base", "baked"):
                 folders[kind] = Path(tmp) / kind
                 exports[kind] = timed_export(size, kind == "baked", folders[kind])
+                print(f"  {size} {kind} export: {exports[kind][0]:.1f} s, peak RSS {exports[kind][1]:.2f} GiB", flush=True)
             lat = latencies(size, folders, args.repeats if size == "tiny" else max(3, args.repeats // 5))
-        rows.append((size, exports, lat))
-    print(f"{'UNet':6s} {'export s base/baked':>20s} {'peak RSS GiB base/baked':>24s} {'ORT base ms':>12s} "
-          f"{'ORT baked ms':>13s} {'baked/base':>11s} {'torch+hooks ms':>15s} {'torch/ORT':>10s}")
-    for size, exports, lat in rows:
-        (tb, rb), (tk, rk) = exports["base"], exports["baked"]
-        print(f"{size:6s} {tb:9.1f}/{tk:<9.1f} {rb:11.2f}/{rk:<11.2f} {lat['base_ort'] * 1e3:12.2f} "
-              f"{lat['baked_ort'] * 1e3:13.2f} {lat['baked_ort'] / lat['base_ort']:10.3f}x "
-              f"{lat['torch_hooks'] * 1e3:15.2f} {lat['torch_hooks'] / lat['baked_ort']:9.2f}x")
+        print(row(size, exports, lat), flush=True)
     return 0
 
 
