@@ -17,7 +17,10 @@ PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
 
 
 def _finish(pipe: StableDiffusionPipeline, device, dtype) -> StableDiffusionPipeline:
+    """On a CPU everything runs in fp32 (weights may be stored in fp16, as the toy model's are)."""
     pipe.set_progress_bar_config(disable=True)
+    if dtype is None and torch.device(device).type == "cpu":
+        dtype = torch.float32
     if dtype is not None:
         pipe.to(dtype=dtype)
     return pipe.to(device)

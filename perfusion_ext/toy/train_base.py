@@ -144,7 +144,7 @@ class Trainer:
                           toy_model.MODEL_DIR.parent / "model_training.json")
 
     def pipeline(self, ema: bool):
-        self.vae.config.scaling_factor = self.state["vae_scaling_factor"]
+        self.vae.register_to_config(scaling_factor=self.state["vae_scaling_factor"])  # saved with the model
         return make_pipeline(
             vae=self.vae,
             text_encoder=self.ema_text_encoder if ema else self.text_encoder,
