@@ -137,9 +137,9 @@ class ConceptTrainer:
             i_super = self._superclass_encoding_mean()
         self.i_star = i_super.clone()
         self.i_super = i_super.clone()
-        dtype_out = {name: layer.to_v.weight for name, layer in self.layers.items()}
+        value_weights = {name: layer.to_v.weight for name, layer in self.layers.items()}
         self.value_targets = {name: torch.nn.Parameter((w.detach().double() @ i_super).float())
-                              for name, w in dtype_out.items()}
+                              for name, w in value_weights.items()}
         self.key_params = ({name: torch.nn.Parameter((layer.to_k.weight.detach().double() @ i_super).float())
                             for name, layer in self.layers.items()} if config.mode == "no_key_lock" else {})
         groups = [{"params": list(self.embedding.values()), "lr": config.lr_embedding}]
