@@ -132,9 +132,9 @@ def _base_hash(pipe) -> str:
     """The hash concepts record as `perfusion.base_hash` (text encoder + attn2 K/V); '' without a text encoder."""
     if getattr(pipe, "text_encoder", None) is None:
         return ""
-    from perfusion_ext.backend import DiffusersBackend
+    from perfusion_ext.backend import base_hash
 
-    return DiffusersBackend(pipe).base_hash
+    return base_hash(pipe.text_encoder, pipe.unet)
 
 
 def rows_per_slot(entries, slot_mode: bool) -> int | None:
