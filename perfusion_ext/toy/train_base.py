@@ -4,12 +4,13 @@ One reproducible command. It trains the VAE first (a few minutes), then the UNet
 jointly on freshly rendered scenes, checkpoints every `--checkpoint-minutes` (atomically), evaluates
 attribute accuracy on held-out prompts every `--eval-minutes`, and resumes from its work folder.
 `--export` writes the EMA weights as the committed diffusers folder (fp16) and the fp32 resume file.
+Diffusion batches are sampled and rendered on the training device (`--device cuda` on a GPU machine).
 """
 from __future__ import annotations
 
 import argparse
 import json
-import os
+import platform
 import time
 from pathlib import Path
 
@@ -22,6 +23,7 @@ from ..atomic import atomic_write_json, atomic_save_safetensors
 from . import model as toy_model
 from . import checkers, world
 from .evaluate import evaluate_pipeline, make_pipeline
+from .training_data import SceneSampler
 
 RESUME_FILE = Path(__file__).resolve().parents[2] / "training" / "toy_base_resume.safetensors"
 
@@ -33,6 +35,7 @@ def images_to_tensor(images: np.ndarray) -> torch.Tensor:
 class Trainer:
     def __init__(self, args):
         self.args = args
+        self.device = torch.device(args.device)
         self.work = Path(args.work)
         self.work.mkdir(parents=True, exist_ok=True)
         torch.manual_seed(args.seed)
@@ -45,12 +48,15 @@ class Trainer:
         self.ema_text_encoder = toy_model.build_text_encoder().requires_grad_(False)
         self.ema_unet.load_state_dict(self.unet.state_dict())
         self.ema_text_encoder.load_state_dict(self.text_encoder.state_dict())
+        for module in self._modules().values():
+            module.to(self.device)
         self.scheduler = toy_model.build_train_scheduler()
         self.optimizer = self._make_optimizer()
         self.state = {"phase": "vae", "vae_step": 0, "step": 0, "images_seen": 0, "train_seconds": 0.0,
                       "vae_scaling_factor": 1.0}
         self.rng = np.random.default_rng(args.seed)
-        self.token_cache: dict[str, torch.Tensor] = {}
+        self.sampler = SceneSampler(self.tokenizer, self.device, seed=args.seed)
+        self.warmup_origin = 0  # step at which a fresh optimizer state started (learning-rate warm-up)
         self.vae_optimizer = torch.optim.Adam(self.vae.parameters(), lr=1e-3)
 
     def _make_optimizer(self):
@@ -61,7 +67,7 @@ class Trainer:
         # Token table rows never used get zero gradient and, without weight decay, stay untouched.
         return torch.optim.AdamW(
             [{"params": decay, "weight_decay": 0.01}, {"params": no_decay, "weight_decay": 0.0}],
-            lr=self.args.lr, betas=(0.9, 0.99),
+            lr=self.args.lr, betas=(0.9, 0.99), fused=self.device.type == "cuda",
         )
 
     # ---- checkpointing -------------------------------------------------------------------
@@ -73,15 +79,16 @@ class Trainer:
         tensors = {}
         for prefix, module in self._modules().items():
             for k, v in module.state_dict().items():
-                tensors[f"{prefix}.{k}"] = v.contiguous()
+                tensors[f"{prefix}.{k}"] = v.detach().cpu().contiguous()
         params = [p for g in self.optimizer.param_groups for p in g["params"]]
         for i, p in enumerate(params):
             st = self.optimizer.state.get(p)
             if st:
-                tensors[f"opt.{i}.exp_avg"] = st["exp_avg"]
-                tensors[f"opt.{i}.exp_avg_sq"] = st["exp_avg_sq"]
-                tensors[f"opt.{i}.step"] = torch.as_tensor(st["step"]).reshape(1).float()
+                tensors[f"opt.{i}.exp_avg"] = st["exp_avg"].cpu()
+                tensors[f"opt.{i}.exp_avg_sq"] = st["exp_avg_sq"].cpu()
+                tensors[f"opt.{i}.step"] = torch.as_tensor(st["step"]).reshape(1).float().cpu()
         tensors["rng.torch"] = torch.get_rng_state()
+        tensors["rng.sampler"] = self.sampler.state().cpu()
         atomic_save_safetensors(tensors, self.work / "checkpoint.safetensors")
         meta = dict(self.state, numpy_rng=self.rng.bit_generator.state)
         atomic_write_json(meta, self.work / "checkpoint.json")
@@ -100,34 +107,42 @@ class Trainer:
             for i, p in enumerate(params):
                 if f"opt.{i}.exp_avg" in tensors:
                     self.optimizer.state[p] = {
-                        "exp_avg": tensors[f"opt.{i}.exp_avg"],
-                        "exp_avg_sq": tensors[f"opt.{i}.exp_avg_sq"],
-                        "step": tensors[f"opt.{i}.step"].reshape(()),
+                        "exp_avg": tensors[f"opt.{i}.exp_avg"].to(p.device),
+                        "exp_avg_sq": tensors[f"opt.{i}.exp_avg_sq"].to(p.device),
+                        "step": tensors[f"opt.{i}.step"].reshape(()).to(p.device if p.is_cuda else "cpu"),
                     }
             torch.set_rng_state(tensors["rng.torch"])
+            if "rng.sampler" in tensors:
+                self.sampler.set_state(tensors["rng.sampler"])
             return True
-        if RESUME_FILE.exists() and not self.args.from_scratch:
-            # Committed resume point: EMA weights only (the optimizer state is not committed).
+        if self.args.from_scratch:
+            return False
+        # Committed resume point: EMA weights only (the optimizer state is not committed), in fp32 —
+        # or, where that file was left behind (it is too big for some transfers), the fp16 model folder.
+        if RESUME_FILE.exists():
             tensors = load_file(RESUME_FILE)
-            meta = json.loads(RESUME_FILE.with_suffix(".json").read_text())
-            self.state.update(meta)
-            for prefix, module in (("vae", self.vae), ("unet", self.unet), ("text_encoder", self.text_encoder),
-                                   ("unet", self.ema_unet), ("text_encoder", self.ema_text_encoder)):
-                module.load_state_dict({k[len(prefix) + 1:]: v for k, v in tensors.items()
-                                        if k.startswith(prefix + ".")})
-            return True
-        return False
+        else:
+            tensors = committed_model_weights()
+            print(f"{RESUME_FILE.name} missing: starting from the committed fp16 model", flush=True)
+        self.state.update(json.loads(RESUME_FILE.with_suffix(".json").read_text()))
+        for prefix, module in (("vae", self.vae), ("unet", self.unet), ("text_encoder", self.text_encoder),
+                               ("unet", self.ema_unet), ("text_encoder", self.ema_text_encoder)):
+            module.load_state_dict({k[len(prefix) + 1:]: v.float() for k, v in tensors.items()
+                                    if k.startswith(prefix + ".")})
+        self.warmup_origin = self.state["step"]
+        return True
 
     def export(self):
         """Write the committed artefacts: fp32 EMA resume file and the fp16 diffusers model folder."""
         tensors = {}
         for prefix, module in (("vae", self.vae), ("unet", self.ema_unet), ("text_encoder", self.ema_text_encoder)):
             for k, v in module.state_dict().items():
-                tensors[f"{prefix}.{k}"] = v.contiguous()
+                tensors[f"{prefix}.{k}"] = v.detach().cpu().contiguous()
         RESUME_FILE.parent.mkdir(parents=True, exist_ok=True)
         atomic_save_safetensors(tensors, RESUME_FILE)
         atomic_write_json({k: self.state[k] for k in ("phase", "vae_step", "step", "images_seen",
-                                                      "train_seconds", "vae_scaling_factor")},
+                                                      "train_seconds", "vae_scaling_factor", "hardware")
+                           if k in self.state},
                           RESUME_FILE.with_suffix(".json"))
         pipe = self.pipeline(ema=True)
         pipe.to(torch.float16).save_pretrained(toy_model.MODEL_DIR, safe_serialization=True)
@@ -135,10 +150,9 @@ class Trainer:
         evals = []
         if (self.work / "eval.jsonl").is_file():
             evals = [json.loads(line) for line in (self.work / "eval.jsonl").read_text().splitlines() if line]
-        import platform
-
-        summary = (f"{self.state['images_seen']:,} images ({self.state['step']:,} steps of batch {self.args.batch}) in "
-                   f"{self.state['train_seconds'] / 3600:.1f} h on {os.cpu_count()} CPU cores ({platform.machine()})")
+        summary = f"{self.state['images_seen']:,} images ({self.state['step']:,} steps) in " + "; ".join(
+            f"{seg['seconds'] / 60:.0f} min on {seg['hardware']} ({seg['images']:,} images, batch {seg['batch']})"
+            for seg in self.hardware_log())
         atomic_write_json({"summary": summary, "state": {k: v for k, v in self.state.items()},
                            "args": vars(self.args), "evaluations": evals},
                           toy_model.MODEL_DIR.parent / "model_training.json")
@@ -155,7 +169,7 @@ class Trainer:
     # ---- VAE -----------------------------------------------------------------------------
     def train_vae_step(self):
         images, _ = world.training_batch(self.rng, 32, drop_caption=0.0)
-        x = images_to_tensor(images)
+        x = images_to_tensor(images).to(self.device)
         posterior = self.vae.encode(x).latent_dist
         recon = self.vae.decode(posterior.sample()).sample
         loss = F.mse_loss(recon, x) + 1e-6 * posterior.kl().mean()
@@ -175,8 +189,8 @@ class Trainer:
     def vae_agreement(self, vae) -> tuple[float, float]:
         """(share of reconstructions the checkers read exactly like the original, mean abs error /255)."""
         images, _ = world.training_batch(np.random.default_rng(1234), 256, drop_caption=0.0)
-        recon = vae.decode(vae.encode(images_to_tensor(images)).latent_dist.mode()).sample
-        recon = ((recon.clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).numpy()
+        recon = vae.decode(vae.encode(images_to_tensor(images).to(self.device)).latent_dist.mode()).sample
+        recon = ((recon.clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).cpu().numpy()
         agree = float(np.mean([checkers.read(r) == checkers.read(t) for r, t in zip(recon, images)]))
         return agree, float(np.abs(recon.astype(np.int16) - images.astype(np.int16)).mean())
 
@@ -193,50 +207,58 @@ class Trainer:
         self.validate_vae()
         self.vae.load_state_dict(self.vae_best.state_dict())
         images, _ = world.training_batch(np.random.default_rng(1234), 256, drop_caption=0.0)
-        latents = self.vae.encode(images_to_tensor(images)).latent_dist.sample()
+        latents = self.vae.encode(images_to_tensor(images).to(self.device)).latent_dist.sample()
         self.state["vae_scaling_factor"] = float(1.0 / latents.std())
         self.state["phase"] = "diffusion"
         print(f"VAE: kept the best snapshot, {self.state['vae_best']}", flush=True)
 
     # ---- diffusion -----------------------------------------------------------------------
-    def tokens(self, captions: list[str]) -> torch.Tensor:
-        missing = [c for c in set(captions) if c not in self.token_cache]
-        if missing:
-            ids = self.tokenizer(missing, padding="max_length", max_length=77, truncation=True,
-                                 return_tensors="pt").input_ids
-            self.token_cache.update(zip(missing, ids))
-        return torch.stack([self.token_cache[c] for c in captions])
+    def learning_rate(self, run_progress: float) -> float:
+        """Warm-up over 500 steps after a fresh optimizer state; with --decay, cosine to 10 % over this call."""
+        lr = self.args.lr * min(1.0, (self.state["step"] - self.warmup_origin + 1) / 500)
+        if self.args.decay:
+            lr *= 0.1 + 0.45 * (1 + np.cos(np.pi * min(1.0, run_progress)))
+        return lr
 
-    def train_diffusion_step(self):
-        images, captions = world.training_batch(self.rng, self.args.batch)
+    def train_diffusion_step(self, run_progress: float) -> torch.Tensor:
+        images, ids = self.sampler.sample(self.args.batch)
         with torch.no_grad():
-            latents = self.vae.encode(images_to_tensor(images)).latent_dist.sample()
-            latents = latents * self.state["vae_scaling_factor"]
+            x = images.permute(0, 3, 1, 2).float() / 127.5 - 1.0
+            latents = self.vae.encode(x).latent_dist.sample() * self.state["vae_scaling_factor"]
         noise = torch.randn_like(latents)
-        t = torch.randint(0, self.scheduler.config.num_train_timesteps, (len(latents),))
+        t = torch.randint(0, self.scheduler.config.num_train_timesteps, (len(latents),), device=self.device)
         noisy = self.scheduler.add_noise(latents, noise, t)
         target = self.scheduler.get_velocity(latents, noise, t)
-        text = self.text_encoder(self.tokens(captions)).last_hidden_state
+        text = self.text_encoder(ids).last_hidden_state
         pred = self.unet(noisy, t, text).sample
         loss = F.mse_loss(pred, target)
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_([p for g in self.optimizer.param_groups for p in g["params"]], 1.0)
-        warmup = min(1.0, (self.state["step"] + 1) / 500)
         for g in self.optimizer.param_groups:
-            g["lr"] = self.args.lr * warmup
+            g["lr"] = self.learning_rate(run_progress)
         self.optimizer.step()
         self._update_ema()
         self.state["step"] += 1
         self.state["images_seen"] += len(images)
-        return loss.item()
+        return loss.detach()
 
     @torch.no_grad()
     def _update_ema(self):
         decay = min(self.args.ema, (1 + self.state["step"]) / (10 + self.state["step"]))
         for ema, live in ((self.ema_unet, self.unet), (self.ema_text_encoder, self.text_encoder)):
-            for pe, pl in zip(ema.parameters(), live.parameters()):
-                pe.lerp_(pl, 1.0 - decay)
+            torch._foreach_lerp_(list(ema.parameters()), list(live.parameters()), 1.0 - decay)
+
+    def hardware_log(self) -> list[dict]:
+        """Training time per hardware; runs before this log existed were CPU-only (2 cores, batch 64)."""
+        return self.state.setdefault("hardware", [
+            {"hardware": "2 CPU cores (x86_64)", "seconds": self.state["train_seconds"],
+             "images": self.state["images_seen"], "batch": 64}] if self.state["images_seen"] else [])
+
+    def hardware_name(self) -> str:
+        if self.device.type == "cuda":
+            return torch.cuda.get_device_name(self.device)
+        return f"{torch.get_num_threads()} CPU threads ({platform.machine()})"
 
     def evaluate(self):
         pipe = self.pipeline(ema=True)
@@ -249,9 +271,13 @@ class Trainer:
 
     def run(self):
         resumed = self.load()
+        self.hardware_log()  # attribute earlier (pre-log) training before this call adds its own
         print(f"{'resumed' if resumed else 'started'}: {self.state}", flush=True)
-        deadline = time.time() + self.args.minutes * 60
+        started = time.time()
+        deadline = started + self.args.minutes * 60
         progress_at_start = (self.state["vae_step"], self.state["step"])
+        segment = {"hardware": self.hardware_name(), "seconds": 0.0, "images": 0, "batch": self.args.batch}
+        images_at_start = self.state["images_seen"]
         last_ckpt = last_eval = time.time()
         losses = []
         while time.time() < deadline:
@@ -263,12 +289,14 @@ class Trainer:
                     self.finish_vae()
                     print(f"VAE done, scaling factor {self.state['vae_scaling_factor']:.4f}", flush=True)
             else:
-                losses.append(self.train_diffusion_step())
+                losses.append(self.train_diffusion_step((t0 - started) / max(1.0, deadline - started)))
             self.state["train_seconds"] += time.time() - t0
+            segment["seconds"] += time.time() - t0
             n = self.state["step"] if self.state["phase"] == "diffusion" else self.state["vae_step"]
             if n % 100 == 0:
-                print(f"{self.state['phase']} step {n} loss {np.mean(losses):.4f} "
-                      f"seen {self.state['images_seen']} t {self.state['train_seconds'] / 60:.1f} min", flush=True)
+                print(f"{self.state['phase']} step {n} loss {float(torch.stack([torch.as_tensor(v) for v in losses]).mean()):.4f} "
+                      f"seen {self.state['images_seen']} t {self.state['train_seconds'] / 60:.1f} min "
+                      f"lr {self.optimizer.param_groups[0]['lr']:.2e}", flush=True)
                 losses = []
             if time.time() - last_ckpt > self.args.checkpoint_minutes * 60:
                 self.save()
@@ -277,9 +305,21 @@ class Trainer:
                 self.evaluate()
                 last_eval = time.time()
         if (self.state["vae_step"], self.state["step"]) != progress_at_start:  # never rewrite an unchanged state
+            segment["images"] = self.state["images_seen"] - images_at_start
+            self.hardware_log().append(segment)
+            if self.args.eval_at_end and self.state["phase"] == "diffusion":
+                self.evaluate()
             self.save()
         if self.args.export:
             self.export()
+
+
+def committed_model_weights() -> dict[str, torch.Tensor]:
+    """The committed diffusers folder's weights under the resume file's prefixes (vae., unet., text_encoder.)."""
+    files = {"vae": "vae/diffusion_pytorch_model.safetensors", "unet": "unet/diffusion_pytorch_model.safetensors",
+             "text_encoder": "text_encoder/model.safetensors"}
+    return {f"{prefix}.{k}": v for prefix, name in files.items()
+            for k, v in load_file(toy_model.MODEL_DIR / name).items()}
 
 
 def load_toy_tokenizer():
@@ -293,6 +333,7 @@ def main(argv=None):
     p.add_argument("--work", default="toy_train", help="checkpoint/eval folder (resumed when present)")
     p.add_argument("--minutes", type=float, default=60.0, help="training time budget for this call")
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--batch", type=int, default=64)
     p.add_argument("--lr", type=float, default=5e-4)
@@ -301,10 +342,14 @@ def main(argv=None):
     p.add_argument("--checkpoint-minutes", type=float, default=10.0)
     p.add_argument("--eval-minutes", type=float, default=30.0)
     p.add_argument("--eval-prompts", type=int, default=219)
+    p.add_argument("--decay", action="store_true",
+                   help="cosine-decay the learning rate to 10%% over this call's --minutes (a final run)")
+    p.add_argument("--eval-at-end", action="store_true", help="evaluate once more when the time is up")
     p.add_argument("--export", action="store_true", help="write the committed model folder at the end")
     p.add_argument("--from-scratch", action="store_true", help="ignore the committed resume file")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     Trainer(args).run()
 
 

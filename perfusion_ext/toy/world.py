@@ -50,7 +50,14 @@ TRAIN_TEMPLATES = (
     "a picture of a {obj} {pos} against a {bg} background",
     "{pos}, a {obj} on {bg}",
     "a drawing of a {obj} {pos} with a {bg} background",
+    # Comma-separated tag style, as SD prompts are often written.
+    "{bg} background, {obj}, {pos}",
+    "drawing, {obj} {pos}, {bg} background",
+    "minimal art, {bg} background, one {obj} {pos}",
 )
+# Style words SD prompts often start with ("photo, …"); training prepends one to some captions so that
+# no single leading word decides which colour names the background. "photo" is held out for evaluation.
+STYLE_PREFIXES = ("image", "picture", "art", "illustration", "render", "sketch", "graphic", "digital art")
 EVAL_TEMPLATES = (
     "a rendering of a {obj} {pos} on a plain {bg} background",
     "a {obj} placed {pos}, the background is {bg}",
@@ -116,15 +123,16 @@ def all_combos() -> list[tuple[str, str, str, str]]:
     ]
 
 
+def caption_text(scene: Scene, template: str, position_phrase: str) -> str:
+    """The caption of `scene` in one template with one phrasing of its position."""
+    size_word = "" if scene.size == "medium" else scene.size + " "
+    return template.format(obj=f"{size_word}{scene.colour} {scene.shape}", pos=position_phrase, bg=scene.background)
+
+
 def caption(scene: Scene, rng: np.random.Generator, templates=TRAIN_TEMPLATES) -> str:
     template = templates[rng.integers(len(templates))]
-    size_word = "" if scene.size == "medium" else scene.size + " "
     phrases = POSITION_PHRASES[scene.position]
-    return template.format(
-        obj=f"{size_word}{scene.colour} {scene.shape}",
-        pos=phrases[rng.integers(len(phrases))],
-        bg=scene.background,
-    )
+    return caption_text(scene, template, phrases[rng.integers(len(phrases))])
 
 
 def random_scene(rng: np.random.Generator, held_out: bool = False) -> Scene:

@@ -1,0 +1,111 @@
+"""Training batches of the toy world drawn and rendered on the training device.
+
+The numpy renderer (:mod:`.world`) draws one scene at a time, which is fine on a CPU and far too slow
+to feed a GPU. Here scenes are sampled as index tensors, rendered in one vectorised pass
+(pixel-identical to :func:`world.render`) and captioned from a table of every training caption,
+tokenized once. The scene distribution equals :func:`world.random_scene`'s: uniform over the training
+attribute combinations, sizes small/medium/medium/large, centre jitter uniform in ±1 px; a share of
+captions (`prefix_share`) starts with a style word ("sketch, …").
+"""
+from __future__ import annotations
+
+import torch
+
+from . import world
+
+_SIZE_NAMES = tuple(world.SIZES)  # small, medium, large
+_SIZE_DRAW = torch.tensor([_SIZE_NAMES.index(s) for s in ("small", "medium", "medium", "large")])
+_SHAPE_NAMES = world.SHAPES
+
+
+def render_batch(colour, shape, position, background, size, dx, dy) -> torch.Tensor:
+    """Vectorised :func:`world.render`: index tensors (into COLOURS, SHAPES, POSITIONS, COLOURS, SIZES)
+    and float64 jitter → uint8 N×H×W×3 on their device.
+
+    Centres and edges are computed in float64 and rounded to float32 once, as numpy does for the
+    Python floats in :func:`world.shape_mask`, so the pixels match exactly.
+    """
+    device = colour.device
+    n = colour.shape[0]
+    coords = torch.arange(world.IMAGE_SIZE, device=device, dtype=torch.float32) + 0.5
+    xs, ys = coords.view(1, 1, -1), coords.view(1, -1, 1)
+    centres = torch.tensor(list(world.POSITIONS.values()), dtype=torch.float64, device=device)[position]
+    side64 = torch.tensor(list(world.SIZES.values()), dtype=torch.float64, device=device)[size]
+    half64 = side64 / 2.0
+    cx64, cy64 = centres[:, 0] + dx, centres[:, 1] + dy
+
+    def f32(v):
+        return v.float().view(n, 1, 1)
+
+    cx, cy, half, side = f32(cx64), f32(cy64), f32(half64), f32(side64)
+    top, bottom = f32(cy64 - half64), f32(cy64 + half64)
+    circle = (xs - cx) ** 2 + (ys - cy) ** 2 <= half**2
+    square = ((xs - cx).abs() <= half) & ((ys - cy).abs() <= half)
+    frac = ((ys - top) / side).clamp(0.0, 1.0)
+    triangle = (ys >= top) & (ys <= bottom) & ((xs - cx).abs() <= frac * half)
+    masks = torch.stack([circle, square, triangle], dim=1)  # order of world.SHAPES
+    mask = masks[torch.arange(n, device=device), shape]
+    palette = torch.tensor(list(world.COLOURS.values()), dtype=torch.uint8, device=device)
+    return torch.where(mask[..., None], palette[colour][:, None, None], palette[background][:, None, None])
+
+
+class SceneSampler:
+    """Random training scenes with captions, as tensors on `device`; its generator state checkpoints."""
+
+    def __init__(self, tokenizer, device, seed: int = 0, drop_caption: float = 0.1, prefix_share: float = 0.3):
+        self.device = torch.device(device)
+        self.drop_caption = drop_caption
+        self.prefix_share = prefix_share
+        colours, positions = list(world.COLOURS), list(world.POSITIONS)
+        combos = [c for c in world.all_combos() if not world.combo_is_held_out(*c)]
+        self.combos = torch.tensor(
+            [[colours.index(c), _SHAPE_NAMES.index(s), positions.index(p), colours.index(b)] for c, s, p, b in combos],
+            device=self.device,
+        )
+        phrase_counts = [len(world.POSITION_PHRASES[p]) for p in positions]
+        self.phrase_counts = torch.tensor(phrase_counts, device=self.device)
+        max_phrases = max(phrase_counts)
+        # Every training caption: [combo, size, template, phrase, prefix]; short phrase lists repeat their
+        # last entry; prefix 0 is none.
+        prefixes = ("",) + tuple(f"{word}, " for word in world.STYLE_PREFIXES)
+        captions = []
+        for c, s, p, b in combos:
+            phrases = world.POSITION_PHRASES[p]
+            for size in _SIZE_NAMES:
+                scene = world.Scene(c, s, p, b, size)
+                for template in world.TRAIN_TEMPLATES:
+                    for k in range(max_phrases):
+                        text = world.caption_text(scene, template, phrases[min(k, len(phrases) - 1)])
+                        captions.extend(prefix + text for prefix in prefixes)
+        ids = tokenizer(captions + [""], padding="max_length", max_length=77, truncation=True,
+                        return_tensors="pt").input_ids
+        self.empty_ids = ids[-1].to(self.device)
+        self.caption_ids = ids[:-1].view(len(combos), len(_SIZE_NAMES), len(world.TRAIN_TEMPLATES),
+                                         max_phrases, len(prefixes), -1).to(self.device)
+        self.generator = torch.Generator(self.device).manual_seed(seed)
+
+    def _randint(self, high, n):
+        return torch.randint(0, high, (n,), generator=self.generator, device=self.device)
+
+    def sample(self, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(uint8 images N×H×W×3, token ids N×77) of n random training scenes."""
+        combo_index = self._randint(len(self.combos), n)
+        colour, shape, position, background = self.combos[combo_index].unbind(1)
+        size = _SIZE_DRAW.to(self.device)[self._randint(len(_SIZE_DRAW), n)]
+        jitter = torch.rand((2, n), generator=self.generator, device=self.device, dtype=torch.float64) * 2 - 1
+        images = render_batch(colour, shape, position, background, size, jitter[0], jitter[1])
+        template = self._randint(len(world.TRAIN_TEMPLATES), n)
+        u = torch.rand(n, generator=self.generator, device=self.device)
+        phrase = (u * self.phrase_counts[position]).long().clamp(max=self.caption_ids.shape[3] - 1)
+        prefix = torch.randint(1, self.caption_ids.shape[4], (n,), generator=self.generator, device=self.device)
+        prefix = torch.where(torch.rand(n, generator=self.generator, device=self.device) < self.prefix_share, prefix, 0)
+        ids = self.caption_ids[combo_index, size, template, phrase, prefix]
+        dropped = torch.rand(n, generator=self.generator, device=self.device) < self.drop_caption
+        ids = torch.where(dropped[:, None], self.empty_ids, ids)
+        return images, ids
+
+    def state(self) -> torch.Tensor:
+        return self.generator.get_state()
+
+    def set_state(self, state: torch.Tensor) -> None:
+        self.generator.set_state(state)
