@@ -52,11 +52,11 @@ class Trainer:
             module.to(self.device)
         self.scheduler = toy_model.build_train_scheduler()
         self.optimizer = self._make_optimizer()
+        # warmup_origin: the step at which the optimizer state started afresh (learning-rate warm-up).
         self.state = {"phase": "vae", "vae_step": 0, "step": 0, "images_seen": 0, "train_seconds": 0.0,
-                      "vae_scaling_factor": 1.0}
+                      "vae_scaling_factor": 1.0, "warmup_origin": 0}
         self.rng = np.random.default_rng(args.seed)
         self.sampler = SceneSampler(self.tokenizer, self.device, seed=args.seed)
-        self.warmup_origin = 0  # step at which a fresh optimizer state started (learning-rate warm-up)
         self.vae_optimizer = torch.optim.Adam(self.vae.parameters(), lr=1e-3)
 
     def _make_optimizer(self):
@@ -129,7 +129,7 @@ class Trainer:
                                ("unet", self.ema_unet), ("text_encoder", self.ema_text_encoder)):
             module.load_state_dict({k[len(prefix) + 1:]: v.float() for k, v in tensors.items()
                                     if k.startswith(prefix + ".")})
-        self.warmup_origin = self.state["step"]
+        self.state["warmup_origin"] = self.state["step"]
         return True
 
     def export(self):
@@ -183,7 +183,7 @@ class Trainer:
         self.vae_optimizer.step()
         if (self.state["vae_step"] + 1) % 250 == 0:
             self.validate_vae()
-        return loss.item()
+        return loss.detach()
 
     @torch.no_grad()
     def vae_agreement(self, vae) -> tuple[float, float]:
@@ -215,7 +215,7 @@ class Trainer:
     # ---- diffusion -----------------------------------------------------------------------
     def learning_rate(self, run_progress: float) -> float:
         """Warm-up over 500 steps after a fresh optimizer state; with --decay, cosine to 10 % over this call."""
-        lr = self.args.lr * min(1.0, (self.state["step"] - self.warmup_origin + 1) / 500)
+        lr = self.args.lr * min(1.0, (self.state["step"] - self.state["warmup_origin"] + 1) / 500)
         if self.args.decay:
             lr *= 0.1 + 0.45 * (1 + np.cos(np.pi * min(1.0, run_progress)))
         return lr
@@ -294,7 +294,7 @@ class Trainer:
             segment["seconds"] += time.time() - t0
             n = self.state["step"] if self.state["phase"] == "diffusion" else self.state["vae_step"]
             if n % 100 == 0:
-                print(f"{self.state['phase']} step {n} loss {float(torch.stack([torch.as_tensor(v) for v in losses]).mean()):.4f} "
+                print(f"{self.state['phase']} step {n} loss {torch.stack(losses).mean():.4f} "
                       f"seen {self.state['images_seen']} t {self.state['train_seconds'] / 60:.1f} min "
                       f"lr {self.optimizer.param_groups[0]['lr']:.2e}", flush=True)
                 losses = []
@@ -328,7 +328,7 @@ def load_toy_tokenizer():
     return CLIPTokenizer.from_pretrained(toy_model.MODEL_DIR / "tokenizer")
 
 
-def main(argv=None):
+def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("--work", default="toy_train", help="checkpoint/eval folder (resumed when present)")
     p.add_argument("--minutes", type=float, default=60.0, help="training time budget for this call")
@@ -347,7 +347,11 @@ def main(argv=None):
     p.add_argument("--eval-at-end", action="store_true", help="evaluate once more when the time is up")
     p.add_argument("--export", action="store_true", help="write the committed model folder at the end")
     p.add_argument("--from-scratch", action="store_true", help="ignore the committed resume file")
-    args = p.parse_args(argv)
+    return p.parse_args(argv)
+
+
+def main(argv=None):
+    args = parse_args(argv)
     torch.set_num_threads(args.threads)
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     Trainer(args).run()

@@ -159,16 +159,20 @@ def training_batch(rng: np.random.Generator, n: int, drop_caption: float = 0.1):
     return np.stack(images), captions
 
 
+def held_out_template(i: int) -> str:
+    """The held-out phrasing of the i-th held-out prompt: each template covers every held-out combination."""
+    n_combos = sum(combo_is_held_out(*c) for c in all_combos())
+    return EVAL_TEMPLATES[(i // n_combos) % len(EVAL_TEMPLATES)]
+
+
 def held_out_prompts(n: int, seed: int = 0) -> list[tuple[Scene, str]]:
     """n (scene, caption) pairs over held-out combinations and held-out phrasings."""
     rng = np.random.default_rng(seed)
     combos = [c for c in all_combos() if combo_is_held_out(*c)]
     out = []
     for i in range(n):
-        c, s, p, b = combos[i % len(combos)]
-        scene = Scene(c, s, p, b)
-        template = EVAL_TEMPLATES[(i // len(combos)) % len(EVAL_TEMPLATES)]
-        out.append((scene, caption(scene, rng, (template,))))
+        scene = Scene(*combos[i % len(combos)])
+        out.append((scene, caption(scene, rng, (held_out_template(i),))))
     return out
 
 
