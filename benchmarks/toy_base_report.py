@@ -63,7 +63,7 @@ def main(argv=None) -> int:
             [[f"`{t}`", r["n"]] + [f"{r[a]:.0%}" for a in ATTRIBUTES] for t, r in result["by_template"].items()],
         )
         curve = markdown_table(
-            ["images seen", "training time"] + list(ATTRIBUTES),
+            ["images seen", "training time (CPU + GPU)"] + list(ATTRIBUTES),
             [[f"{e['images_seen']:,}", f"{e['train_minutes']:.0f} min"] + [f"{e[a]:.0%}" for a in ATTRIBUTES]
              for e in training.get("evaluations", [])],
         )

@@ -252,7 +252,7 @@ class Trainer:
     def hardware_log(self) -> list[dict]:
         """Training time per hardware; runs before this log existed were CPU-only (2 cores, batch 64)."""
         return self.state.setdefault("hardware", [
-            {"hardware": "2 CPU cores (x86_64)", "seconds": self.state["train_seconds"],
+            {"hardware": "2 CPU threads (x86_64)", "seconds": self.state["train_seconds"],
              "images": self.state["images_seen"], "batch": 64}] if self.state["images_seen"] else [])
 
     def hardware_name(self) -> str:
