@@ -2,7 +2,7 @@
 eager (with the concept hooks) per denoising step, and export time and peak RSS, side by side.
 
     OMP_NUM_THREADS=1 python benchmarks/bench_export.py            # tiny SD1.5-topology UNet (~3 min)
-    OMP_NUM_THREADS=1 python benchmarks/bench_export.py --full     # + SD1.5-size random UNet (long, ~8 GB)
+    OMP_NUM_THREADS=1 python benchmarks/bench_export.py --full     # + SD1.5-size random UNet (~25 min, ~4 GB)
 
 Random weights (no downloads). Each export runs in its own child process so its peak RSS is its own.
 Latencies are medians over interleaved runs (base, baked, torch alternate) on one thread.
@@ -146,7 +146,7 @@ def row(size, exports, lat) -> str:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--full", action="store_true", help="also the SD1.5-size UNet (slow, ~8 GB RAM)")
+    parser.add_argument("--full", action="store_true", help="also the SD1.5-size UNet (~25 min, ~4 GB RAM)")
     parser.add_argument("--repeats", type=int, default=15)
     args = parser.parse_args(argv)
     sizes = ["tiny"] + (["sd15"] if args.full else [])
