@@ -9,6 +9,7 @@ Diffusion batches are sampled and rendered on the training device (`--device cud
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import platform
 import time
@@ -28,8 +29,9 @@ from .training_data import SceneSampler
 RESUME_FILE = Path(__file__).resolve().parents[2] / "training" / "toy_base_resume.safetensors"
 
 
-def images_to_tensor(images: np.ndarray) -> torch.Tensor:
-    return torch.from_numpy(images).permute(0, 3, 1, 2).float() / 127.5 - 1.0
+def images_to_tensor(images, device=None) -> torch.Tensor:
+    """uint8 N×H×W×3 images (numpy or torch) → float N×3×H×W in [-1, 1] on `device`."""
+    return torch.as_tensor(images, device=device).permute(0, 3, 1, 2).float() / 127.5 - 1.0
 
 
 class Trainer:
@@ -56,8 +58,12 @@ class Trainer:
         self.state = {"phase": "vae", "vae_step": 0, "step": 0, "images_seen": 0, "train_seconds": 0.0,
                       "vae_scaling_factor": 1.0, "warmup_origin": 0}
         self.rng = np.random.default_rng(args.seed)
-        self.sampler = SceneSampler(self.tokenizer, self.device, seed=args.seed)
         self.vae_optimizer = torch.optim.Adam(self.vae.parameters(), lr=1e-3)
+
+    @functools.cached_property
+    def sampler(self) -> SceneSampler:
+        """Built on first use: tokenizing every training caption is wasted on VAE-only or export-only calls."""
+        return SceneSampler(self.tokenizer, self.device, seed=self.args.seed)
 
     def _make_optimizer(self):
         no_decay, decay = [], []
@@ -109,7 +115,7 @@ class Trainer:
                     self.optimizer.state[p] = {
                         "exp_avg": tensors[f"opt.{i}.exp_avg"].to(p.device),
                         "exp_avg_sq": tensors[f"opt.{i}.exp_avg_sq"].to(p.device),
-                        "step": tensors[f"opt.{i}.step"].reshape(()).to(p.device if p.is_cuda else "cpu"),
+                        "step": tensors[f"opt.{i}.step"].reshape(()).to(p.device),
                     }
             torch.set_rng_state(tensors["rng.torch"])
             if "rng.sampler" in tensors:
@@ -169,7 +175,7 @@ class Trainer:
     # ---- VAE -----------------------------------------------------------------------------
     def train_vae_step(self):
         images, _ = world.training_batch(self.rng, 32, drop_caption=0.0)
-        x = images_to_tensor(images).to(self.device)
+        x = images_to_tensor(images, self.device)
         posterior = self.vae.encode(x).latent_dist
         recon = self.vae.decode(posterior.sample()).sample
         loss = F.mse_loss(recon, x) + 1e-6 * posterior.kl().mean()
@@ -189,7 +195,7 @@ class Trainer:
     def vae_agreement(self, vae) -> tuple[float, float]:
         """(share of reconstructions the checkers read exactly like the original, mean abs error /255)."""
         images, _ = world.training_batch(np.random.default_rng(1234), 256, drop_caption=0.0)
-        recon = vae.decode(vae.encode(images_to_tensor(images).to(self.device)).latent_dist.mode()).sample
+        recon = vae.decode(vae.encode(images_to_tensor(images, self.device)).latent_dist.mode()).sample
         recon = ((recon.clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).cpu().numpy()
         agree = float(np.mean([checkers.read(r) == checkers.read(t) for r, t in zip(recon, images)]))
         return agree, float(np.abs(recon.astype(np.int16) - images.astype(np.int16)).mean())
@@ -207,7 +213,7 @@ class Trainer:
         self.validate_vae()
         self.vae.load_state_dict(self.vae_best.state_dict())
         images, _ = world.training_batch(np.random.default_rng(1234), 256, drop_caption=0.0)
-        latents = self.vae.encode(images_to_tensor(images).to(self.device)).latent_dist.sample()
+        latents = self.vae.encode(images_to_tensor(images, self.device)).latent_dist.sample()
         self.state["vae_scaling_factor"] = float(1.0 / latents.std())
         self.state["phase"] = "diffusion"
         print(f"VAE: kept the best snapshot, {self.state['vae_best']}", flush=True)
@@ -223,8 +229,7 @@ class Trainer:
     def train_diffusion_step(self, run_progress: float) -> torch.Tensor:
         images, ids = self.sampler.sample(self.args.batch)
         with torch.no_grad():
-            x = images.permute(0, 3, 1, 2).float() / 127.5 - 1.0
-            latents = self.vae.encode(x).latent_dist.sample() * self.state["vae_scaling_factor"]
+            latents = self.vae.encode(images_to_tensor(images)).latent_dist.sample() * self.state["vae_scaling_factor"]
         noise = torch.randn_like(latents)
         t = torch.randint(0, self.scheduler.config.num_train_timesteps, (len(latents),), device=self.device)
         noisy = self.scheduler.add_noise(latents, noise, t)
