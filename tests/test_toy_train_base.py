@@ -21,3 +21,23 @@ def test_checkpoint_round_trip_continues_identically(tmp_path):
     assert torch.equal(resumed.train_diffusion_step(0.0), loss_next)
     for a, b in zip(resumed.unet.parameters(), first.unet.parameters()):
         assert torch.equal(a, b)
+
+
+def test_world_v2_starts_with_an_anchored_vae_and_resumes(tmp_path):
+    args = train_base.parse_args(["--work", str(tmp_path), "--device", "cpu", "--batch", "4", "--world", "v2",
+                                  "--vae-v2-steps", "2"])
+    first = train_base.Trainer(args)
+    assert first.load() and first.state["phase"] == "vae_v2" and first.state["world"] == "v2"
+    for a, b in zip(first.vae_anchor.parameters(), first.vae.parameters()):
+        assert torch.equal(a, b) and not a.requires_grad
+    first.train_vae_v2_step()
+    assert first.state["phase"] == "vae_v2"
+    first.save()
+    resumed = train_base.Trainer(args)
+    assert resumed.load() and resumed.state["phase"] == "vae_v2" and resumed.state["vae_v2_step"] == 1
+    for a, b in zip(resumed.vae_anchor.parameters(), first.vae_anchor.parameters()):
+        assert torch.equal(a, b)
+    resumed.train_vae_v2_step()  # the last VAE step hands over to the diffusion phase
+    assert resumed.state["phase"] == "diffusion" and resumed.state["warmup_origin"] == resumed.state["step"]
+    images, ids = resumed.sampler.sample(4)
+    assert images.shape == (4, 32, 32, 3) and ids.shape == (4, 77)

@@ -8,7 +8,7 @@ import torch
 from diffusers import StableDiffusionPipeline
 from PIL import Image
 
-from . import checkers, world
+from . import checkers, pairs, world
 from . import model as toy_model
 
 ATTRIBUTES = ("background", "colour", "shape", "position")
@@ -68,4 +68,35 @@ def evaluate_pipeline(pipe, n_prompts: int = 219, seed: int = 0, grid_path: Path
         save_grid(images[:64], grid_path)
     result = score(images, [s for s, _ in pairs])
     result["n_prompts"] = n_prompts
+    return result
+
+
+PAIR_ATTRIBUTES = ("pair_colours", "pair_shapes", "pair_relation", "pair_both", "pair_background", "pair_position")
+
+
+def score_pairs(images: np.ndarray, scenes: list[pairs.PairScene], prompts: list[str]) -> dict[str, float]:
+    """Share of two-object images with both colours, both shapes, the relation (with touching parts),
+    all three ("both objects right"), the background and the pair's position read back as asked."""
+    hits = dict.fromkeys(PAIR_ATTRIBUTES, 0)
+    for img, scene, prompt in zip(images, scenes, prompts):
+        accepted = ("left", "right") if f" {pairs.NEXT_TO} " in prompt else scene.relation
+        r = checkers.read_pair(img, scene.colour_a, scene.shape_a, accepted, scene.colour_b, scene.shape_b)
+        hits["pair_colours"] += r.colours_right
+        hits["pair_shapes"] += r.shapes_right
+        hits["pair_relation"] += r.relation_right
+        hits["pair_both"] += r.both_right
+        hits["pair_background"] += r.background == scene.background
+        hits["pair_position"] += r.position == scene.position
+    return {a: hits[a] / len(scenes) for a in PAIR_ATTRIBUTES}
+
+
+def evaluate_pairs(pipe, n_prompts: int = 120, seed: int = 0, grid_path: Path | None = None) -> dict:
+    """Two-object accuracy on held-out (A, relation, B) combinations in held-out phrasings."""
+    found = pairs.held_out_prompts(n_prompts, seed=seed)
+    prompts = [p for _, p in found]
+    images = generate(pipe, prompts, seed=seed)
+    if grid_path is not None:
+        save_grid(images[:64], grid_path)
+    result = score_pairs(images, [s for s, _ in found], prompts)
+    result["pair_n_prompts"] = n_prompts
     return result

@@ -22,9 +22,9 @@ from safetensors.torch import load_file, save_file
 
 from ..atomic import atomic_write_json, atomic_save_safetensors
 from . import model as toy_model
-from . import checkers, world
-from .evaluate import evaluate_pipeline, make_pipeline
-from .training_data import SceneSampler
+from . import checkers, pairs, world
+from .evaluate import evaluate_pairs, evaluate_pipeline, make_pipeline
+from .training_data import SceneSampler, WorldV2Sampler
 
 RESUME_FILE = Path(__file__).resolve().parents[2] / "training" / "toy_base_resume.safetensors"
 
@@ -46,6 +46,7 @@ class Trainer:
         self.vae_best = toy_model.build_vae().requires_grad_(False)  # best validation snapshot
         self.unet = toy_model.build_unet()
         self.text_encoder = toy_model.build_text_encoder()
+        self.vae_anchor = toy_model.build_vae().requires_grad_(False)  # world v2: the VAE whose latents stay
         self.ema_unet = toy_model.build_unet().requires_grad_(False)
         self.ema_text_encoder = toy_model.build_text_encoder().requires_grad_(False)
         self.ema_unet.load_state_dict(self.unet.state_dict())
@@ -61,8 +62,10 @@ class Trainer:
         self.vae_optimizer = torch.optim.Adam(self.vae.parameters(), lr=1e-3)
 
     @functools.cached_property
-    def sampler(self) -> SceneSampler:
+    def sampler(self) -> SceneSampler | WorldV2Sampler:
         """Built on first use: tokenizing every training caption is wasted on VAE-only or export-only calls."""
+        if self.args.world == "v2":
+            return WorldV2Sampler(self.tokenizer, self.device, seed=self.args.seed)
         return SceneSampler(self.tokenizer, self.device, seed=self.args.seed)
 
     def _make_optimizer(self):
@@ -78,8 +81,11 @@ class Trainer:
 
     # ---- checkpointing -------------------------------------------------------------------
     def _modules(self):
-        return {"vae": self.vae, "vae_best": self.vae_best, "unet": self.unet, "text_encoder": self.text_encoder,
-                "ema_unet": self.ema_unet, "ema_text_encoder": self.ema_text_encoder}
+        modules = {"vae": self.vae, "vae_best": self.vae_best, "unet": self.unet, "text_encoder": self.text_encoder,
+                   "ema_unet": self.ema_unet, "ema_text_encoder": self.ema_text_encoder}
+        if self.args.world == "v2":
+            modules["vae_anchor"] = self.vae_anchor
+        return modules
 
     def save(self):
         tensors = {}
@@ -136,7 +142,16 @@ class Trainer:
             module.load_state_dict({k[len(prefix) + 1:]: v.float() for k, v in tensors.items()
                                     if k.startswith(prefix + ".")})
         self.state["warmup_origin"] = self.state["step"]
+        if self.args.world == "v2" and self.state.get("world") != "v2":
+            self._start_world_v2()
         return True
+
+    def _start_world_v2(self):
+        """Move a world-v1 model to world v2: first the VAE learns two-object scenes while its latents of
+        one-object scenes stay where they were (so the UNet stays valid), then the UNet follows."""
+        self.vae_anchor.load_state_dict(self.vae.state_dict())
+        self.state.update(world="v2", phase="vae_v2", vae_v2_step=0)
+        print("world v2: fine-tuning the VAE on two-object scenes, one-object latents anchored", flush=True)
 
     def export(self):
         """Write the committed artefacts: fp32 EMA resume file and the fp16 diffusers model folder."""
@@ -218,6 +233,57 @@ class Trainer:
         self.state["phase"] = "diffusion"
         print(f"VAE: kept the best snapshot, {self.state['vae_best']}", flush=True)
 
+    # ---- VAE, world v2 --------------------------------------------------------------------
+    @staticmethod
+    def _v2_vae_batch(rng: np.random.Generator, n: int) -> tuple[np.ndarray, np.ndarray, list[pairs.PairScene]]:
+        """(n one-object images, n two-object images, their scenes)."""
+        singles, _ = world.training_batch(rng, n, drop_caption=0.0)
+        scenes = [pairs.random_scene(rng) for _ in range(n)]
+        return singles, np.stack([pairs.render(scene) for scene in scenes]), scenes
+
+    def train_vae_v2_step(self):
+        singles, doubles, _ = self._v2_vae_batch(self.rng, 16)
+        x = images_to_tensor(np.concatenate([singles, doubles]), self.device)
+        posterior = self.vae.encode(x).latent_dist
+        recon = self.vae.decode(posterior.sample()).sample
+        with torch.no_grad():
+            anchor = self.vae_anchor.encode(x[:len(singles)]).latent_dist.mean
+        drift = F.mse_loss(posterior.mean[:len(singles)], anchor) * self.state["vae_scaling_factor"] ** 2
+        loss = F.mse_loss(recon, x) + 1e-6 * posterior.kl().mean() + self.args.anchor_weight * drift
+        self.vae_optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(self.vae.parameters(), 1.0)
+        for g in self.vae_optimizer.param_groups:
+            g["lr"] = 1e-4
+        self.vae_optimizer.step()
+        self.state["vae_v2_step"] += 1
+        if self.state["vae_v2_step"] % 100 == 0:
+            self.validate_vae_v2()
+        if self.state["vae_v2_step"] >= self.args.vae_v2_steps:
+            self.state["phase"] = "diffusion"
+            self.state["warmup_origin"] = self.state["step"]
+            print("world v2: VAE done, training the UNet and text encoder on both worlds", flush=True)
+        return loss.detach()
+
+    @torch.no_grad()
+    def validate_vae_v2(self) -> dict:
+        """Round trips read back (one-object: identical reading; two-object: both parts right) and the
+        relative drift of one-object latents from the anchored VAE's."""
+        singles, doubles, scenes = self._v2_vae_batch(np.random.default_rng(1234), 128)
+        x = images_to_tensor(np.concatenate([singles, doubles]), self.device)
+        mean = self.vae.encode(x).latent_dist.mean
+        recon = self.vae.decode(mean).sample
+        recon = ((recon.clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).cpu().numpy()
+        single_ok = np.mean([checkers.read(r) == checkers.read(t) for r, t in zip(recon[:128], singles)])
+        pair_ok = np.mean([checkers.read_pair(r, s.colour_a, s.shape_a, s.relation, s.colour_b, s.shape_b).both_right
+                           for r, s in zip(recon[128:], scenes)])
+        anchor = self.vae_anchor.encode(x[:128]).latent_dist.mean
+        drift = float((mean[:128] - anchor).norm() / anchor.norm())
+        result = {"one_object": float(single_ok), "two_object": float(pair_ok), "latent_drift": drift}
+        self.state["vae_v2_validation"] = result
+        print(f"VAE v2 step {self.state['vae_v2_step']}: {json.dumps(result)}", flush=True)
+        return result
+
     # ---- diffusion -----------------------------------------------------------------------
     def learning_rate(self, run_progress: float) -> float:
         """Warm-up over 500 steps after a fresh optimizer state; with --decay, cosine to 10 % over this call."""
@@ -268,6 +334,9 @@ class Trainer:
     def evaluate(self):
         pipe = self.pipeline(ema=True)
         result = evaluate_pipeline(pipe, n_prompts=self.args.eval_prompts, grid_path=self.work / "eval_grid.png")
+        if self.args.world == "v2":
+            result.update(evaluate_pairs(pipe, n_prompts=self.args.pair_eval_prompts,
+                                         grid_path=self.work / "eval_pairs_grid.png"))
         result.update(step=self.state["step"], images_seen=self.state["images_seen"],
                       train_minutes=round(self.state["train_seconds"] / 60, 1))
         with open(self.work / "eval.jsonl", "a") as f:
@@ -280,14 +349,16 @@ class Trainer:
         print(f"{'resumed' if resumed else 'started'}: {self.state}", flush=True)
         started = time.time()
         deadline = started + self.args.minutes * 60
-        progress_at_start = (self.state["vae_step"], self.state["step"])
+        progress_at_start = (self.state["vae_step"], self.state.get("vae_v2_step"), self.state["step"])
         segment = {"hardware": self.hardware_name(), "seconds": 0.0, "images": 0, "batch": self.args.batch}
         images_at_start = self.state["images_seen"]
         last_ckpt = last_eval = time.time()
         losses = []
         while time.time() < deadline:
             t0 = time.time()
-            if self.state["phase"] == "vae":
+            if self.state["phase"] == "vae_v2":
+                losses.append(self.train_vae_v2_step())
+            elif self.state["phase"] == "vae":
                 losses.append(self.train_vae_step())
                 self.state["vae_step"] += 1
                 if self.state["vae_step"] >= self.args.vae_steps:
@@ -297,7 +368,8 @@ class Trainer:
                 losses.append(self.train_diffusion_step((t0 - started) / max(1.0, deadline - started)))
             self.state["train_seconds"] += time.time() - t0
             segment["seconds"] += time.time() - t0
-            n = self.state["step"] if self.state["phase"] == "diffusion" else self.state["vae_step"]
+            n = {"diffusion": self.state["step"], "vae": self.state["vae_step"]}.get(self.state["phase"],
+                                                                                    self.state.get("vae_v2_step", 0))
             if n % 100 == 0:
                 print(f"{self.state['phase']} step {n} loss {torch.stack(losses).mean():.4f} "
                       f"seen {self.state['images_seen']} t {self.state['train_seconds'] / 60:.1f} min "
@@ -309,7 +381,7 @@ class Trainer:
             if self.state["phase"] == "diffusion" and time.time() - last_eval > self.args.eval_minutes * 60:
                 self.evaluate()
                 last_eval = time.time()
-        if (self.state["vae_step"], self.state["step"]) != progress_at_start:  # never rewrite an unchanged state
+        if (self.state["vae_step"], self.state.get("vae_v2_step"), self.state["step"]) != progress_at_start:  # never rewrite an unchanged state
             segment["images"] = self.state["images_seen"] - images_at_start
             self.hardware_log().append(segment)
             if self.args.eval_at_end and self.state["phase"] == "diffusion":
@@ -352,6 +424,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--eval-at-end", action="store_true", help="evaluate once more when the time is up")
     p.add_argument("--export", action="store_true", help="write the committed model folder at the end")
     p.add_argument("--from-scratch", action="store_true", help="ignore the committed resume file")
+    p.add_argument("--world", choices=("v1", "v2"), default="v1",
+                   help="v2 adds two-object scenes and colourless captions (fine-tunes the VAE first)")
+    p.add_argument("--vae-v2-steps", type=int, default=600, help="world v2: VAE fine-tuning steps (batch 32)")
+    p.add_argument("--anchor-weight", type=float, default=1.0,
+                   help="world v2: weight of the one-object latent anchor while fine-tuning the VAE")
+    p.add_argument("--pair-eval-prompts", type=int, default=120, help="world v2: held-out two-object prompts")
     return p.parse_args(argv)
 
 

@@ -9,9 +9,12 @@ captions (`prefix_share`) starts with a style word ("sketch, …").
 """
 from __future__ import annotations
 
+import json
+
+import numpy as np
 import torch
 
-from . import world
+from . import pairs, world
 
 _SIZE_NAMES = tuple(world.SIZES)  # small, medium, large
 _SIZE_DRAW = torch.tensor([_SIZE_NAMES.index(s) for s in ("small", "medium", "medium", "large")])
@@ -109,3 +112,42 @@ class SceneSampler:
 
     def set_state(self, state: torch.Tensor) -> None:
         self.generator.set_state(state)
+
+
+class WorldV2Sampler:
+    """Training scenes of the second toy world: one-object scenes (some named without their colour,
+    "a circle on the left") mixed with two-object scenes (:mod:`.pairs`), rendered by numpy on the CPU
+    and tokenized per batch. Its numpy generator state checkpoints as JSON bytes in a uint8 tensor."""
+
+    def __init__(self, tokenizer, device, seed: int = 0, pair_share: float = 0.5, colourless_share: float = 0.15,
+                 drop_caption: float = 0.1, prefix_share: float = 0.3):
+        self.tokenizer = tokenizer
+        self.device = torch.device(device)
+        self.pair_share, self.colourless_share = pair_share, colourless_share
+        self.drop_caption, self.prefix_share = drop_caption, prefix_share
+        self.rng = np.random.default_rng(seed)
+
+    def scene_and_caption(self):
+        rng = self.rng
+        if rng.random() < self.pair_share:
+            scene = pairs.random_scene(rng)
+            image, text = pairs.render(scene), pairs.caption(scene, rng)
+        else:
+            scene = world.random_scene(rng)
+            image, text = world.render(scene), world.caption(scene, rng, colourless=rng.random() < self.colourless_share)
+        if rng.random() < self.prefix_share:
+            text = f"{world.STYLE_PREFIXES[rng.integers(len(world.STYLE_PREFIXES))]}, {text}"
+        return image, ("" if rng.random() < self.drop_caption else text)
+
+    def sample(self, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(uint8 images N×H×W×3, token ids N×77) of n random training scenes."""
+        images, captions = zip(*(self.scene_and_caption() for _ in range(n)))
+        ids = self.tokenizer(list(captions), padding="max_length", max_length=77, truncation=True,
+                             return_tensors="pt").input_ids
+        return torch.from_numpy(np.stack(images)).to(self.device), ids.to(self.device)
+
+    def state(self) -> torch.Tensor:
+        return torch.tensor(list(json.dumps(self.rng.bit_generator.state).encode()), dtype=torch.uint8)
+
+    def set_state(self, state: torch.Tensor) -> None:
+        self.rng.bit_generator.state = json.loads(bytes(state.tolist()).decode())

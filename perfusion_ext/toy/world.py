@@ -123,16 +123,18 @@ def all_combos() -> list[tuple[str, str, str, str]]:
     ]
 
 
-def caption_text(scene: Scene, template: str, position_phrase: str) -> str:
-    """The caption of `scene` in one template with one phrasing of its position."""
+def caption_text(scene: Scene, template: str, position_phrase: str, colourless: bool = False) -> str:
+    """The caption of `scene` in one template with one phrasing of its position (`colourless`: the
+    object named by its shape alone, "a circle on the left", as a superclass-only prompt says it)."""
     size_word = "" if scene.size == "medium" else scene.size + " "
-    return template.format(obj=f"{size_word}{scene.colour} {scene.shape}", pos=position_phrase, bg=scene.background)
+    colour_word = "" if colourless else scene.colour + " "
+    return template.format(obj=f"{size_word}{colour_word}{scene.shape}", pos=position_phrase, bg=scene.background)
 
 
-def caption(scene: Scene, rng: np.random.Generator, templates=TRAIN_TEMPLATES) -> str:
+def caption(scene: Scene, rng: np.random.Generator, templates=TRAIN_TEMPLATES, colourless: bool = False) -> str:
     template = templates[rng.integers(len(templates))]
     phrases = POSITION_PHRASES[scene.position]
-    return caption_text(scene, template, phrases[rng.integers(len(phrases))])
+    return caption_text(scene, template, phrases[rng.integers(len(phrases))], colourless)
 
 
 def random_scene(rng: np.random.Generator, held_out: bool = False) -> Scene:
