@@ -1,4 +1,4 @@
-"""Exporter benchmark (issue 8): ORT latency of the baked UNet vs the base UNet export, ORT vs PyTorch
+"""Exporter benchmark: ORT latency of the baked UNet vs the base UNet export, ORT vs PyTorch
 eager (with the concept hooks) per denoising step, and export time and peak RSS, side by side.
 
     OMP_NUM_THREADS=1 python benchmarks/bench_export.py            # tiny SD1.5-topology UNet (~3 min)
@@ -42,8 +42,8 @@ def build_unet(size: str):
 
 
 def random_concept(unet, seed=1):
-    from perfusion_ext.concept import Concept
-    from perfusion_ext.layers import cross_attention_layers
+    from perfusion_ext.core.concept import Concept
+    from perfusion_ext.core.layers import cross_attention_layers
 
     g = torch.Generator().manual_seed(seed)
     layers = cross_attention_layers(unet)
@@ -51,8 +51,8 @@ def random_concept(unet, seed=1):
     a = torch.randn(d, d, generator=g, dtype=torch.float64)
     cov = a @ a.T / d + 0.1 * torch.eye(d, dtype=torch.float64)
     i_star, i_super = torch.randn(d, generator=g, dtype=torch.float64), torch.randn(d, generator=g, dtype=torch.float64)
-    keys = {n: (l.to_k.weight.detach().double() @ i_super).float() for n, l in layers.items()}
-    values = {n: torch.randn(l.out_dim, generator=g) for n, l in layers.items()}
+    keys = {n: (layer.to_k.weight.detach().double() @ i_super).float() for n, layer in layers.items()}
+    values = {n: torch.randn(layer.out_dim, generator=g) for n, layer in layers.items()}
     return Concept(name="bench", token="bench", superclass="thing", base_family="sd1",
                    embeddings={"clip_l": torch.randn(1, d, generator=g)}, target_input=i_star.float(),
                    target_input_cinv=torch.linalg.solve(cov, i_star).float(), key_targets=keys, value_targets=values)
@@ -93,7 +93,7 @@ def _latency_child(size: str, variant: str, folder: str | None, repeats: int, qu
     torch.set_num_threads(1)
     x, t, e = _inputs(size)
     if variant == "torch_hooks":
-        from perfusion_ext.hooks import activate
+        from perfusion_ext.core.hooks import activate
 
         unet = build_unet(size)
         concept = random_concept(unet)

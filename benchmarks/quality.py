@@ -1,4 +1,4 @@
-"""Quality benchmark on the toy world (issue 6): Perfusion vs textual inversion vs no key locking.
+"""Quality benchmark on the toy world: Perfusion vs textual inversion vs no key locking.
 
     .venv/bin/python benchmarks/quality.py [--concepts teddy stripebox ring] [--seeds 2] [--update-readme]
 
@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import ROOT, markdown_table, scatter, splice_readme  # noqa: E402
+from _common import ROOT, markdown_table, scatter, splice_readme
 
 MODES = ("perfusion", "textual_inversion", "no_key_lock")
 BETAS = (0.5, 0.6, 0.7, 0.8)
@@ -51,7 +51,7 @@ def unseen_prompts(name: str) -> list[tuple[str, str, str]]:
 
 
 def measure(pipe, prompts, subject: str, name: str, seeds: int, concepts_dir=None, beta=None) -> dict:
-    from perfusion_ext.generate import generate
+    from perfusion_ext.pipelines.generate import generate
     from perfusion_ext.toy import checkers
     from perfusion_ext.toy.concepts import fidelity
 
@@ -78,10 +78,10 @@ def main(argv=None) -> int:
     p.add_argument("--update-readme", action="store_true")
     args = p.parse_args(argv)
 
-    from perfusion_ext.backend import DiffusersBackend
-    from perfusion_ext.pipeline import load_pipeline
+    from perfusion_ext.pipelines.backend import DiffusersBackend
+    from perfusion_ext.pipelines.loading import load_pipeline
     from perfusion_ext.toy.concepts import CONCEPTS, write_training_set
-    from perfusion_ext.trainer import TrainConfig, train
+    from perfusion_ext.training import TrainConfig, train
 
     pipe = load_pipeline(args.model)
     backend = DiffusersBackend(pipe)

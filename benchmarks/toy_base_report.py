@@ -1,4 +1,4 @@
-"""Base-model report: attribute accuracy of the toy model on held-out prompts (issue 5).
+"""Base-model report: attribute accuracy of the toy model on held-out prompts.
 
     .venv/bin/python benchmarks/toy_base_report.py [--prompts 219] [--update-readme]
 
@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import ROOT, markdown_table, splice_readme  # noqa: E402
+from _common import ROOT, markdown_table, splice_readme
 
 
 def main(argv=None) -> int:
@@ -25,7 +25,7 @@ def main(argv=None) -> int:
     p.add_argument("--update-readme", action="store_true")
     args = p.parse_args(argv)
 
-    from perfusion_ext.pipeline import load_pipeline
+    from perfusion_ext.pipelines.loading import load_pipeline
     from perfusion_ext.toy import model as toy_model
     from perfusion_ext.toy.evaluate import ATTRIBUTES, generate, save_grid, score
     from perfusion_ext.toy.world import EVAL_TEMPLATES, held_out_prompts, held_out_template

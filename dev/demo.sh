@@ -3,4 +3,4 @@
 set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/venv.sh"
 cd "$ROOT"
-exec "$VENV/bin/python" -m perfusion_ext.demo "$@"
+exec "$VENV/bin/python" -m perfusion_ext.cli.demo "$@"

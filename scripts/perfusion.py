@@ -3,8 +3,9 @@ import os
 import sys
 
 _root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if _root not in sys.path:
-    sys.path.append(_root)  # the WebUI only adds it while loading scripts; later imports need it too
+for _path in (_root, os.path.join(_root, "export")):  # perfusion_ext, and the exporter as `perfusion_export`
+    if _path not in sys.path:
+        sys.path.append(_path)  # the WebUI only adds the root while loading scripts; later imports need both
 
 from modules import script_callbacks  # noqa: E402
 

@@ -9,8 +9,8 @@ import torch
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 torch.set_num_threads(int(os.environ.get("PERFUSION_TEST_THREADS", "1")))
 
-from perfusion_ext.concept import Concept  # noqa: E402
-from perfusion_ext.layers import cross_attention_layers  # noqa: E402
+from perfusion_ext.core.concept import Concept  # noqa: E402
+from perfusion_ext.core.layers import cross_attention_layers  # noqa: E402
 
 SD1_CONTEXT = 768
 

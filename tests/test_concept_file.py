@@ -4,12 +4,12 @@ import struct
 
 import pytest
 import torch
+from conftest import make_concept, tiny_diffusers_unet
 from safetensors.torch import save_file
 
 import perfusion_ext as pf
 from perfusion_ext.cli import main as cli_main
-from perfusion_ext.concept import Concept
-from conftest import make_concept, tiny_diffusers_unet
+from perfusion_ext.core.concept import Concept
 
 SD15_OUT = {f"input_blocks.{i}.1.transformer_blocks.0.attn2": w for i, w in
             ((1, 320), (2, 320), (4, 640), (5, 640), (7, 1280), (8, 1280))}
@@ -82,7 +82,7 @@ def test_loaders_accept_bf16_and_fp32_tensors(tmp_path):
 def test_save_is_atomic(tmp_path, monkeypatch):
     path = pf.save_concept(sd15_concept(), tmp_path / "teddy.safetensors")
     original = path.read_bytes()
-    import perfusion_ext.atomic as atomic
+    import perfusion_ext.core.atomic as atomic
 
     def failing_save(*args, **kwargs):
         raise KeyboardInterrupt

@@ -5,9 +5,9 @@ import importlib.util
 import pytest
 import torch
 
-from perfusion_ext import covariance as cov_mod
-from perfusion_ext.captions import caption_corpus
-from perfusion_ext.pipeline import tiny_random_pipeline
+from perfusion_ext.core import covariance as cov_mod
+from perfusion_ext.core.captions import caption_corpus
+from perfusion_ext.toy.plugin import tiny_random_pipeline
 
 
 @pytest.fixture
@@ -41,7 +41,7 @@ def test_cached_covariance_is_estimated_once_per_text_encoder(cache):
     assert c1.shape == (128, 128) and torch.allclose(c1, c1.T)
     eig = torch.linalg.eigvalsh(c1)
     assert eig.min() > -1e-6 * eig.max()  # PSD up to fp32 storage (LayerNorm can make C singular)
-    from perfusion_ext.trainer import regularized
+    from perfusion_ext.training.trainer import regularized
 
     assert torch.linalg.eigvalsh(regularized(c1)).min() > 0
     files = list((cache / "covariance").glob("*.safetensors"))

@@ -1,4 +1,4 @@
-"""The ONNX exporter (issue 8): verified parity, layouts' I/O contracts, slots and refit, EOS pooling,
+"""The ONNX exporter: verified parity, layouts' I/O contracts, slots and refit, EOS pooling,
 refusals, atomicity, determinism, and ORT generation equal to the PyTorch hooks.
 
 Every export here is of a tiny random model (the toy architecture, and one SD1.5-topology UNet) so the
@@ -14,15 +14,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-
 from conftest import make_concept, tiny_diffusers_unet
-from perfusion_ext.concept import save_concept
-from perfusion_ext.errors import PerfusionError
+
+from perfusion_ext.core.concept import save_concept
+from perfusion_ext.core.errors import PerfusionError
 
 pytest.importorskip("onnxruntime")
-from perfusion_export import components, verify  # noqa: E402
-from perfusion_export.exporter import export_pipeline  # noqa: E402
-from perfusion_export.refit import refit  # noqa: E402
+from perfusion_export import components, verify
+from perfusion_export.exporter import export_pipeline
+from perfusion_export.refit import refit
 
 
 def legacy_eos(pipe):
@@ -34,7 +34,7 @@ def legacy_eos(pipe):
 
 @pytest.fixture(scope="session")
 def toy():
-    from perfusion_ext.pipeline import tiny_random_pipeline
+    from perfusion_ext.toy.plugin import tiny_random_pipeline
 
     return legacy_eos(tiny_random_pipeline(0))
 
@@ -83,8 +83,9 @@ def toy_inputs(seed=5, batch=2, tokens=77):
     return torch.randn(batch, 4, 8, 8, generator=g), torch.tensor([321.0]), torch.randn(batch, tokens, 128, generator=g)
 
 
-# ---- verification figures (item 3) -------------------------------------------------------------------
+# ---- verification figures ----------------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_baked_export_is_verified_with_numbers(baked):
     folder, info = baked
     v = info["verification"]
@@ -115,8 +116,9 @@ def test_allow_list_is_pinned_with_its_source():
     assert "Col2Im" not in verify.allowed_ops()
 
 
+@pytest.mark.slow
 def test_manifest_records_what_was_exported(baked, files):
-    from perfusion_ext.concept import tensor_hash
+    from perfusion_ext.core.concept import tensor_hash
 
     _, info = baked
     (c,) = info["concepts"]
@@ -129,6 +131,7 @@ def test_manifest_records_what_was_exported(baked, files):
     assert info["tools"]["onnxruntime"] and info["io"]["unet"]["inputs"][0]["name"] == "sample"
 
 
+@pytest.mark.slow
 def test_no_absolute_paths_or_stack_traces_in_files(baked):
     folder, _ = baked
     for f in folder.rglob("*"):
@@ -137,6 +140,7 @@ def test_no_absolute_paths_or_stack_traces_in_files(baked):
             assert str(folder.parent).encode() not in data and b"/work/" not in data and b"site-packages" not in data, f
 
 
+@pytest.mark.slow
 def test_gate_is_one_matmul_add_sigmoid_concat(baked, base_unet):
     import onnx
 
@@ -151,6 +155,7 @@ def test_gate_is_one_matmul_add_sigmoid_concat(baked, base_unet):
 
 # ---- I/O contracts of the layouts ------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_baked_io_equals_base_io(base_unet, two_slots, baked):
     assert verify.io_table(base_unet[0] / "unet/model.onnx") == verify.io_table(two_slots[0] / "unet/model.onnx")
     assert verify.io_table(base_unet[0] / "unet/model.onnx") == verify.io_table(baked[0] / "unet/model.onnx")
@@ -165,6 +170,7 @@ def test_baked_io_equals_base_io(base_unet, two_slots, baked):
 
 # ---- text encoder: concept rows and EOS pooling -----------------------------------------------------
 
+@pytest.mark.slow
 def test_text_encoder_pools_at_real_eos_and_tokenizer_knows_trigger(baked, toy):
     from transformers import CLIPTokenizer
 
@@ -183,6 +189,7 @@ def test_text_encoder_pools_at_real_eos_and_tokenizer_knows_trigger(baked, toy):
 
 # ---- parity of a multi-concept, SD1.5-topology export in fp16 (a1111-trt layout) --------------------
 
+@pytest.mark.slow
 def test_sd1_topology_two_concepts_fp16_a1111_layout(toy, tmp_path):
     unet = tiny_diffusers_unet()
     pipe = types.SimpleNamespace(unet=unet, text_encoder=toy.text_encoder, tokenizer=toy.tokenizer,
@@ -201,13 +208,15 @@ def test_sd1_topology_two_concepts_fp16_a1111_layout(toy, tmp_path):
     assert (tmp_path / "sd1/models/Unet-onnx/sd15.onnx_data").is_file()
 
 
-# ---- slots and refit (item 4), determinism --------------------------------------------------------
+# ---- slots and refit, determinism ------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_multi_concept_slots_parity(two_slots):
     v = two_slots[1]["verification"]["unet"]
     assert v["max_rel"] <= 1e-4 and v["concept_effect_rel"] >= 1e-3
 
 
+@pytest.mark.slow
 def test_empty_slots_reproduce_base_and_refit_equals_fresh_export(toy, files, two_slots, base_unet, exports):
     from perfusion_ext.cli import main
 
@@ -228,6 +237,7 @@ def test_empty_slots_reproduce_base_and_refit_equals_fresh_export(toy, files, tw
     assert [c["name"] for c in info["concepts"]] == ["teddy", "robot"]
 
 
+@pytest.mark.slow
 def test_refit_refuses_bad_slot_and_non_slot_exports(files, two_slots, baked):
     with pytest.raises(PerfusionError, match="slot 7 does not exist"):
         refit(two_slots[0], files["teddy"], 7)
@@ -267,14 +277,15 @@ def test_bad_options_refused(toy, files, tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
-# ---- run what you export (item 5) ----------------------------------------------------------------
+# ---- run what you export -------------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_ort_generation_matches_torch_hooks(baked, toy, files):
-    from perfusion_ext.concept import load_concept
-    from perfusion_ext.hooks import activate
-    from perfusion_ext.tags import parse_prompt
-    from perfusion_ext.text import PromptEncoder
     from perfusion_export.ort_pipeline import generate_onnx
+    from perfusion_ext.core.concept import load_concept
+    from perfusion_ext.core.hooks import activate
+    from perfusion_ext.core.tags import parse_prompt
+    from perfusion_ext.core.text import PromptEncoder
 
     folder, _ = baked
     prompt = "a photo of <perfusion:teddy> on a red background"
@@ -296,6 +307,7 @@ def test_ort_generation_matches_torch_hooks(baked, toy, files):
         assert psnr >= 40, psnr
 
 
+@pytest.mark.slow
 def test_cli_generate_samples_an_export_with_ort(baked, tmp_path, capsys):
     from perfusion_ext.cli import main as cli_main
 
@@ -307,6 +319,7 @@ def test_cli_generate_samples_an_export_with_ort(baked, tmp_path, capsys):
     assert "'ghost' is not baked into this export" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_two_exports_of_the_same_inputs_are_byte_identical(toy, files, two_slots, tmp_path):
     first, _ = two_slots
     second = tmp_path / "again"

@@ -1,10 +1,10 @@
 """Hooks on real UNet classes (diffusers and A1111's ldm), SD1.5 topology at toy widths."""
 import pytest
 import torch
+from conftest import make_concept, run_unet, tiny_diffusers_unet, tiny_ldm_unet, unet_inputs
 
 import perfusion_ext as pf
-from perfusion_ext.layers import cross_attention_layers, model_family
-from conftest import make_concept, run_unet, tiny_diffusers_unet, tiny_ldm_unet, unet_inputs
+from perfusion_ext.core.layers import cross_attention_layers, model_family
 
 SD15_LAYERS = (
     [f"input_blocks.{i}.1.transformer_blocks.0.attn2" for i in (1, 2, 4, 5, 7, 8)]
@@ -150,7 +150,7 @@ def test_half_precision_model_keeps_fp32_gate(unet):
         ref = layer.to_v(e)
     half = torch.nn.Linear(layer.to_v.in_features, layer.to_v.out_features, bias=False).half()
     half.weight.data.copy_(layer.to_v.weight.data.half())
-    from perfusion_ext.gated_edit import stack_edit
+    from perfusion_ext.core.gated_edit import stack_edit
     edit = stack_edit([(concept, 1.0, concept.beta, concept.tau)], "value", layer.name)
     out16 = edit.apply(e.half(), half(e.half()), half.weight)
     assert out16.dtype == torch.float16

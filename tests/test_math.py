@@ -1,11 +1,11 @@
-"""DESIGN.md §1 properties of the gated rank-1 edit, asserted with numbers (float64 where exact)."""
+"""The gated rank-1 edit's properties (docs/design.md, "What the tests assert"), with numbers (float64 where exact)."""
 import math
 
 import pytest
 import torch
-
-from perfusion_ext.gated_edit import ProjectionEdit, ema_update
 from conftest import random_spd
+
+from perfusion_ext.core.gated_edit import ProjectionEdit, ema_update
 
 D, OUT = 24, 16
 
@@ -97,7 +97,7 @@ def test_multi_concept_projection(setup):
     # n = 3: P(i*_k) = i*_k and the residual is C⁻¹-orthogonal to every i*_k.
     i_stars = [i_star] + [torch.randn(D, generator=g, dtype=torch.float64) for _ in range(2)]
     edit = edit_for(i_stars, cov, [o_v] * 3)
-    for k, ik in enumerate(i_stars):
+    for ik in i_stars:
         assert torch.allclose(edit.project(ik), ik, rtol=1e-10, atol=1e-10)
     residual = e - edit.project(e)
     cinv_i = torch.linalg.solve(cov, torch.stack(i_stars).T)

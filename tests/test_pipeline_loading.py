@@ -4,8 +4,9 @@ import torch
 from safetensors.torch import save_file
 
 import perfusion_ext as pf
-from perfusion_ext.pipeline import load_pipeline, tiny_random_pipeline
-from perfusion_ext.single_file import config_folder, detect_family
+from perfusion_ext.pipelines.loading import load_pipeline
+from perfusion_ext.pipelines.single_file import config_folder, detect_family
+from perfusion_ext.toy.plugin import tiny_random_pipeline
 
 
 def test_diffusers_folder_round_trip(tmp_path):

@@ -2,15 +2,15 @@
 import numpy as np
 import pytest
 import torch
+from conftest import make_concept
 
 import perfusion_ext as pf
 from perfusion_ext.cli import main as cli_main
-from perfusion_ext.generate import generate, prepare_prompt
-from perfusion_ext.library import concept_path
-from perfusion_ext.pipeline import tiny_random_pipeline
-from perfusion_ext.tags import ConceptTag, format_tag, parse_prompt, parse_tag_body
-from perfusion_ext.text import PromptEncoder
-from conftest import make_concept
+from perfusion_ext.core.library import concept_path
+from perfusion_ext.core.tags import ConceptTag, format_tag, parse_prompt, parse_tag_body
+from perfusion_ext.core.text import PromptEncoder
+from perfusion_ext.pipelines.generate import generate, prepare_prompt
+from perfusion_ext.toy.plugin import tiny_random_pipeline
 
 
 def test_tag_grammar():
@@ -97,14 +97,14 @@ def test_generation_with_tags_and_bad_tags(pipe, concepts):
 
 def test_prepare_prompt_first_tag_options_win(concepts):
     prepared = prepare_prompt("<perfusion:teddy:0.5:beta=0.6> and <perfusion:teddy:1.0>", concepts)
-    from perfusion_ext.generate import concept_entries
+    from perfusion_ext.pipelines.generate import concept_entries
 
     (entry,) = concept_entries(prepared)
     assert entry[1:] == (0.5, 0.6, None)
 
 
 def test_cli_generate_and_inspect(concepts, tmp_path, capsys, monkeypatch):
-    import perfusion_ext.pipeline as pipeline_mod
+    import perfusion_ext.pipelines.loading as pipeline_mod
 
     monkeypatch.setattr(pipeline_mod, "load_pipeline", lambda *a, **k: tiny_random_pipeline())
     out = tmp_path / "out"

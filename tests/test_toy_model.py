@@ -7,11 +7,11 @@ from PIL import Image
 
 import perfusion_ext as pf
 from perfusion_ext.cli import main as cli_main
-from perfusion_ext.pipeline import toy_is_trained
 from perfusion_ext.toy import checkers
 from perfusion_ext.toy.model import MODEL_DIR
+from perfusion_ext.toy.plugin import PLUGIN
 
-pytestmark = pytest.mark.skipif(not toy_is_trained(), reason="the toy model is not committed yet")
+pytestmark = pytest.mark.skipif(not PLUGIN.model_ready(), reason="the toy model is not committed yet")
 
 
 def test_weights_fit_the_budget():

@@ -7,11 +7,12 @@ import torch
 from PIL import Image
 
 import perfusion_ext as pf
-from perfusion_ext.backend import DiffusersBackend
-from perfusion_ext.dataset import load_images
-from perfusion_ext.pipeline import tiny_random_pipeline
+from perfusion_ext.pipelines.backend import DiffusersBackend
 from perfusion_ext.toy.concepts import write_training_set
-from perfusion_ext.trainer import ConceptTrainer, TrainCallbacks, TrainConfig, train
+from perfusion_ext.toy.plugin import tiny_random_pipeline
+from perfusion_ext.training import TrainCallbacks, TrainConfig, train
+from perfusion_ext.training.dataset import load_images
+from perfusion_ext.training.trainer import ConceptTrainer
 
 
 @pytest.fixture(scope="module")
@@ -157,7 +158,7 @@ def test_odd_images_are_converted_with_notes(tmp_path):
     rng = np.random.default_rng(0)
     base = (rng.random((40, 40, 3)) * 255).astype(np.uint8)
     Image.fromarray(base).convert("CMYK").save(tmp_path / "cmyk.jpg")
-    Image.fromarray((base[..., 0].astype(np.uint16) * 257)).save(tmp_path / "deep.png")
+    Image.fromarray(base[..., 0].astype(np.uint16) * 257).save(tmp_path / "deep.png")
     rgba = Image.fromarray(base).convert("RGBA")
     alpha = np.zeros((40, 40), np.uint8)
     alpha[10:30, 10:30] = 255

@@ -12,11 +12,11 @@ import types
 import numpy as np
 import pytest
 import torch
+from conftest import tiny_ldm_unet
 from PIL import Image
 
-from conftest import tiny_ldm_unet
 from perfusion_ext import load_concept
-from perfusion_ext.tags import ConceptTag
+from perfusion_ext.core.tags import ConceptTag
 from perfusion_ext.webui.backend import WebuiLdmBackend
 
 
@@ -177,7 +177,7 @@ def test_text_covariance_is_spd(backend):
 
 
 def test_trainer_runs_on_webui_backend(tmp_path, backend):
-    from perfusion_ext.trainer import TrainCallbacks, TrainConfig, train
+    from perfusion_ext.training import TrainCallbacks, TrainConfig, train
 
     images = tmp_path / "images"
     images.mkdir()

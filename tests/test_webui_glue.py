@@ -6,18 +6,18 @@ import base64
 import io
 import threading
 import time
-from pathlib import Path
 
 import pytest
 import torch
+from conftest import make_concept, run_unet, tiny_ldm_unet, unet_inputs
 from PIL import Image
 
-from conftest import make_concept, run_unet, tiny_ldm_unet, unet_inputs
-from perfusion_ext.concept import save_concept
-from perfusion_ext.webui import prompts as pg
+from perfusion_ext.core.concept import save_concept
+from perfusion_ext.core.errors import PerfusionError
+from perfusion_ext.webui import activation as pg
+from perfusion_ext.webui.activation import Activator
 from perfusion_ext.webui.concepts import ConceptStore, mismatch_reason
 from perfusion_ext.webui.jobs import JobManager
-from perfusion_ext.webui.runtime import Activator
 from perfusion_ext.webui.train_request import ApiError, parse_train_request
 
 
@@ -78,7 +78,7 @@ def test_store_lists_resolves_and_refuses_escapes(folder):
     assert sorted(e.name for e in store.entries()) == ["other", "teddy"]  # run folders are not concepts
     assert store.load("other").path.name == "other.safetensors"
     for bad in ("../teddy", "/etc/passwd", "..", "ghost"):
-        with pytest.raises(Exception):
+        with pytest.raises(PerfusionError):
             store.load(bad)
     entry = store.load("teddy")
     assert store.resolve_pasted("renamed", entry.short_hash) == "teddy"
@@ -264,6 +264,32 @@ def test_train_request_accepts_folder_files_and_base64(allowed):
                               [allowed])
     assert len(req.image_paths) == 1 and len(req.image_bytes) == 2
     assert parse_train_request({"name": "x", "superclass": "dog", "images": ["/etc"]}, None).image_paths  # UI: trusted
+
+
+def test_training_defaults_limits_and_image_types_have_one_source(allowed):
+    """The REST API, the tab (same parser) and the CLI take defaults and limits from training.config."""
+    from perfusion_ext.cli.main import build_parser
+    from perfusion_ext.training.config import LIMITS, TrainConfig, field_defaults
+    from perfusion_ext.training.dataset import IMAGE_SUFFIXES
+
+    req = parse_train_request({"name": "teddy", "superclass": "bear", "images": ["teddy"]}, [allowed])
+    sd = field_defaults("sd1")
+    assert {k: getattr(req, k) for k in LIMITS} == {k: sd[k] for k in LIMITS}
+    assert sd["steps"] == 400 and sd["resolution"] == 512 and field_defaults("toy")["steps"] == 150
+    assert req.to_config(previews=False) == TrainConfig(
+        "teddy", "bear", **{**{k: sd[k] for k in LIMITS}, "preview_every": 0})
+    cli = build_parser().parse_args(["train", "--images", "x", "--name", "n", "--superclass", "dog"])
+    for key in ("batch_size", "lr_value", "lr_embedding", "seed", "checkpoint_every", "preview_every", "mode"):
+        assert getattr(cli, key) == field_defaults()[key], key
+    for flag, value in (("--steps", "0"), ("--batch-size", "65"), ("--lr-value", "x")):
+        with pytest.raises(SystemExit):
+            build_parser().parse_args(["train", "--images", "x", "--name", "n", "--superclass", "dog", flag, value])
+    with pytest.raises(ApiError, match="between"):
+        parse_train_request({"name": "t", "superclass": "bear", "images": ["teddy"],
+                             "batch_size": LIMITS["batch_size"][2] + 1}, [allowed])
+    (allowed / "scan.tif").write_bytes(b"II*\x00")  # the CLI's loader reads .tif, so the API takes it too
+    assert ".tif" in IMAGE_SUFFIXES
+    assert parse_train_request({"name": "t", "superclass": "bear", "images": ["scan.tif"]}, [allowed]).image_paths
 
 
 # ---- jobs ----------------------------------------------------------------------------------------

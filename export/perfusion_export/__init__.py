@@ -1,4 +1,4 @@
-"""ONNX exporter: bake Perfusion concepts into ONNX UNets and text encoders (issue 8).
+"""The top layer for deployment: the ONNX exporter, baking Perfusion concepts into ONNX UNets and text encoders.
 
 Entry points (imported from their modules so that `perfusion --help` stays light):
     perfusion_export.exporter.export_pipeline(model, concepts, out, layout=…, precision=…, slots=…)

@@ -1,4 +1,4 @@
-"""The gated edit folded into weights (issue 8's design): one gate at the text input, one MatMul per K/V.
+"""The gated edit folded into weights: one gate at the text input, one MatMul per K/V.
 
 The gate depends only on the text token e, so it is computed once for every concept slot k:
 
@@ -8,7 +8,7 @@ and every attn2 `to_k`/`to_v` becomes a MatMul of e_aug = [e | g(e)] with the ba
 
     [ (W − W Qᵀ)ᵀ ; w_k o*_k rows ]     Qᵀ = I*ᵀ diag(w) G⁻¹ U   (the C⁻¹-projection removal)
 
-which is exactly `ProjectionEdit` (perfusion_ext.gated_edit): W e + Σ_k w_k (g_k o*_k − α_k W i*_k) with
+which is exactly `ProjectionEdit` (perfusion_ext.core.gated_edit): W e + Σ_k w_k (g_k o*_k − α_k W i*_k) with
 α = G⁻¹ U e. The strength w_k scales both the gate column and the projection removal. Computed in
 float64 and cast once, so the removal cancels exactly where it should (W' i*_k = (1 − w_k) W i*_k).
 """
@@ -18,7 +18,7 @@ import dataclasses
 
 import torch
 
-from perfusion_ext.concept import Concept
+from perfusion_ext.core.concept import Concept
 
 
 @dataclasses.dataclass(frozen=True)

@@ -31,7 +31,7 @@ def add_parser(sub) -> None:
 
 
 def run(args) -> int:
-    from perfusion_ext.errors import PerfusionError
+    from perfusion_ext.core.errors import PerfusionError
 
     if args.action == "refit":
         from .refit import refit

@@ -6,12 +6,22 @@ from pathlib import Path
 
 import torch
 
-from perfusion_ext.layers import cross_attention_layers
+from perfusion_ext.core.layers import cross_attention_layers
 
 from . import layouts, onnx_io
 from .bake import SlotEntry, baked_weight, gate_parameters
-from .modules import (GATE_BIAS, GATE_WEIGHT, GatedTextInput, TextEncoderForExport, UNetForExport, VaeDecoderForExport,
-                      VaeEncoderForExport, baked_name, extended_text_encoder, swapped_projections)
+from .modules import (
+    GATE_BIAS,
+    GATE_WEIGHT,
+    GatedTextInput,
+    TextEncoderForExport,
+    UNetForExport,
+    VaeDecoderForExport,
+    VaeEncoderForExport,
+    baked_name,
+    extended_text_encoder,
+    swapped_projections,
+)
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16}
 

@@ -1,4 +1,4 @@
-"""`export_pipeline`: a Stable Diffusion pipeline plus concepts -> a verified ONNX folder (issue 8).
+"""`export_pipeline`: a Stable Diffusion pipeline plus concepts -> a verified ONNX folder.
 
 Everything that can be refused is checked before a byte is written (options, concept files, the
 concepts' fit to the model); the export is built in a temp folder, verified, and renamed into place.
@@ -12,23 +12,25 @@ from pathlib import Path
 
 import torch
 
-from perfusion_ext.concept import Concept, load_concept, tensor_hash
-from perfusion_ext.errors import PerfusionError
-from perfusion_ext.hooks import check_fits, resolve
-from perfusion_ext.layers import cross_attention_layers, model_family
+from perfusion_ext.core import families
+from perfusion_ext.core.concept import Concept, load_concept, tensor_hash
+from perfusion_ext.core.errors import PerfusionError
+from perfusion_ext.core.fingerprint import base_hash
+from perfusion_ext.core.hooks import check_fits, resolve
+from perfusion_ext.core.layers import cross_attention_layers, model_family
 
-from . import components, layouts, manifest, slots as slot_store, tokens, verify
+from . import components, layouts, manifest, tokens, verify
+from . import slots as slot_store
 from .bake import SlotEntry
 
 log = logging.getLogger(__name__)
-PRECISIONS = ("fp32", "fp16")
 OPSETS = (18, 19)  # dynamo at 17 writes an invalid model; opset 20 emits Gelu, which TensorRT 9 rejects
 
 
 def check_options(layout: str, precision: str, opset: int, n_slots: int | None, n_concepts: int) -> None:
     if layout not in layouts.LAYOUTS:
         raise PerfusionError(f"unknown layout {layout!r}; choose one of {', '.join(layouts.LAYOUTS)}.")
-    if precision not in PRECISIONS:
+    if precision not in layouts.PRECISIONS:
         raise PerfusionError(f"unknown precision {precision!r}; choose fp32 or fp16.")
     if opset not in OPSETS:
         raise PerfusionError(f"opset {opset} is not supported: use 18 (default) or 19 (17 makes an invalid "
@@ -79,14 +81,16 @@ def export_pipeline(model, concepts=(), out="export", *, layout: str = "optimum"
     check_destination(out, overwrite)
     loaded = _concepts(concepts)
     if isinstance(model, (str, Path)):
-        from perfusion_ext.pipeline import load_pipeline
+        from perfusion_ext.pipelines.loading import load_pipeline
 
         pipe = load_pipeline(model)
     else:
         pipe = model
     family = model_family(cross_attention_layers(pipe.unet))
-    if family == "sdxl":
-        raise PerfusionError("SDXL export is not supported yet (two text encoders); export SD1/SD2 models.")
+    if not families.get(family).exportable:
+        supported = ", ".join(f.label for f in families.FAMILIES.values() if f.exportable)
+        raise PerfusionError(f"{families.label(family)} export is not supported yet (two text encoders); "
+                             f"export {supported} models.")
     entries = slot_entries(pipe.unet, loaded, beta, tau)
     n_slots = slots if slots is not None else len(entries)
     name = model_name or _model_name(model)
@@ -132,8 +136,6 @@ def _base_hash(pipe) -> str:
     """The hash concepts record as `perfusion.base_hash` (text encoder + attn2 K/V); '' without a text encoder."""
     if getattr(pipe, "text_encoder", None) is None:
         return ""
-    from perfusion_ext.backend import base_hash
-
     return base_hash(pipe.text_encoder, pipe.unet)
 
 
@@ -212,10 +214,10 @@ def _verify(pipe, entries, tmp: Path, unet_file: Path, contract, layout, precisi
     if precision == "fp16" and entries:
         figures["gate_dtypes"] = verify.check_gate_fp32(unet_file)
     if layout == "optimum":
-        te = pipe.text_encoder
+        te, vae = pipe.text_encoder, pipe.vae.config
         for part, c in (("text_encoder", layouts.text_encoder_contract(te.config.hidden_size)),
-                        ("vae_encoder", layouts.vae_encoder_contract(pipe.vae.config.in_channels, pipe.vae.config.latent_channels)),
-                        ("vae_decoder", layouts.vae_decoder_contract(pipe.vae.config.out_channels, pipe.vae.config.latent_channels))):
+                        ("vae_encoder", layouts.vae_encoder_contract(vae.in_channels, vae.latent_channels)),
+                        ("vae_decoder", layouts.vae_decoder_contract(vae.out_channels, vae.latent_channels))):
             verify.check_contract(tmp / part / "model.onnx", c)
         scratch = tmp / ".verify"
         try:

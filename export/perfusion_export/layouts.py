@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 
 LAYOUTS = ("optimum", "a1111-trt", "unet-only")
+PRECISIONS = ("fp32", "fp16")  # weights and activations inside; I/O stays fp32
 
 
 @dataclasses.dataclass(frozen=True)

@@ -10,9 +10,10 @@ FORMAT_VERSION = 1
 
 
 def tool_versions() -> dict[str, str]:
-    out = {}
-    for dist in ("sd-webui-perfusion", "torch", "onnx", "onnxruntime", "onnxscript", "onnx-ir", "diffusers",
-                 "transformers"):
+    from perfusion_ext.core.version import __version__  # also where the extension is not pip-installed (WebUI)
+
+    out = {"sd-webui-perfusion": __version__}
+    for dist in ("torch", "onnx", "onnxruntime", "onnxscript", "onnx-ir", "diffusers", "transformers"):
         try:
             out[dist] = metadata.version(dist)
         except metadata.PackageNotFoundError:
@@ -27,7 +28,7 @@ def write(folder: Path, manifest: dict) -> None:
 def read(folder: Path) -> dict:
     path = Path(folder) / MANIFEST
     if not path.is_file():
-        from perfusion_ext.errors import PerfusionError
+        from perfusion_ext.core.errors import PerfusionError
 
         raise PerfusionError(f"{folder} is not a Perfusion export (no {MANIFEST}).")
     return json.loads(path.read_text(encoding="utf-8"))

@@ -11,7 +11,7 @@ import contextlib
 
 import torch
 
-from perfusion_ext.layers import is_diffusers_unet
+from perfusion_ext.core.layers import is_diffusers_unet
 
 GATE_WEIGHT, GATE_BIAS = "perfusion_gate.weight", "perfusion_gate.bias"
 

@@ -17,8 +17,8 @@ import onnxruntime as ort
 import torch
 from PIL import Image
 
-from perfusion_ext.errors import PerfusionError
-from perfusion_ext.tags import parse_prompt
+from perfusion_ext.core.errors import PerfusionError
+from perfusion_ext.core.tags import parse_prompt
 
 from . import manifest as manifest_io
 
@@ -41,14 +41,15 @@ def replace_tags(prompt: str, info: dict) -> str:
     triggers = {c["name"]: c.get("triggers") for c in info["concepts"]}
     parsed = parse_prompt(prompt)
     for w in parsed.warnings:
-        warnings.warn(w)
+        warnings.warn(w, stacklevel=2)
 
     def replace(tag):
         if not triggers.get(tag.name):
-            warnings.warn(f"concept {tag.name!r} is not baked into this export; the tag is ignored")
+            warnings.warn(f"concept {tag.name!r} is not baked into this export; the tag is ignored", stacklevel=2)
             return ""
         if tag.strength != 1.0 or tag.beta is not None or tag.tau is not None:
-            warnings.warn(f"<perfusion:{tag.name}> options are ignored: strength, beta and tau were baked at export")
+            warnings.warn(f"<perfusion:{tag.name}> options are ignored: strength, beta and tau were baked at export",
+                          stacklevel=2)
         return " ".join(triggers[tag.name])
 
     return parsed.text_with(replace)

@@ -14,11 +14,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from perfusion_ext.concept import load_concept
-from perfusion_ext.errors import PerfusionError
-from perfusion_ext.hooks import check_fits, resolve
+from perfusion_ext.core.concept import load_concept
+from perfusion_ext.core.errors import PerfusionError
+from perfusion_ext.core.hooks import check_fits, resolve
 
-from . import components, manifest, onnx_io, slots as slot_store, tokens
+from . import components, manifest, onnx_io, tokens
+from . import slots as slot_store
 from .bake import SlotEntry
 from .exporter import _concept_info
 

@@ -15,8 +15,8 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from perfusion_ext.concept import load_concept, save_concept
-from perfusion_ext.layers import CrossAttentionLayer, cross_attention_layers
+from perfusion_ext.core.concept import load_concept, save_concept
+from perfusion_ext.core.layers import CrossAttentionLayer, cross_attention_layers
 
 from .bake import SlotEntry
 

@@ -7,7 +7,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from perfusion_ext.errors import PerfusionError
+from perfusion_ext.core.errors import PerfusionError
 
 
 def check_destination(out: Path, overwrite: bool) -> None:

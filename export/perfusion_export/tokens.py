@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 from transformers import AddedToken
 
-from perfusion_ext.concept import ENCODERS
+from perfusion_ext.core import families
 
 from .bake import SlotEntry
 
@@ -37,7 +37,7 @@ def triggers_for(name: str | None, slot: int, n_vectors: int) -> list[str]:
 def token_layout(vocab_size: int, dim: int, family: str, entries: list[SlotEntry], n_slots: int,
                  fixed_rows: int | None) -> tuple[list[TokenSlot], torch.Tensor]:
     """Slots' ids and the rows to append. fixed_rows: rows per slot (slot mode) or None (as many as vectors)."""
-    encoder = ENCODERS[family][0]
+    encoder = families.get(family).encoder_names[0]
     by_slot = {e.slot: e for e in entries}
     slots, rows, next_id = [], [], vocab_size
     for k in range(n_slots):

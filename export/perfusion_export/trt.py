@@ -10,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 
-from perfusion_ext.errors import PerfusionError
+from perfusion_ext.core.errors import PerfusionError
 
 from . import verify
 
@@ -27,8 +27,14 @@ def check_available() -> None:
 
 def build_engine(folder, info: dict) -> dict:
     """Build `<unet>.plan` beside the UNet's .onnx (profile: the verification shapes) and compare with ORT."""
-    from polygraphy.backend.trt import (CreateConfig, EngineFromNetwork, NetworkFromOnnxPath, Profile, SaveEngine,
-                                        TrtRunner)
+    from polygraphy.backend.trt import (
+        CreateConfig,
+        EngineFromNetwork,
+        NetworkFromOnnxPath,
+        Profile,
+        SaveEngine,
+        TrtRunner,
+    )
 
     onnx_path = Path(folder) / info["files"]["unet"]
     inputs = info["io"]["unet"]["inputs"]

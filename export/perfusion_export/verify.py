@@ -1,4 +1,4 @@
-"""Checks run on every export before it is moved into place (issue 8, item 3), all on CPU.
+"""Checks run on every export before it is moved into place, all on CPU.
 
 Each check returns measured figures (they go into perfusion_manifest.json) and raises
 VerificationError when a bound is broken, which aborts the export and leaves nothing behind.
@@ -13,8 +13,8 @@ import onnx
 import onnxruntime as ort
 import torch
 
-from perfusion_ext.errors import PerfusionError
-from perfusion_ext.hooks import ResolvedConcept, attach, build_edits, detach
+from perfusion_ext.core.errors import PerfusionError
+from perfusion_ext.core.hooks import ResolvedConcept, attach, build_edits, detach
 
 from .layouts import Contract
 

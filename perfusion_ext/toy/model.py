@@ -15,7 +15,8 @@ MODEL_DIR = Path(__file__).parent / "model"
 TEXT_DIM = 128
 
 # v-prediction on a zero-terminal-SNR cosine schedule with "trailing" spacing: sampling starts from
-# pure noise at t=999, so the model must draw the background from the text (see issue 5's probes).
+# pure noise at t=999, so the model must draw the background from the text (with a non-zero terminal
+# SNR, training leaks each image's mean colour into the last step and the model takes it from the noise).
 SCHEDULER_CONFIG = dict(
     num_train_timesteps=1000,
     beta_schedule="squaredcos_cap_v2",

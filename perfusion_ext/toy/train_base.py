@@ -18,11 +18,11 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
-from ..atomic import atomic_write_json, atomic_save_safetensors
-from . import model as toy_model
+from ..core.atomic import atomic_save_safetensors, atomic_write_json
 from . import checkers, pairs, world
+from . import model as toy_model
 from .evaluate import evaluate_pairs, evaluate_pipeline, make_pipeline
 from .training_data import SceneSampler, WorldV2Sampler
 

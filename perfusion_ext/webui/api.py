@@ -12,12 +12,13 @@ import secrets
 from fastapi import Depends, FastAPI, HTTPException, Request
 from fastapi.responses import JSONResponse
 from fastapi.security import HTTPBasic, HTTPBasicCredentials
-
 from modules import shared
 
+from ..core import families
 from . import state
-from .cards import concept_json
-from .train_request import ApiError, parse_train_request
+from .cards import concept_json, current_family
+from .export import export_from_body
+from .train_request import WEBUI_FAMILY, ApiError, parse_train_request
 
 PREFIX = "/perfusion/v1"
 
@@ -69,8 +70,10 @@ def register(_demo, app: FastAPI) -> None:
                 body = json.loads(raw or b"null")
             except ValueError as exc:
                 raise ApiError(400, f"the body is not valid JSON: {exc}") from None
-            defaults = {"steps": int(getattr(shared.opts, "perfusion_default_steps", 400) or 400)}
-            req = parse_train_request(body, state.images_dirs(), defaults)
+            family = current_family()
+            family = family if family and families.get(family).webui_trainable else WEBUI_FAMILY
+            steps = getattr(shared.opts, "perfusion_default_steps", None)  # the setting, else the family's
+            req = parse_train_request(body, state.images_dirs(), {"steps": int(steps)} if steps else None, family)
             if shared.sd_model is None:
                 raise ApiError(409, "no Stable Diffusion checkpoint is loaded")
             job = state.jobs().submit(req)
@@ -95,14 +98,12 @@ def register(_demo, app: FastAPI) -> None:
         return {"id": job.id, "state": job.state, "interrupt_requested": True}
 
     async def export(request: Request):
-        from .export import export_from_body
-
         try:
             body = json.loads(await request.body() or b"null")
         except ValueError as exc:
             return _error(ApiError(400, f"the body is not valid JSON: {exc}"))
         try:
-            return export_from_body(body)
+            return export_from_body(body, state.store())
         except ApiError as exc:
             return _error(exc)
 

@@ -10,7 +10,8 @@ the WebUI:
   EmbeddingsWithFixes, which calls the raw table), so gradients reach them and nothing is modified.
 - Images: `get_first_stage_encoding(encode_first_stage(x))`; noise: `q_sample`; target: ε or
   `get_v` per `parameterization`; prediction: `apply_model`.
-SDXL (sgm) has its own backend (its own issue); this one refuses it with a clear message.
+SDXL (sgm) needs a backend of its own (not written yet); this one refuses it with a clear message.
+Prompt encoding, token lookup and the family's encoder names come from the shared `Backend` base.
 """
 from __future__ import annotations
 
@@ -18,10 +19,11 @@ import types
 
 import torch
 
-from ..backend import Backend
-from ..errors import PerfusionError
-from ..layers import cross_attention_layers, model_family
-from ..text import PromptEncoder
+from ..core import covariance, families
+from ..core.errors import PerfusionError
+from ..core.layers import unet_family
+from ..core.text import PromptEncoder
+from ..training.backend import Backend
 
 
 def raw_token_embedding(clip) -> torch.nn.Embedding:
@@ -95,10 +97,10 @@ class WebuiLdmBackend(Backend):
                 f"The loaded model's UNet takes {self.unet.in_channels} input channels (an inpainting or "
                 "instruct model); train concepts on a regular SD1/SD2 checkpoint."
             )
-        self.family_name = model_family(cross_attention_layers(self.unet))
-        if self.family_name not in ("sd1", "sd2"):
-            raise PerfusionError(f"the loaded model is {self.family_name}; this backend trains SD1/SD2 concepts")
-        self.encoder_names = ("clip_l",) if self.family_name == "sd1" else ("clip_h",)
+        self._family = unet_family(self.unet)
+        if not families.get(self._family).webui_trainable:
+            trainable = "/".join(f.label for f in families.FAMILIES.values() if f.webui_trainable)
+            raise PerfusionError(f"the loaded model is {self._family}; this backend trains {trainable} concepts")
         clip = sd_model.cond_stage_model
         self.clip = clip
         self.tokenizer = _Tokenizer(clip)
@@ -106,25 +108,9 @@ class WebuiLdmBackend(Backend):
         self.prompt_encoder = PromptEncoder(self.tokenizer, self.text_encoder)
         self.device = self.text_encoder.device
         self.unet_dtype = next(self.unet.parameters()).dtype
-        self.base_hash = ""
-
-    @property
-    def family(self) -> str:
-        return self.family_name
 
     def frozen_modules(self):
         return [self.sd_model]
-
-    def encode_prompts(self, prompts, embeddings):
-        per_concept = {name: emb[self.encoder_names[0]] for name, emb in embeddings.items()}
-        return self.prompt_encoder.encode(prompts, per_concept)
-
-    def word_token_ids(self, word):
-        return list(self.clip.tokenize([word])[0])
-
-    def token_embedding(self, token_id):
-        row = self.text_encoder.embedding.weight[token_id]
-        return {self.encoder_names[0]: row.detach().float().clone()[None]}
 
     @torch.no_grad()
     def encode_images(self, images):
@@ -151,9 +137,7 @@ class WebuiLdmBackend(Backend):
 
     def text_covariance(self) -> torch.Tensor:
         """C of this text encoder: the reference LAION C for SD1's CLIP ViT-L/14 when available, else estimated."""
-        from .. import covariance
-
-        if self.family_name == "sd1":
+        if families.get(self.family).reference_covariance:
             try:
                 return covariance.reference_covariance_sd15()
             except PerfusionError:

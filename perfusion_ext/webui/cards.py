@@ -13,10 +13,10 @@ import os
 from modules import shared, ui_extra_networks
 from modules.ui_extra_networks import quote_js
 
-from ..layers import cross_attention_layers, model_family
-from ..tags import format_tag
-from . import state
-from .concepts import FAMILY_LABEL, Entry, drop_folder_buttons, mismatch_reason
+from ..core import families
+from ..core.layers import unet_family
+from ..core.tags import format_tag
+from .concepts import ConceptStore, Entry, drop_folder_buttons, mismatch_reason
 
 
 def current_family() -> str | None:
@@ -24,8 +24,8 @@ def current_family() -> str | None:
     if model is None:
         return None
     try:
-        return model_family(cross_attention_layers(model.model.diffusion_model))
-    except Exception:  # noqa: BLE001 - an architecture we do not know
+        return unet_family(model.model.diffusion_model)
+    except Exception:
         return None
 
 
@@ -34,7 +34,7 @@ def facts(entry: Entry) -> str:
     if c is None:
         return f"unusable: {entry.error}"
     meta = c.metadata
-    parts = [f"{c.superclass}", FAMILY_LABEL.get(c.base_family, c.base_family)]
+    parts = [f"{c.superclass}", families.label(c.base_family)]
     if meta.get("perfusion.steps"):
         parts.append(f"{meta['perfusion.steps']} steps")
     if meta.get("perfusion.images"):
@@ -57,15 +57,16 @@ def concept_json(entry: Entry, family: str | None = "unset") -> dict:
 
 
 class ExtraNetworksPagePerfusion(ui_extra_networks.ExtraNetworksPage):
-    def __init__(self):
+    def __init__(self, store: ConceptStore):
         super().__init__("Perfusion")
+        self.store = store
         self.allow_negative_prompt = False
 
     def refresh(self):
         pass  # entries() rescans the folder on every listing (cached per file by mtime/size)
 
     def create_item(self, name, index=None, enable_filter=True):
-        entry = next((e for e in state.store().entries() if e.name == name), None)
+        entry = next((e for e in self.store.entries() if e.name == name), None)
         return None if entry is None else self._item(entry, index, current_family())
 
     def _item(self, entry: Entry, index, family):
@@ -104,7 +105,7 @@ class ExtraNetworksPagePerfusion(ui_extra_networks.ExtraNetworksPage):
 
     def list_items(self):
         family = current_family()
-        for index, entry in enumerate(state.store().entries()):
+        for index, entry in enumerate(self.store.entries()):
             yield self._item(entry, index, family)
 
     def create_item_html(self, tabname, item, template=None):
@@ -120,7 +121,7 @@ class ExtraNetworksPagePerfusion(ui_extra_networks.ExtraNetworksPage):
         return drop_folder_buttons(super().create_dirs_view_html(tabname))
 
     def allowed_directories_for_previews(self):
-        return [str(state.concepts_dir())]
+        return [str(self.store.folder)]
 
 
 def metadata_json(entry: Entry) -> str:

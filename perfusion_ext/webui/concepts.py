@@ -1,6 +1,6 @@
 """The concepts folder as the WebUI sees it: names, cached loads, tensor hashes, family checks.
 
-Free of WebUI imports. Names resolve through `perfusion_ext.library.concept_path`, which refuses
+Free of WebUI imports. Names resolve through `perfusion_ext.core.library.concept_path`, which refuses
 anything that would reach outside the folder. Training run folders (`NAME.run/`) are not concepts.
 """
 from __future__ import annotations
@@ -11,11 +11,10 @@ import re
 import threading
 from pathlib import Path
 
-from ..concept import Concept, load_concept, tensor_hash
-from ..errors import PerfusionError
-from ..library import concept_path
-
-FAMILY_LABEL = {"sd1": "SD1", "sd2": "SD2", "sdxl": "SDXL", "toy": "the toy model"}
+from ..core import families
+from ..core.concept import Concept, load_concept, tensor_hash
+from ..core.errors import PerfusionError
+from ..core.library import concept_path
 
 
 @dataclasses.dataclass
@@ -35,8 +34,7 @@ def mismatch_reason(concept_family: str | None, model_family: str | None) -> str
     """Why a concept cannot be used on the loaded model, or None."""
     if concept_family is None or model_family is None or concept_family == model_family:
         return None
-    return (f"trained for {FAMILY_LABEL.get(concept_family, concept_family)}; "
-            f"an {FAMILY_LABEL.get(model_family, model_family)} model is loaded")
+    return f"trained for {families.label(concept_family)}; an {families.label(model_family)} model is loaded"
 
 
 def is_hidden_folder(relative: str) -> bool:

@@ -12,12 +12,12 @@ import dataclasses
 import shutil
 from pathlib import Path
 
-from ..errors import PerfusionError
-from ..tags import NAME_RE
-from .train_request import ApiError
+from perfusion_export.layouts import LAYOUTS, PRECISIONS  # light: no onnx needed
 
-LAYOUTS = ("a1111-trt", "optimum", "unet-only")
-PRECISIONS = ("fp16", "fp32")
+from ..core.errors import PerfusionError
+from ..core.tags import NAME_RE
+from .concepts import ConceptStore
+from .train_request import ApiError
 
 
 @dataclasses.dataclass(frozen=True)
@@ -63,19 +63,17 @@ def _exporter():
     return export_pipeline
 
 
-def export_from_body(body) -> dict:
+def export_from_body(body, store: ConceptStore) -> dict:
     request = parse_export_request(body)
     export_pipeline = _exporter()
     from modules import call_queue, paths, shared
-
-    from . import state
 
     info = getattr(getattr(shared, "sd_model", None), "sd_checkpoint_info", None)
     if info is None:
         raise ApiError(409, "no checkpoint is loaded")
     checkpoint = Path(info.filename)
     try:
-        concept_files = [state.store().path_for(n) for n in request.concepts]
+        concept_files = [store.path_for(n) for n in request.concepts]
     except PerfusionError as exc:
         raise ApiError(404, str(exc)) from exc
     name = f"{checkpoint.stem}-{'-'.join(request.concepts)}"

@@ -1,6 +1,6 @@
 """The `perfusion` extra network: the WebUI calls activate/deactivate around every batch.
 
-Thin: the logic is in runtime.Activator; this file adapts it to the WebUI (its extra-network base
+Thin: the logic is in activation.Activator; this file adapts it to the WebUI (its extra-network base
 class, its textual-inversion database, its tag stripper, its UNet replacements, its warnings).
 """
 from __future__ import annotations
@@ -8,12 +8,10 @@ from __future__ import annotations
 import logging
 
 import torch
-
 from modules import devices, extra_networks, sd_hijack, sd_unet, shared
 from modules.textual_inversion.textual_inversion import Embedding
 
-from . import state
-from .runtime import Activator
+from .activation import Activator
 
 log = logging.getLogger("perfusion")
 
@@ -67,7 +65,7 @@ class WebuiEnv:
             try:
                 import gradio as gr
                 gr.Warning(f"Perfusion: {message}")
-            except Exception:  # noqa: BLE001 - outside a gradio request (API) there is no popup
+            except Exception:
                 pass
 
     def on_activate(self, p, activator):
@@ -97,7 +95,3 @@ class ExtraNetworkPerfusion(extra_networks.ExtraNetwork):
 
     def deactivate(self, p):
         self.activator.release()
-
-
-def create() -> ExtraNetworkPerfusion:
-    return ExtraNetworkPerfusion(state.activator())

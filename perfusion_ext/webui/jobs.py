@@ -16,7 +16,7 @@ import time
 import traceback
 import uuid
 
-from ..errors import PerfusionError
+from ..core.errors import PerfusionError
 from .train_request import ApiError, TrainRequest
 
 log = logging.getLogger("perfusion")
@@ -125,7 +125,7 @@ class JobManager:
                 self.runner(job)
             except (PerfusionError, ApiError) as exc:
                 job.state, job.message = "failed", str(exc)
-            except Exception as exc:  # noqa: BLE001 - a job must never take the server down
+            except Exception as exc:
                 log.error("Perfusion training job %s failed:\n%s", job.id, traceback.format_exc())
                 job.state, job.message = "failed", f"{type(exc).__name__}: {exc}"
             finally:

@@ -2,8 +2,10 @@
 from __future__ import annotations
 
 import gradio as gr
-
 from modules import shared
+
+from ..training.config import field_defaults
+from .train_request import WEBUI_FAMILY
 
 SECTION = ("perfusion", "Perfusion")
 
@@ -18,7 +20,8 @@ def add_settings() -> None:
         "perfusion_default_tau": shared.OptionInfo(
             0.0, "Default τ for tags without tau= (0: the value stored in the concept file)", gr.Slider,
             {"minimum": 0.0, "maximum": 1.0, "step": 0.01}),
-        "perfusion_default_steps": shared.OptionInfo(400, "Default training steps", gr.Number, {"precision": 0}),
+        "perfusion_default_steps": shared.OptionInfo(
+            field_defaults(WEBUI_FAMILY)["steps"], "Default training steps", gr.Number, {"precision": 0}),
         "perfusion_save_previews": shared.OptionInfo(True, "Render and save preview images while training"),
         "perfusion_warning_popup": shared.OptionInfo(True, "Show Perfusion warnings (unknown concepts, bad tags) as popups"),
     }

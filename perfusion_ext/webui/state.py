@@ -1,5 +1,8 @@
 """The extension's process-wide state inside the WebUI: the concepts folder, the store, the activator,
 the training jobs. Created lazily, so importing this module needs nothing but the WebUI's cmd_opts.
+
+The assembly point of the WebUI glue: the modules below it get what they need passed in (the store, the
+hook cleanup) and never import this one; api.py, ui_tab.py and wiring.py above it use it.
 """
 from __future__ import annotations
 
@@ -38,8 +41,8 @@ def store():
 def activator():
     global _activator
     if _activator is None:
+        from .activation import Activator
         from .extra_network import WebuiEnv
-        from .runtime import Activator
 
         _activator = Activator(store(), WebuiEnv())
     return _activator
@@ -56,5 +59,5 @@ def jobs():
     if _jobs is None:
         from .training import create_job_manager
 
-        _jobs = create_job_manager()
+        _jobs = create_job_manager(store(), release_hooks)
     return _jobs

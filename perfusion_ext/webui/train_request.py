@@ -1,7 +1,8 @@
 """Validate a training request (REST body or training-tab fields) into a TrainRequest. No WebUI imports.
 
 Every problem is an ApiError with an HTTP status and a message for the user: 400/422 for a bad body,
-403 for a server path outside the allowed folders, never a 500.
+403 for a server path outside the allowed folders, never a 500. Defaults and limits are the trainer's
+(`training.config`), the accepted image types the dataset loader's (`training.dataset.IMAGE_SUFFIXES`).
 """
 from __future__ import annotations
 
@@ -12,10 +13,13 @@ import io
 import re
 from pathlib import Path
 
-from ..tags import NAME_RE
+from ..core import families
+from ..core.tags import NAME_RE
+from ..training.config import LIMITS, TrainConfig, field_defaults
+from ..training.dataset import IMAGE_SUFFIXES
 
 SUPERCLASS_RE = re.compile(r"^[A-Za-z][A-Za-z'\-]{0,39}$")
-IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp"}
+WEBUI_FAMILY = families.DEFAULT_FAMILY  # defaults for requests before a model is known
 MAX_IMAGES = 200
 MAX_IMAGE_BYTES = 32 << 20
 
@@ -29,41 +33,43 @@ class ApiError(Exception):
 
 @dataclasses.dataclass
 class TrainRequest:
+    """A checked request: the TrainConfig numbers (every LIMITS field) plus where the images come from."""
+
     name: str
     superclass: str
     image_paths: list[Path]  # files or one folder, already checked
     image_bytes: list[bytes]  # decoded uploads
-    steps: int = 400
-    batch_size: int = 16
-    micro_batch: int | None = None
-    lr_value: float = 0.03
-    lr_embedding: float = 0.006
-    beta: float = 0.7
-    tau: float = 0.15
-    resolution: int = 512
-    seed: int = 0
-    checkpoint_every: int = 50
-    preview_every: int = 50
+    steps: int
+    batch_size: int
+    micro_batch: int | None
+    lr_value: float
+    lr_embedding: float
+    beta: float
+    tau: float
+    resolution: int
+    seed: int
+    checkpoint_every: int
+    preview_every: int
     masks_dir: Path | None = None
     resume: bool = False
     overwrite: bool = False
     description: str = ""
 
+    def to_config(self, previews: bool = True) -> TrainConfig:
+        numbers = {key: getattr(self, key) for key in LIMITS}
+        if not previews:
+            numbers["preview_every"] = 0
+        return TrainConfig(name=self.name, superclass=self.superclass, description=self.description,
+                           masks_dir=str(self.masks_dir) if self.masks_dir else None, **numbers)
 
-# field -> (type, minimum, maximum)
-NUMBERS = {
-    "steps": (int, 1, 100_000), "batch_size": (int, 1, 64), "micro_batch": (int, 1, 64),
-    "lr_value": (float, 1e-7, 10.0), "lr_embedding": (float, 1e-7, 10.0), "beta": (float, -5.0, 5.0),
-    "tau": (float, 1e-4, 10.0), "resolution": (int, 64, 2048), "seed": (int, 0, 2**32 - 1),
-    "checkpoint_every": (int, 1, 100_000), "preview_every": (int, 0, 100_000),
-}
-KNOWN = {"name", "superclass", "images", "images_dir", "masks_dir", "resume", "overwrite", "description", *NUMBERS}
+
+KNOWN = {"name", "superclass", "images", "images_dir", "masks_dir", "resume", "overwrite", "description", *LIMITS}
 
 
 def _number(body: dict, key: str, default):
     if key not in body or body[key] is None:
         return default
-    kind, lo, hi = NUMBERS[key]
+    kind, lo, hi = LIMITS[key]
     value = body[key]
     if isinstance(value, bool) or not isinstance(value, (int, float)) or (kind is int and not float(value).is_integer()):
         raise ApiError(422, f"{key} must be {'an integer' if kind is int else 'a number'}, got {value!r}")
@@ -118,8 +124,11 @@ def decode_image(text: str, index: int) -> bytes:
     return data
 
 
-def parse_train_request(body, allowed_roots: list[Path] | None, defaults: dict | None = None) -> TrainRequest:
-    """`allowed_roots=None` trusts any server path (the UI tab); the REST API passes its allowed folders."""
+def parse_train_request(body, allowed_roots: list[Path] | None, defaults: dict | None = None,
+                        family: str = WEBUI_FAMILY) -> TrainRequest:
+    """`allowed_roots=None` trusts any server path (the UI tab); the REST API passes its allowed folders.
+
+    Missing numbers take `defaults`, then the trainer's defaults for `family`."""
     if not isinstance(body, dict):
         raise ApiError(422, "the body must be a JSON object")
     unknown = sorted(set(body) - KNOWN)
@@ -163,12 +172,13 @@ def parse_train_request(body, allowed_roots: list[Path] | None, defaults: dict |
     description = body.get("description", "")
     if not isinstance(description, str) or len(description) > 2000:
         raise ApiError(422, "description must be a string of at most 2000 characters")
-    d = {**dataclasses.asdict(TrainRequest("x", "x", [], [])), **(defaults or {})}
-    values = {key: _number(body, key, d[key]) for key in NUMBERS}
+    d = {**field_defaults(family), **(defaults or {})}
+    values = {key: _number(body, key, d[key]) for key in LIMITS}
     if values["micro_batch"] is not None and values["batch_size"] % values["micro_batch"]:
         raise ApiError(422, f"micro_batch ({values['micro_batch']}) must divide batch_size ({values['batch_size']})")
-    if values["resolution"] % 64:
-        raise ApiError(422, f"resolution must be a multiple of 64, got {values['resolution']}")
+    step = families.get(family).resolution_step
+    if values["resolution"] % step:
+        raise ApiError(422, f"resolution must be a multiple of {step}, got {values['resolution']}")
     return TrainRequest(name=name, superclass=superclass.strip(), image_paths=paths, image_bytes=blobs,
                         masks_dir=masks_dir, resume=resume, overwrite=bool(body.get("overwrite", False)),
                         description=description, **values)

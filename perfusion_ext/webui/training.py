@@ -1,26 +1,29 @@
 """Training inside the WebUI: the job runner (the loaded model, the WebUI's progress state and its
-queue lock) and previews rendered by the WebUI's own txt2img.
+queue lock) and previews rendered by the WebUI's own txt2img. The concepts folder and the hook cleanup
+are passed in (state.py assembles the job manager), so this module needs no extension state.
 """
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import shutil
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
-
 from modules import call_queue, paths, processing, shared
 
-from ..errors import PerfusionError
-from ..hooks import ResolvedConcept, attach, build_edits, detach
-from . import state
+from ..core.errors import PerfusionError
+from ..core.hooks import ResolvedConcept, attach, build_edits, detach
+from ..training import TrainCallbacks, train
+from .activation import concept_word
 from .backend import WebuiLdmBackend
-from .concepts import mismatch_reason
+from .concepts import ConceptStore, mismatch_reason
+from .extra_network import WebuiEnv
 from .jobs import Job, JobManager
-from .prompts import concept_word
 
 log = logging.getLogger("perfusion")
 
@@ -35,8 +38,6 @@ class WebuiTrainingBackend(WebuiLdmBackend):
         self.preview_resolution = resolution
 
     def preview(self, prompt_template, concept, seed=0):
-        from .extra_network import WebuiEnv
-
         env = WebuiEnv()
         word = concept_word(concept.name, "0" * 6) + "preview"
         env.register_embedding(word, concept)
@@ -93,31 +94,22 @@ def _tmp_root() -> str:
     return str(root)
 
 
-def run_job(job: Job) -> None:
-    """Train on shared.sd_model; the caller holds the WebUI's queue lock."""
-    from ..trainer import TrainCallbacks, TrainConfig, train
-
+def run_job(job: Job, store: ConceptStore, release_hooks: Callable[[], None]) -> None:
+    """Train on shared.sd_model into the store's folder; the caller holds the WebUI's queue lock."""
     req = job.request
-    state.release_hooks()
+    release_hooks()
     sd_model = shared.sd_model
     backend = WebuiTrainingBackend(sd_model, req.resolution)
-    out_dir = state.concepts_dir()
+    out_dir = store.folder
     if req.resume:
         existing = out_dir / f"{req.name}.safetensors"
         if existing.is_file():
-            entry = state.store().entry(existing)
+            entry = store.entry(existing)
             if entry.concept is not None:
                 reason = mismatch_reason(entry.concept.base_family, backend.family)
                 if reason:
                     raise PerfusionError(f"cannot resume {req.name!r}: {reason}")
-    preview_every = req.preview_every if getattr(shared.opts, "perfusion_save_previews", True) else 0
-    cfg = TrainConfig(
-        name=req.name, superclass=req.superclass, steps=req.steps, batch_size=req.batch_size,
-        micro_batch=req.micro_batch, lr_value=req.lr_value, lr_embedding=req.lr_embedding, beta=req.beta,
-        tau=req.tau, resolution=req.resolution, seed=req.seed, checkpoint_every=req.checkpoint_every,
-        preview_every=preview_every, masks_dir=str(req.masks_dir) if req.masks_dir else None,
-        description=req.description,
-    )
+    cfg = req.to_config(previews=bool(getattr(shared.opts, "perfusion_save_previews", True)))
     images_dir, cleanup = _stage_images(job)
     st = shared.state
     st.begin(job=f"perfusion-train-{job.id}")
@@ -153,5 +145,5 @@ def run_job(job: Job) -> None:
     job.message = f"{result.message} in {time.time() - started:.0f} s; use <perfusion:{req.name}>"
 
 
-def create_job_manager() -> JobManager:
-    return JobManager(run_job, call_queue.queue_lock)
+def create_job_manager(store: ConceptStore, release_hooks: Callable[[], None]) -> JobManager:
+    return JobManager(functools.partial(run_job, store=store, release_hooks=release_hooks), call_queue.queue_lock)

@@ -1,7 +1,8 @@
 """The "Perfusion" tab: start, watch and interrupt training jobs; export.
 
 Jobs run on the server (jobs.py); the status box and preview poll the job registry every few
-seconds, so a reloaded or reopened page shows the running job again.
+seconds, so a reloaded or reopened page shows the running job again. Field defaults are the trainer's
+(`training.config.field_defaults`); a start goes through the REST API's validation (its limits).
 """
 from __future__ import annotations
 
@@ -9,12 +10,15 @@ import html
 import time
 
 import gradio as gr
-
 from modules import shared
 
-from ..tags import format_tag
+from perfusion_export.layouts import LAYOUTS, PRECISIONS
+
+from ..core.tags import format_tag
+from ..training.config import field_defaults
 from . import state
-from .train_request import ApiError, parse_train_request
+from .export import ExportRequest, export_from_body
+from .train_request import WEBUI_FAMILY, ApiError, parse_train_request
 
 
 def _fmt_eta(seconds):
@@ -76,10 +80,9 @@ def interrupt():
 
 
 def export(names, layout, precision):
-    from .export import export_from_body
-
     try:
-        result = export_from_body({"concepts": list(names or []), "layout": layout, "precision": precision})
+        result = export_from_body({"concepts": list(names or []), "layout": layout, "precision": precision},
+                                  state.store())
     except ApiError as exc:
         return html.escape(exc.message)
     lines = [f"Exported to {result['out']}"] + ([f"TensorRT extension file: {result['unet_onnx']}"]
@@ -94,6 +97,8 @@ def concept_names():
 
 def create_tab():
     opts = shared.opts
+    d = field_defaults(WEBUI_FAMILY)
+    export_defaults = ExportRequest(())
     with gr.Blocks(analytics_enabled=False) as tab:
         with gr.Row(equal_height=False):
             with gr.Column(variant="panel"):
@@ -106,21 +111,28 @@ def create_tab():
                 images_dir = gr.Textbox(label="Images folder (on the server)", elem_id="perfusion_images_dir")
                 uploads = gr.File(label="…or upload 4–8 images", file_count="multiple", file_types=["image"],
                                   elem_id="perfusion_uploads")
-                masks_dir = gr.Textbox(label="Masks folder (optional: NAME.png masks, white = subject)", elem_id="perfusion_masks_dir")
+                masks_dir = gr.Textbox(label="Masks folder (optional: NAME.png masks, white = subject)",
+                                       elem_id="perfusion_masks_dir")
                 with gr.Row():
-                    steps = gr.Number(label="Steps", value=int(getattr(opts, "perfusion_default_steps", 400)), precision=0,
-                                      elem_id="perfusion_steps")
-                    batch_size = gr.Number(label="Batch size", value=16, precision=0, elem_id="perfusion_batch_size")
-                    micro_batch = gr.Number(label="Micro-batch (0: auto)", value=0, precision=0, elem_id="perfusion_micro_batch")
-                    resolution = gr.Number(label="Resolution", value=512, precision=0, elem_id="perfusion_resolution")
+                    steps = gr.Number(label="Steps", value=int(getattr(opts, "perfusion_default_steps", 0) or d["steps"]),
+                                      precision=0, elem_id="perfusion_steps")
+                    batch_size = gr.Number(label="Batch size", value=d["batch_size"], precision=0,
+                                           elem_id="perfusion_batch_size")
+                    micro_batch = gr.Number(label="Micro-batch (0: auto)", value=d["micro_batch"] or 0, precision=0,
+                                            elem_id="perfusion_micro_batch")
+                    resolution = gr.Number(label="Resolution", value=d["resolution"], precision=0,
+                                           elem_id="perfusion_resolution")
                 with gr.Row():
-                    lr_value = gr.Number(label="Learning rate o*_V", value=0.03, elem_id="perfusion_lr_value")
-                    lr_embedding = gr.Number(label="Learning rate embedding", value=0.006, elem_id="perfusion_lr_embedding")
-                    beta = gr.Number(label="β (stored default)", value=float(getattr(opts, "perfusion_default_beta", 0) or 0.7),
+                    lr_value = gr.Number(label="Learning rate o*_V", value=d["lr_value"], elem_id="perfusion_lr_value")
+                    lr_embedding = gr.Number(label="Learning rate embedding", value=d["lr_embedding"],
+                                             elem_id="perfusion_lr_embedding")
+                    beta = gr.Number(label="β (stored default)",
+                                     value=float(getattr(opts, "perfusion_default_beta", 0) or d["beta"]),
                                      elem_id="perfusion_beta")
-                    tau = gr.Number(label="τ (stored default)", value=float(getattr(opts, "perfusion_default_tau", 0) or 0.15),
+                    tau = gr.Number(label="τ (stored default)",
+                                    value=float(getattr(opts, "perfusion_default_tau", 0) or d["tau"]),
                                     elem_id="perfusion_tau")
-                    seed = gr.Number(label="Seed", value=0, precision=0, elem_id="perfusion_seed")
+                    seed = gr.Number(label="Seed", value=d["seed"], precision=0, elem_id="perfusion_seed")
                 with gr.Row():
                     resume = gr.Checkbox(label="Resume the run of this name", value=False, elem_id="perfusion_resume")
                     overwrite = gr.Checkbox(label="Overwrite an existing concept", value=False, elem_id="perfusion_overwrite")
@@ -130,19 +142,20 @@ def create_tab():
                 with gr.Accordion("Export to ONNX", open=False):
                     export_names = gr.Dropdown(label="Concepts", multiselect=True, choices=concept_names(),
                                                elem_id="perfusion_export_concepts")
-                    export_layout = gr.Radio(label="Layout", choices=["a1111-trt", "optimum", "unet-only"],
-                                             value="a1111-trt", elem_id="perfusion_export_layout")
-                    export_precision = gr.Radio(label="Precision", choices=["fp16", "fp32"], value="fp16",
-                                                elem_id="perfusion_export_precision")
+                    export_layout = gr.Radio(label="Layout", choices=list(LAYOUTS), value=export_defaults.layout,
+                                             elem_id="perfusion_export_layout")
+                    export_precision = gr.Radio(label="Precision", choices=list(PRECISIONS),
+                                                value=export_defaults.precision, elem_id="perfusion_export_precision")
                     export_button = gr.Button("Export", elem_id="perfusion_export")
                     export_result = gr.HTML()
             with gr.Column():
                 message = gr.HTML(elem_id="perfusion_message")
-                status = gr.HTML(value=status_html, every=2, elem_id="perfusion_status")
-                preview = gr.Image(value=preview_image, every=5, label="Latest preview", interactive=False,
-                                   type="pil", elem_id="perfusion_preview")
-        train_button.click(start, inputs=[name, superclass, images_dir, uploads, masks_dir, steps, batch_size, micro_batch,
-                                          lr_value, lr_embedding, beta, tau, resolution, seed, resume, overwrite],
+                gr.HTML(value=status_html, every=2, elem_id="perfusion_status")  # polls the job
+                gr.Image(value=preview_image, every=5, label="Latest preview", interactive=False, type="pil",
+                         elem_id="perfusion_preview")
+        train_button.click(start, inputs=[name, superclass, images_dir, uploads, masks_dir, steps, batch_size,
+                                          micro_batch, lr_value, lr_embedding, beta, tau, resolution, seed, resume,
+                                          overwrite],
                            outputs=[message])
         interrupt_button.click(interrupt, outputs=[message])
         export_button.click(export, inputs=[export_names, export_layout, export_precision], outputs=[export_result])

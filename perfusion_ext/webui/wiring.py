@@ -4,15 +4,15 @@ from __future__ import annotations
 from modules import extra_networks, scripts, ui_extra_networks
 
 from . import state
-from .prompts import INFOTEXT_KEY, parse_hashes, remap_pasted
+from .activation import INFOTEXT_KEY, parse_hashes, remap_pasted
 
 
 def before_ui() -> None:
     from .cards import ExtraNetworksPagePerfusion
-    from .extra_network import create
+    from .extra_network import ExtraNetworkPerfusion
 
-    ui_extra_networks.register_page(ExtraNetworksPagePerfusion())
-    extra_networks.register_extra_network(create())
+    ui_extra_networks.register_page(ExtraNetworksPagePerfusion(state.store()))
+    extra_networks.register_extra_network(ExtraNetworkPerfusion(state.activator()))
 
 
 def infotext_pasted(_infotext: str, params: dict) -> None:

@@ -11,6 +11,7 @@ import dataclasses
 
 import torch
 
+from . import families
 from .errors import PerfusionError
 
 
@@ -87,15 +88,14 @@ def cross_attention_layers(unet: torch.nn.Module) -> dict[str, CrossAttentionLay
     return layers
 
 
-# Text width d of the conditioning → base family. The toy model is ours (DESIGN.md §4).
-_FAMILY_BY_CONTEXT_DIM = {768: "sd1", 1024: "sd2", 2048: "sdxl", 128: "toy"}
-
-
 def model_family(layers: dict[str, CrossAttentionLayer]) -> str:
+    """The family of a UNet with these attn2 layers, from the width of its text conditioning."""
     dims = {layer.in_dim for layer in layers.values()}
     if len(dims) != 1:
         raise PerfusionError(f"cross-attention layers disagree on the text width: {sorted(dims)}")
-    d = dims.pop()
-    if d not in _FAMILY_BY_CONTEXT_DIM:
-        raise PerfusionError(f"unsupported text-conditioning width {d} (known: SD1 768, SD2 1024, SDXL 2048)")
-    return _FAMILY_BY_CONTEXT_DIM[d]
+    return families.by_text_width(dims.pop()).name
+
+
+def unet_family(unet: torch.nn.Module) -> str:
+    """`model_family` of a UNet."""
+    return model_family(cross_attention_layers(unet))

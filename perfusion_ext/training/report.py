@@ -6,7 +6,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
-from .atomic import atomic_path
+from ..core.atomic import atomic_path
 
 
 def write_loss_curve(losses: list[float], path: Path, size=(640, 320)) -> None:

@@ -41,20 +41,20 @@ def main(argv=None) -> int:
 
     setup_cli_logging()
 
-    from .backend import DiffusersBackend
-    from .generate import generate
-    from .pipeline import load_pipeline, tiny_random_pipeline, toy_is_trained
-    from .toy import checkers
-    from .toy.concepts import fidelity, write_training_set
-    from .trainer import TrainConfig, train
+    from ..pipelines.backend import DiffusersBackend
+    from ..pipelines.generate import generate
+    from ..pipelines.loading import load_pipeline
+    from ..toy import checkers, plugin
+    from ..toy.concepts import fidelity, write_training_set
+    from ..training import TrainConfig, train
 
     out = Path(args.out)
     started = time.time()
-    if toy_is_trained():
+    if plugin.PLUGIN.model_ready():
         pipe, model_spec = load_pipeline("toy"), "toy"
         log.info("model: the embedded toy model (perfusion_ext/toy/model)")
     else:
-        pipe, model_spec = tiny_random_pipeline(), None
+        pipe, model_spec = plugin.tiny_random_pipeline(), None
         log.warning("NOTE: the toy model is not trained yet, so this demo runs on a TINY RANDOM model of the same "
                     "architecture: every step runs for real, but the images are noise.")
     images = write_training_set("teddy", out / "teddy_images", n=6)

@@ -1,4 +1,4 @@
-"""Train a Perfusion concept (DESIGN.md §1) against any `Backend`.
+"""Train a Perfusion concept (docs/design.md, "The math") against any `Backend`.
 
 Trained: the concept token embedding (lr 0.006) and one value target o*_V per attn2 layer (lr 0.03).
 Locked: the key target o*_K = W_k i_super, where i_super is the superclass word's encoding at the
@@ -16,22 +16,21 @@ import dataclasses
 import json
 import logging
 import time
-from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .atomic import atomic_save_safetensors, atomic_write_json
-from .concept import Concept, save_concept
+from ..core.concept import Concept
+from ..core.errors import PerfusionError
+from ..core.gated_edit import ema_update
+from ..core.hooks import ResolvedConcept, attach, build_edits, detach
+from ..core.layers import cross_attention_layers
+from ..core.tags import ConceptTag
+from .backend import Backend
+from .config import TrainConfig
 from .dataset import Dataset
-from .errors import PerfusionError
-from .gated_edit import ema_update
-from .hooks import ResolvedConcept, attach, build_edits, detach
-from .layers import cross_attention_layers
-from .tags import ConceptTag
-from .training_state import load_state, save_state
+from .state import load_state, save_state
 
 log = logging.getLogger(__name__)
 
@@ -40,7 +39,6 @@ TEMPLATES = (
     "a photo of the {}", "a good photo of a {}", "a bright photo of the {}", "an image of a {}",
     "a drawing of a {}", "a photo of a small {}", "a photo of a large {}", "a {}",
 )
-MODES = ("perfusion", "textual_inversion", "no_key_lock")
 
 
 COVARIANCE_RIDGE = 1e-5
@@ -54,69 +52,11 @@ def regularized(cov: torch.Tensor) -> torch.Tensor:
     return cov + COVARIANCE_RIDGE * cov.diagonal().mean() * torch.eye(cov.shape[0], dtype=torch.float64)
 
 
-@dataclasses.dataclass
-class TrainConfig:
-    name: str
-    superclass: str
-    steps: int | None = None  # None: the family default (toy 150, else 400)
-    batch_size: int = 16
-    micro_batch: int | None = None  # None: the whole batch on the toy model, 4 on a GPU, 1 on a CPU
-    lr_value: float = 0.03
-    lr_embedding: float = 0.006
-    train_beta: float = 0.75
-    train_tau: float = 0.1
-    beta: float = 0.7  # inference defaults written to the file
-    tau: float = 0.15
-    resolution: int | None = None  # None: toy 32, else 512
-    seed: int = 0
-    checkpoint_every: int = 50
-    preview_every: int = 50
-    preview_prompt: str = "a photo of a {}"
-    masks_dir: str | None = None
-    flip: bool = True
-    ema_momentum: float = 0.99
-    mode: str = "perfusion"  # or the benchmark baselines: textual_inversion, no_key_lock
-    description: str = ""
-
-    def resolved(self, family: str, device: torch.device) -> "TrainConfig":
-        toy = family == "toy"
-        micro = self.micro_batch or (self.batch_size if toy else (4 if device.type == "cuda" else 1))
-        return dataclasses.replace(
-            self, steps=self.steps or (150 if toy else 400), resolution=self.resolution or (32 if toy else 512),
-            micro_batch=min(micro, self.batch_size),
-        )
-
-
-@dataclasses.dataclass
-class TrainProgress:
-    step: int
-    total: int
-    loss: float
-    eta_seconds: float
-
-
-@dataclasses.dataclass
-class TrainCallbacks:
-    on_progress: Callable[[TrainProgress], None] | None = None
-    on_preview: Callable[[int, object], None] | None = None
-    should_stop: Callable[[], bool] | None = None
-
-
-@dataclasses.dataclass
-class TrainResult:
-    concept_path: Path | None
-    run_dir: Path
-    steps_done: int
-    status: str  # finished | interrupted | nan
-    message: str
-
-
 class ConceptTrainer:
     """One training run: parameters, EMA targets, optimizer, data order and RNG, all checkpointable."""
 
-    def __init__(self, backend, config: TrainConfig, dataset: Dataset):
-        if config.mode not in MODES:
-            raise PerfusionError(f"unknown training mode {config.mode!r}; one of {', '.join(MODES)}")
+    def __init__(self, backend: Backend, config: TrainConfig, dataset: Dataset):
+        config.check()
         self.backend, self.cfg, self.dataset = backend, config, dataset
         self.layers = cross_attention_layers(backend.unet)
         self.family = backend.family
@@ -306,11 +246,3 @@ class ConceptTrainer:
     def restore(self, tensors, meta) -> None:
         load_state(self, tensors, meta)
 
-
-def train(backend, config: TrainConfig, images_dir, out_dir, resume: bool = False,
-          callbacks: TrainCallbacks | None = None, overwrite: bool = False) -> TrainResult:
-    """Train and write OUT/NAME.safetensors (+ NAME.png preview and the NAME.run/ folder)."""
-    from .training_loop import run_training
-
-    return run_training(backend, config, Path(images_dir), Path(out_dir), resume, callbacks or TrainCallbacks(),
-                        overwrite)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import logging
+from collections.abc import Iterable, Iterator
 
 import torch
 
@@ -29,7 +30,12 @@ class ResolvedConcept:
     tau: float
 
 
-def resolve(concepts, strength: float = 1.0, beta: float | None = None, tau: float | None = None):
+# An activation entry: a Concept, or (Concept, strength[, beta[, tau]]) with None meaning "the default".
+ConceptEntry = Concept | tuple
+
+
+def resolve(concepts: Iterable[ConceptEntry], strength: float = 1.0, beta: float | None = None,
+            tau: float | None = None) -> list[ResolvedConcept]:
     """Normalise `[c, (c, 0.8), (c, 0.8, beta, tau), ...]` into ResolvedConcept entries.
 
     β/τ precedence: the entry's own (per-tag) value, then the call's, then the file's metadata.
@@ -98,20 +104,20 @@ def _make_hook(edit: ProjectionEdit):
     return hook
 
 
-def attach(edits: dict[torch.nn.Linear, ProjectionEdit]) -> list:
+def attach(edits: dict[torch.nn.Linear, ProjectionEdit]) -> list[torch.utils.hooks.RemovableHandle]:
     """Register the hooks; returns handles for `detach`."""
     return [module.register_forward_hook(_make_hook(edit)) for module, edit in edits.items()]
 
 
-def detach(handles: list) -> None:
+def detach(handles: list[torch.utils.hooks.RemovableHandle]) -> None:
     for handle in handles:
         handle.remove()
     handles.clear()
 
 
 @contextlib.contextmanager
-def activate(unet: torch.nn.Module, concepts, strength: float = 1.0, beta: float | None = None,
-             tau: float | None = None):
+def activate(unet: torch.nn.Module, concepts: Iterable[ConceptEntry], strength: float = 1.0,
+             beta: float | None = None, tau: float | None = None) -> Iterator[torch.nn.Module]:
     """Within the block, the UNet's attn2 K/V carry the concepts' gated rank-1 edits.
 
     `concepts` holds Concept objects or (Concept, strength) pairs. Everything is validated before any

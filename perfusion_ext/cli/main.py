@@ -5,11 +5,12 @@ import argparse
 import json
 import sys
 
-from .errors import PerfusionError
+from ..core.errors import PerfusionError
+from ..training.config import LIMITS, MODES, family_default_help, field_defaults
 
 
 def cmd_inspect(args) -> int:
-    from .concept import describe, format_description
+    from ..core.concept import describe, format_description
 
     info = describe(args.file)
     print(json.dumps(info, indent=2, sort_keys=True) if args.json else format_description(info))
@@ -17,14 +18,15 @@ def cmd_inspect(args) -> int:
 
 
 def _load(args):
-    from .pipeline import load_pipeline
+    from ..pipelines.loading import load_pipeline
 
     return load_pipeline(args.model, device=args.device)
 
 
 def cmd_train(args) -> int:
-    from .backend import DiffusersBackend
-    from .trainer import TrainConfig, train
+    from ..core.library import default_concepts_dir
+    from ..pipelines.backend import DiffusersBackend
+    from ..training import TrainConfig, train
 
     config = TrainConfig(
         name=args.name, superclass=args.superclass, steps=args.steps, seed=args.seed, batch_size=args.batch_size,
@@ -32,7 +34,6 @@ def cmd_train(args) -> int:
         resolution=args.resolution, checkpoint_every=args.checkpoint_every, preview_every=args.preview_every,
         masks_dir=args.masks, mode=args.mode, description=args.description,
     )
-    from .library import default_concepts_dir
 
     result = train(DiffusersBackend(_load(args)), config, args.images, args.out or default_concepts_dir(), resume=args.resume,
                    overwrite=args.overwrite)
@@ -46,10 +47,10 @@ def _generate_exported(args) -> tuple[list, list[str]]:
 
     from perfusion_export.ort_pipeline import OrtStableDiffusion, generate_onnx
 
-    from .generate import sampling_defaults_for
+    from ..core.families import sampling_defaults
 
     pipe = OrtStableDiffusion(args.model)
-    defaults = sampling_defaults_for(pipe.info["base_family"])
+    defaults = sampling_defaults(pipe.info["base_family"])
     with py_warnings.catch_warnings(record=True) as caught:
         py_warnings.simplefilter("always")
         images = generate_onnx(args.model, args.prompt, negative_prompt=args.negative, seed=args.seed, n=args.n,
@@ -62,8 +63,8 @@ def _generate_exported(args) -> tuple[list, list[str]]:
 def cmd_generate(args) -> int:
     from pathlib import Path
 
-    from .generate import generate
-    from .library import default_concepts_dir
+    from ..core.library import default_concepts_dir
+    from ..pipelines.generate import generate
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -82,6 +83,23 @@ def cmd_generate(args) -> int:
     return 0
 
 
+def _bounded(field: str):
+    """An argparse type that enforces the trainer's limits for `field` (training.config.LIMITS)."""
+    kind, lo, hi = LIMITS[field]
+
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not {'an integer' if kind is int else 'a number'}") from None
+        if not lo <= value <= hi:
+            raise argparse.ArgumentTypeError(f"must be between {lo:g} and {hi:g}, got {text}")
+        return value
+
+    parse.__name__ = kind.__name__
+    return parse
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="perfusion", description="Perfusion concepts for Stable Diffusion.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -91,21 +109,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--images", required=True, help="folder of 4–8 images (optional NAME.txt captions with {})")
     p.add_argument("--name", required=True)
     p.add_argument("--superclass", required=True, help="one-token word for what it is: dog, bear, toy, circle…")
-    p.add_argument("--steps", type=int, default=None, help="default: 150 on the toy model, else 400")
+    defaults = field_defaults()
+    p.add_argument("--steps", type=_bounded("steps"), default=None, help=family_default_help("steps"))
     p.add_argument("--out", default=None,
                    help="concepts folder to write to (default: $PERFUSION_CONCEPTS, else ./models/perfusion)")
     p.add_argument("--resume", action="store_true", help="continue the run in OUT/NAME.run/")
     p.add_argument("--overwrite", action="store_true", help="replace an existing concept/run of that name")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--micro-batch", type=int, default=None, help="gradient-accumulation chunk size")
-    p.add_argument("--lr-value", type=float, default=0.03)
-    p.add_argument("--lr-embedding", type=float, default=0.006)
-    p.add_argument("--resolution", type=int, default=None)
+    p.add_argument("--seed", type=_bounded("seed"), default=defaults["seed"])
+    p.add_argument("--batch-size", type=_bounded("batch_size"), default=defaults["batch_size"])
+    p.add_argument("--micro-batch", type=_bounded("micro_batch"), default=None,
+                   help="gradient-accumulation chunk size")
+    p.add_argument("--lr-value", type=_bounded("lr_value"), default=defaults["lr_value"])
+    p.add_argument("--lr-embedding", type=_bounded("lr_embedding"), default=defaults["lr_embedding"])
+    p.add_argument("--resolution", type=_bounded("resolution"), default=None,
+                   help=family_default_help("resolution"))
     p.add_argument("--masks", default=None, help="folder of subject masks named like the images")
-    p.add_argument("--checkpoint-every", type=int, default=50)
-    p.add_argument("--preview-every", type=int, default=50)
-    p.add_argument("--mode", default="perfusion", choices=["perfusion", "textual_inversion", "no_key_lock"])
+    p.add_argument("--checkpoint-every", type=_bounded("checkpoint_every"), default=defaults["checkpoint_every"])
+    p.add_argument("--preview-every", type=_bounded("preview_every"), default=defaults["preview_every"])
+    p.add_argument("--mode", default=defaults["mode"], choices=list(MODES))
     p.add_argument("--description", default="")
     p.add_argument("--device", default="cpu")
     p.set_defaults(func=cmd_train)

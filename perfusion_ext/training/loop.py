@@ -1,4 +1,4 @@
-"""The outer training loop: files, checkpoints, resume, previews, progress, interrupts, NaN guard."""
+"""`train`, the outer training loop: files, checkpoints, resume, previews, progress, interrupts, NaN guard."""
 from __future__ import annotations
 
 import dataclasses
@@ -12,12 +12,14 @@ from pathlib import Path
 from safetensors.torch import load_file
 from tqdm import tqdm
 
-from .atomic import atomic_save_safetensors, atomic_write_json
-from .concept import save_concept
+from ..core.atomic import atomic_save_safetensors, atomic_write_json
+from ..core.concept import save_concept
+from ..core.errors import PerfusionError
+from .backend import Backend
+from .config import TrainCallbacks, TrainConfig, TrainProgress, TrainResult
 from .dataset import load_images
-from .errors import PerfusionError
-from .trainer import ConceptTrainer, TrainCallbacks, TrainConfig, TrainProgress, TrainResult
-from .training_report import write_loss_curve
+from .report import write_loss_curve
+from .trainer import ConceptTrainer
 
 log = logging.getLogger(__name__)
 
@@ -71,7 +73,7 @@ def _preview(backend, trainer: ConceptTrainer, run: RunFolder, callbacks: TrainC
         path.parent.mkdir(parents=True, exist_ok=True)
         image.save(path)
         shutil.copyfile(path, run.preview)
-    except Exception as exc:  # noqa: BLE001 - a preview must never end the run
+    except Exception as exc:
         log.warning("preview at step %d skipped: %s", trainer.step, exc)
         return
     if callbacks.on_preview:
@@ -93,8 +95,10 @@ def _prepare_run_folder(run: RunFolder, resume: bool, overwrite: bool) -> None:
         run.concept.unlink(missing_ok=True)
 
 
-def run_training(backend, config: TrainConfig, images_dir: Path, out_dir: Path, resume: bool,
-                 callbacks: TrainCallbacks, overwrite: bool) -> TrainResult:
+def train(backend: Backend, config: TrainConfig, images_dir: str | Path, out_dir: str | Path, resume: bool = False,
+          callbacks: TrainCallbacks | None = None, overwrite: bool = False) -> TrainResult:
+    """Train and write OUT/NAME.safetensors (+ NAME.png preview and the NAME.run/ folder)."""
+    images_dir, out_dir, callbacks = Path(images_dir), Path(out_dir), callbacks or TrainCallbacks()
     run = RunFolder(out_dir, config.name)
     _prepare_run_folder(run, resume, overwrite)
     cfg = config.resolved(backend.family, backend.device)

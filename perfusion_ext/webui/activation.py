@@ -1,4 +1,8 @@
-"""What a `<perfusion:...>` tag does during a WebUI generation, free of WebUI imports.
+"""What a `<perfusion:...>` tag does during a WebUI generation, free of WebUI imports (unit-tested in CI).
+
+The tag's path: the WebUI calls the extra network (extra_network.py) → `Activator.activate` here →
+`core.hooks` attaches the K/V hooks → `core.gated_edit` computes each edit. Leaves: the tag grammar
+(`core.tags`) and the concept lookup (`concepts.py`).
 
 `Activator.activate(p)` is called by the extra network on every activation (each batch, and again
 for the hires-fix pass). It always starts from a clean model (releases whatever an earlier
@@ -13,22 +17,152 @@ activation left, also one whose generation raised), then:
 5. records `Perfusion hashes: name: <12 hex>` in the generation parameters.
 `release()` undoes 3 and 4; it runs on deactivate, after processing and when `p` is closed.
 
+Prompt glue: the WebUI strips every `<name:...>` tag from the prompt before conditioning. A Perfusion
+tag stands for the concept word at its position, so the prompts the WebUI is about to encode are rebuilt
+from the raw ones with each tag replaced by a unique word under which the concept's learned embedding is
+registered. The word contains a short hash of the concept's tensors: a concept retrained under the same
+name gives a new word, so the WebUI's cached conditioning (keyed by the prompt text) is never reused.
+
 The WebUI side is an `env` object (see extra_network.WebuiEnv): sd_model/unet access, embedding
 registration, the WebUI's own tag stripper, warnings.
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
+import re
 
-from ..errors import PerfusionError
-from ..hooks import ResolvedConcept, attach, build_edits, detach
-from ..layers import cross_attention_layers, model_family
-from . import prompts as prompt_glue
+from ..core.errors import PerfusionError
+from ..core.hooks import ResolvedConcept, attach, build_edits, detach
+from ..core.layers import unet_family
+from ..core.tags import TAG_RE, ConceptTag, parse_tag_body
 from .concepts import ConceptStore, mismatch_reason
 
 log = logging.getLogger("perfusion")
+_LETTERS = "abcdefghijklmnop"  # hex digit -> letter, so the word is one run of letters for CLIP's tokenizer
 
 
+# ---- prompt glue ---------------------------------------------------------------------------------
+INFOTEXT_KEY = "Perfusion hashes"
+
+
+def concept_word(name: str, tensor_sha256: str) -> str:
+    """The prompt word that carries a concept's embedding, e.g. `perfusionteddyqkdafm`."""
+    slug = re.sub(r"[^a-z]", "", name.lower())[:20]
+    tail = "".join(_LETTERS[int(c, 16)] for c in tensor_sha256[:6].lower())
+    return f"perfusion{slug}{tail}"
+
+
+@dataclasses.dataclass
+class Occurrence:
+    tag: ConceptTag
+    where: str  # "prompt", "negative prompt", "hires prompt", ...
+
+
+@dataclasses.dataclass
+class Collected:
+    """Every Perfusion tag of a batch: first occurrence per name (case-insensitive), in prompt order."""
+
+    tags: dict[str, ConceptTag]  # name as written -> tag (first occurrence wins)
+    warnings: list[str]
+
+
+def scan(prompt: str) -> tuple[list[ConceptTag], list[str]]:
+    """Valid tags and warnings (malformed ones) of one prompt."""
+    tags, warnings = [], []
+    for match in TAG_RE.finditer(prompt or ""):
+        try:
+            tags.append(dataclasses.replace(parse_tag_body(match.group(1)), start=match.start(), end=match.end()))
+        except ValueError as exc:
+            warnings.append(f"ignored {match.group(0)}: {exc}")
+    return tags, warnings
+
+
+def collect(prompt_lists: dict[str, list[str]]) -> Collected:
+    """Tags across every prompt of a batch. Differing options for one name keep the first, with a warning."""
+    tags: dict[str, ConceptTag] = {}
+    warnings: list[str] = []
+    seen_warnings = set()
+    for prompts in prompt_lists.values():
+        for prompt in prompts or []:
+            found, warns = scan(prompt)
+            for w in warns:
+                if w not in seen_warnings:
+                    seen_warnings.add(w)
+                    warnings.append(w)
+            for tag in found:
+                first = tags.get(tag.name)
+                if first is None:
+                    tags[tag.name] = tag
+                elif (first.strength, first.beta, first.tau) != (tag.strength, tag.beta, tag.tau):
+                    w = (f"<perfusion:{tag.name}> appears with different options in one batch; the hooks are shared "
+                         f"by the whole batch, so the first ({_options(first)}) is used")
+                    if w not in seen_warnings:
+                        seen_warnings.add(w)
+                        warnings.append(w)
+    return Collected(tags, warnings)
+
+
+def _options(tag: ConceptTag) -> str:
+    parts = [f"strength {tag.strength:g}"]
+    parts += [f"beta {tag.beta:g}"] if tag.beta is not None else []
+    parts += [f"tau {tag.tau:g}"] if tag.tau is not None else []
+    return ", ".join(parts)
+
+
+def replace_tags(prompt: str, words: dict[str, str]) -> str:
+    """Replace every Perfusion tag by its concept word (spaced); tags without a word are removed.
+
+    Other extra-network tags (<lora:...>) are left for the WebUI to strip.
+    """
+    def sub(match):
+        try:
+            name = parse_tag_body(match.group(1)).name
+        except ValueError:
+            return ""
+        word = words.get(name)
+        return f" {word} " if word else ""
+
+    return TAG_RE.sub(sub, prompt or "")
+
+
+def format_hashes(hashes: dict[str, str]) -> str:
+    """`teddy: 0123456789ab, dog: ...` (names lose ':' and ',' so the value parses back)."""
+    return ", ".join(f"{name.replace(':', '').replace(',', '')}: {h[:12]}" for name, h in hashes.items())
+
+
+def parse_hashes(text: str) -> dict[str, str]:
+    out = {}
+    for part in (text or "").split(","):
+        name, sep, value = part.partition(":")
+        if sep and name.strip() and value.strip():
+            out[name.strip()] = value.strip().lower()
+    return out
+
+
+def remap_pasted(prompt: str, hashes: dict[str, str], resolve) -> str:
+    """Rewrite tag names whose recorded hash belongs to a file with another name.
+
+    `resolve(name, short_hash) -> name or None`: the name of the file to use (None: leave as is).
+    """
+    def sub(match):
+        try:
+            tag = parse_tag_body(match.group(1))
+        except ValueError:
+            return match.group(0)
+        short = hashes.get(tag.name)
+        if not short:
+            return match.group(0)
+        new = resolve(tag.name, short)
+        if not new or new == tag.name:
+            return match.group(0)
+        body = match.group(1)
+        return match.group(0).replace(body, new + body[len(body.split(":", 1)[0]):], 1)
+
+    return TAG_RE.sub(sub, prompt or "")
+
+
+# ---- the activation lifecycle --------------------------------------------------------------------
 class Activator:
     def __init__(self, store: ConceptStore, env):
         self.store = store
@@ -44,7 +178,7 @@ class Activator:
         for word in self.words:
             try:
                 self.env.unregister_embedding(word)
-            except Exception:  # noqa: BLE001 - a model switch may have dropped the database already
+            except Exception:
                 log.debug("could not unregister %s", word, exc_info=True)
         self.words = []
 
@@ -57,7 +191,7 @@ class Activator:
         self.release()
         hr = bool(getattr(p, "is_hr_pass", False))
         sources = self._sources(p)
-        collected = prompt_glue.collect({k: raws for k, (_, raws, _) in sources.items()})
+        collected = collect({k: raws for k, (_, raws, _) in sources.items()})
         warnings = list(collected.warnings)
         if not collected.tags and not warnings:
             return
@@ -79,7 +213,7 @@ class Activator:
             beta = tag.beta if tag.beta is not None else (defaults.get("beta") or concept.beta)
             tau = tag.tau if tag.tau is not None else (defaults.get("tau") or concept.tau)
             resolved[name] = ResolvedConcept(concept, tag.strength, float(beta), float(tau))
-            words[name] = prompt_glue.concept_word(name, entry.sha256)
+            words[name] = concept_word(name, entry.sha256)
             hashes[name] = entry.sha256
 
         for name, entry in resolved.items():
@@ -97,7 +231,7 @@ class Activator:
         pass_names = []
         for key in pass_keys:
             for raw in sources.get(key, (None, [], None))[1]:
-                for tag in prompt_glue.scan(raw)[0]:
+                for tag in scan(raw)[0]:
                     if tag.name in resolved and tag.name not in pass_names:
                         pass_names.append(tag.name)
         replaced = self.env.unet_replacement()
@@ -118,14 +252,14 @@ class Activator:
             recorded = dict(getattr(p, "_perfusion_hashes", {}) or {})
             recorded.update(hashes)
             p._perfusion_hashes = recorded
-            p.extra_generation_params[prompt_glue.INFOTEXT_KEY] = prompt_glue.format_hashes(recorded)
+            p.extra_generation_params[INFOTEXT_KEY] = format_hashes(recorded)
         for w in warnings:
             self.env.warn(p, w)
 
     def _model_family(self, warnings) -> str | None:
         try:
-            return model_family(cross_attention_layers(self.env.unet()))
-        except Exception as exc:  # noqa: BLE001 - no model, or an unknown architecture
+            return unet_family(self.env.unet())
+        except Exception as exc:
             warnings.append(f"Perfusion: cannot inspect the loaded model ({exc})")
             return None
 
@@ -150,15 +284,15 @@ class Activator:
 
     def _rewrite(self, current: str, raw: str, words, strip: bool, key: str, warnings) -> str:
         """The prompt to encode: the raw one with concept words in place of tags (other tags stripped)."""
-        if not prompt_glue.scan(raw)[0] and "<perfusion:" not in raw.lower():
+        if not scan(raw)[0] and "<perfusion:" not in raw.lower():
             return current
         expected = self.env.strip_tags(raw) if strip else raw
-        rebuilt = prompt_glue.replace_tags(raw, words)
+        rebuilt = replace_tags(raw, words)
         rebuilt = self.env.strip_tags(rebuilt) if strip else rebuilt
         if current in (expected, rebuilt):
             return rebuilt
         if "<perfusion:" in current.lower():  # changed by another script but tags still there
-            return prompt_glue.replace_tags(current, words)
+            return replace_tags(current, words)
         warnings.append(f"the {key} was changed by another script after the tags were removed; "
                         "Perfusion concept words could not be placed in it")
         return current

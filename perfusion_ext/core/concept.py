@@ -1,4 +1,4 @@
-"""Concept files, format v1 (DESIGN.md §2): read, write, validate.
+"""Concept files, format v1 (docs/design.md, "The concept file"): read, write, validate.
 
 One safetensors file per concept. Tensors:
     embedding.<encoder>                     [n_vectors, d_tok]   learned token embedding(s)
@@ -13,19 +13,18 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import os
 import struct
 from pathlib import Path
 
 import torch
 from safetensors import safe_open
 
+from . import families
 from .atomic import atomic_save_safetensors
 from .errors import PerfusionError
 
 FORMAT_VERSION = "1"
-FAMILIES = ("sd1", "sd2", "sdxl", "toy")
-# Text-encoder names per family, as A1111 names SDXL embedding tensors.
-ENCODERS = {"sd1": ("clip_l",), "sd2": ("clip_h",), "sdxl": ("clip_l", "clip_g"), "toy": ("clip_l",)}
 REQUIRED_METADATA = ("format_version", "name", "token", "superclass", "base_family")
 DEFAULT_BETA, DEFAULT_TAU = 0.7, 0.15
 _KIND_SUFFIX = {"key": "key_target", "value": "value_target"}
@@ -85,15 +84,11 @@ class Concept:
         })
         meta.setdefault("modelspec.sai_model_spec", "1.0.0")
         meta.setdefault("modelspec.title", self.name)
-        meta.setdefault("modelspec.architecture", f"{_ARCHITECTURE[self.base_family]}/perfusion")
+        meta.setdefault("modelspec.architecture", families.get(self.base_family).concept_architecture)
         return meta
 
 
-_ARCHITECTURE = {"sd1": "stable-diffusion-v1", "sd2": "stable-diffusion-v2-512",
-                 "sdxl": "stable-diffusion-xl-v1-base", "toy": "perfusion-toy"}
-
-
-def save_concept(concept: Concept, path) -> Path:
+def save_concept(concept: Concept, path: str | os.PathLike) -> Path:
     """Write the concept atomically (temp file + rename): an interrupted save never truncates a file."""
     path = Path(path)
     validate_structure(concept, source=str(path))
@@ -101,7 +96,7 @@ def save_concept(concept: Concept, path) -> Path:
     return path
 
 
-def tensor_hash(path) -> str:
+def tensor_hash(path: str | os.PathLike) -> str:
     """sha256 over the tensor bytes only (not the header), so editing metadata never changes it."""
     path = Path(path)
     with open(path, "rb") as f:
@@ -128,7 +123,7 @@ def _read_file(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     return tensors, metadata
 
 
-def load_concept(path) -> Concept:
+def load_concept(path: str | os.PathLike) -> Concept:
     """Read and validate a concept file; raises PerfusionError with a fix for anything wrong."""
     path = Path(path)
     tensors, metadata = _read_file(path)
@@ -148,8 +143,8 @@ def load_concept(path) -> Concept:
             "Update the extension (newer format) or retrain the concept."
         )
     family = metadata["perfusion.base_family"]
-    if family not in FAMILIES:
-        raise PerfusionError(f"{name} names an unknown base family {family!r}; known: {', '.join(FAMILIES)}.")
+    if family not in families.FAMILIES:
+        raise PerfusionError(f"{name} names an unknown base family {family!r}; known: {', '.join(families.names())}.")
     for key in ("target_input", "target_input_cinv"):
         if key not in tensors:
             raise PerfusionError(f"{name} is missing the tensor {key!r}; the file is incomplete. Retrain the concept.")
@@ -185,9 +180,10 @@ def load_concept(path) -> Concept:
 
 def validate_structure(concept: Concept, source: str) -> None:
     """Checks that need no model: required tensors present and shapes consistent with each other."""
-    if concept.base_family not in FAMILIES:
-        raise PerfusionError(f"{source}: unknown base family {concept.base_family!r}; known: {', '.join(FAMILIES)}.")
-    expected = ENCODERS[concept.base_family]
+    if concept.base_family not in families.FAMILIES:
+        raise PerfusionError(f"{source}: unknown base family {concept.base_family!r}; "
+                             f"known: {', '.join(families.names())}.")
+    expected = families.get(concept.base_family).encoder_names
     if sorted(concept.embeddings) != sorted(expected):
         raise PerfusionError(
             f"{source}: a {concept.base_family} concept needs embeddings for {', '.join(expected)}, "
@@ -220,7 +216,7 @@ def validate_structure(concept: Concept, source: str) -> None:
         raise PerfusionError(f"{source}: target_input · target_input_cinv must be positive (u = C⁻¹ i*).")
 
 
-def describe(path) -> dict:
+def describe(path: str | os.PathLike) -> dict:
     """Everything `perfusion inspect` shows, as plain data."""
     path = Path(path)
     concept = load_concept(path)

@@ -7,12 +7,15 @@ from pathlib import Path
 
 import torch
 
-from .concept import Concept
-from .errors import PerfusionError
-from .hooks import activate
-from .library import load_named
-from .tags import ConceptTag, parse_prompt
-from .text import PromptEncoder
+from ..core import families
+from ..core.concept import Concept
+from ..core.errors import PerfusionError
+from ..core.fingerprint import base_hash
+from ..core.hooks import activate
+from ..core.layers import unet_family
+from ..core.library import load_named
+from ..core.tags import ConceptTag, parse_prompt
+from ..core.text import PromptEncoder
 
 log = logging.getLogger(__name__)
 
@@ -55,29 +58,16 @@ def concept_entries(prepared: PreparedPrompt) -> list[tuple[Concept, float, floa
     return out
 
 
-def sampling_defaults_for(family: str) -> dict:
-    """Steps and guidance per base family: the toy model has its own (v-prediction, CFG rescale)."""
-    from .toy import model as toy_model
-
-    if family == "toy":
-        return dict(toy_model.SAMPLING)
-    return dict(num_inference_steps=30, guidance_scale=7.5)
-
-
 def sampling_defaults(pipe) -> dict:
-    """Family defaults plus the pipeline's native image size."""
-    from .layers import cross_attention_layers, model_family
-
+    """The family's sampling defaults (core.families) plus the pipeline's native image size."""
     size = pipe.unet.config.sample_size * pipe.vae_scale_factor
-    return dict(sampling_defaults_for(model_family(cross_attention_layers(pipe.unet))), height=size, width=size)
+    return dict(families.sampling_defaults(unet_family(pipe.unet)), height=size, width=size)
 
 
 @torch.no_grad()
 def generate(pipe, prompt: str, negative: str = "", concepts_dir=None, seed: int = 0, n: int = 1,
              loaded: dict[str, Concept] | None = None, **overrides):
     """Images for a prompt with tags; returns (PIL images, warnings). Never fails on a bad tag."""
-    from .backend import base_hash
-
     prepared = prepare_prompt(prompt, concepts_dir, loaded)
     warnings = list(prepared.warnings)
     model_hash = base_hash(pipe.text_encoder, pipe.unet) if prepared.concepts else ""
@@ -90,7 +80,8 @@ def generate(pipe, prompt: str, negative: str = "", concepts_dir=None, seed: int
         warnings.append("tags in the negative prompt are ignored (as in the WebUI); removed them from it")
     negative_text = parsed_negative.text_with(lambda tag: "")
     encoder = PromptEncoder(pipe.tokenizer, pipe.text_encoder)
-    embeddings = {tag.name: concept.embeddings["clip_l"] for tag, concept in prepared.concepts}
+    embeddings = {tag.name: concept.embeddings[families.get(concept.base_family).encoder_names[0]]
+                  for tag, concept in prepared.concepts}
     cond = encoder.encode([prepared.segments], embeddings)
     uncond = encoder.encode([[negative_text]], min_tokens=cond.hidden.shape[1])
     cond_hidden = cond.hidden

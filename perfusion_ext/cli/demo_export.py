@@ -19,8 +19,8 @@ def export_and_sample(model_spec, pipe, concept_path: Path, out: Path, prompt: s
     from perfusion_export.exporter import export_pipeline
     from perfusion_export.ort_pipeline import generate_onnx
 
-    from .generate import sampling_defaults
-    from .toy import checkers
+    from ..pipelines.generate import sampling_defaults
+    from ..toy import checkers
 
     if model_spec is None:  # the random stand-in model: save it so the exporter loads it like any folder
         model_spec = out / "random_model"

@@ -1,4 +1,4 @@
-"""The gated rank-1 edit of one K or V projection, for any number of concepts (DESIGN.md §1).
+"""The gated rank-1 edit of one K or V projection, for any number of concepts (docs/design.md, "The math").
 
 For input tokens e, frozen weight W and concepts k with target input i*_k, u_k = C⁻¹ i*_k,
 target output o*_k, strength w_k, gate (β_k, τ_k):
@@ -97,5 +97,5 @@ def stack_edit(concepts, kind: str, layer: str, linear_gate: bool = False) -> Pr
 
 
 def ema_update(current: torch.Tensor, observed: torch.Tensor, momentum: float = 0.99) -> torch.Tensor:
-    """One EMA step of the target input: i* ← m·i* + (1 − m)·x (DESIGN.md §1, momentum 0.99)."""
+    """One EMA step of the target input: i* ← m·i* + (1 − m)·x (docs/design.md, momentum 0.99)."""
     return momentum * current + (1.0 - momentum) * observed

@@ -16,7 +16,9 @@ import torch
 from safetensors.torch import load_file
 
 from .atomic import atomic_save_safetensors
+from .captions import caption_corpus
 from .errors import PerfusionError
+from .fingerprint import module_hash
 
 REFERENCE_SD15_SHA256 = "bae743eee378894d29eaf313740244e6fabc86623aa803c695eddac33f0d03a5"
 REFERENCE_SD15_RELPATH = Path("data") / "covariance_CLIP_ViT-L-14.pt"
@@ -24,15 +26,6 @@ REFERENCE_SD15_RELPATH = Path("data") / "covariance_CLIP_ViT-L-14.pt"
 
 def cache_dir() -> Path:
     return Path(os.environ.get("PERFUSION_CACHE", Path.home() / ".cache" / "perfusion"))
-
-
-def module_hash(module: torch.nn.Module) -> str:
-    """sha256 over a module's parameter names and bytes: identifies a text encoder's weights."""
-    digest = hashlib.sha256()
-    for name, tensor in sorted(module.state_dict().items()):
-        digest.update(name.encode())
-        digest.update(tensor.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
-    return digest.hexdigest()
 
 
 @torch.no_grad()
@@ -66,8 +59,6 @@ def tokenize_for_covariance(tokenizer, captions: list[str]) -> list[list[int]]:
 
 def cached_covariance(text_encoder, tokenizer, captions: list[str] | None = None, encode=None) -> torch.Tensor:
     """C for this text encoder: from the cache when its hash is known, else estimated and cached."""
-    from .captions import caption_corpus
-
     key = module_hash(text_encoder)
     path = cache_dir() / "covariance" / f"{key[:32]}.safetensors"
     if path.exists():

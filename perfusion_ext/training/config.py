@@ -1,0 +1,114 @@
+"""The one source of training settings: `TrainConfig` with its defaults, the per-family defaults from the
+family registry, and the limits every front end enforces (the CLI, the REST API, the WebUI tab).
+
+Front ends read `field_defaults(family)` and `LIMITS` instead of writing numbers of their own.
+"""
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..core import families
+from ..core.concept import DEFAULT_BETA, DEFAULT_TAU
+from ..core.errors import PerfusionError
+
+MODES = ("perfusion", "textual_inversion", "no_key_lock")
+
+
+@dataclasses.dataclass
+class TrainConfig:
+    name: str
+    superclass: str
+    steps: int | None = None  # None: the family's default (families.Family.train_steps)
+    batch_size: int = 16
+    micro_batch: int | None = None  # None: the whole batch on tiny models, 4 on a GPU, 1 on a CPU
+    lr_value: float = 0.03
+    lr_embedding: float = 0.006
+    train_beta: float = 0.75
+    train_tau: float = 0.1
+    beta: float = DEFAULT_BETA  # inference defaults written to the file
+    tau: float = DEFAULT_TAU
+    resolution: int | None = None  # None: the family's default (families.Family.train_resolution)
+    seed: int = 0
+    checkpoint_every: int = 50
+    preview_every: int = 50
+    preview_prompt: str = "a photo of a {}"
+    masks_dir: str | None = None
+    flip: bool = True
+    ema_momentum: float = 0.99
+    mode: str = "perfusion"  # or the benchmark baselines: textual_inversion, no_key_lock
+    description: str = ""
+
+    def resolved(self, family: str, device: torch.device) -> TrainConfig:
+        """Family defaults filled in (steps, resolution, micro-batch for this device)."""
+        fam = families.get(family)
+        micro = self.micro_batch or (self.batch_size if fam.train_whole_batch else (4 if device.type == "cuda" else 1))
+        return dataclasses.replace(
+            self, steps=self.steps or fam.train_steps, resolution=self.resolution or fam.train_resolution,
+            micro_batch=min(micro, self.batch_size),
+        )
+
+    def check(self) -> None:
+        """Refuse settings outside LIMITS or an unknown mode, with the allowed range."""
+        if self.mode not in MODES:
+            raise PerfusionError(f"unknown training mode {self.mode!r}; one of {', '.join(MODES)}")
+        for key, (_, lo, hi) in LIMITS.items():
+            value = getattr(self, key)
+            if value is not None and not lo <= value <= hi:
+                raise PerfusionError(f"{key} must be between {lo:g} and {hi:g}, got {value:g}")
+        if self.micro_batch is not None and self.batch_size % self.micro_batch:
+            raise PerfusionError(f"micro_batch ({self.micro_batch}) must divide batch_size ({self.batch_size})")
+
+
+# field -> (type, minimum, maximum): what the CLI, the REST API and the tab accept.
+LIMITS: dict[str, tuple[type, float, float]] = {
+    "steps": (int, 1, 100_000), "batch_size": (int, 1, 64), "micro_batch": (int, 1, 64),
+    "lr_value": (float, 1e-7, 10.0), "lr_embedding": (float, 1e-7, 10.0), "beta": (float, -5.0, 5.0),
+    "tau": (float, 1e-4, 10.0), "resolution": (int, 8, 4096), "seed": (int, 0, 2**32 - 1),
+    "checkpoint_every": (int, 1, 100_000), "preview_every": (int, 0, 100_000),
+}
+_FAMILY_FIELDS = {"steps": "train_steps", "resolution": "train_resolution"}
+
+
+def field_defaults(family: str | None = None) -> dict[str, Any]:
+    """Every TrainConfig default by field name; with a family, its steps and resolution filled in."""
+    out = {f.name: f.default for f in dataclasses.fields(TrainConfig) if f.default is not dataclasses.MISSING}
+    if family is not None:
+        out.update({field: getattr(families.get(family), attr) for field, attr in _FAMILY_FIELDS.items()})
+    return out
+
+
+def family_default_help(field: str) -> str:
+    """`default: 400 on SD1, SD2, SDXL; 150 on the toy model` for a per-family field, from the registry."""
+    by_value: dict[int, list[str]] = {}
+    for fam in families.FAMILIES.values():
+        by_value.setdefault(getattr(fam, _FAMILY_FIELDS[field]), []).append(fam.label)
+    return "default: " + "; ".join(f"{value} on {', '.join(labels)}" for value, labels in by_value.items())
+
+
+@dataclasses.dataclass
+class TrainProgress:
+    step: int
+    total: int
+    loss: float
+    eta_seconds: float
+
+
+@dataclasses.dataclass
+class TrainCallbacks:
+    on_progress: Callable[[TrainProgress], None] | None = None
+    on_preview: Callable[[int, object], None] | None = None
+    should_stop: Callable[[], bool] | None = None
+
+
+@dataclasses.dataclass
+class TrainResult:
+    concept_path: Path | None
+    run_dir: Path
+    steps_done: int
+    status: str  # finished | interrupted | nan
+    message: str
