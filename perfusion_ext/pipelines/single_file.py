@@ -24,7 +24,7 @@ def detect_family(path: Path) -> str:
     try:
         with safe_open(str(path), framework="pt") as f:
             keys = set(f.keys())
-    except Exception as exc:
+    except Exception as exc:  # any safetensors failure means an unusable file
         raise PerfusionError(f"{path.name} is not a readable safetensors checkpoint ({exc}).") from exc
     family = families.by_checkpoint_keys(keys)
     if family is not None and family.diffusers_configs is None:

@@ -73,7 +73,7 @@ def _preview(backend, trainer: ConceptTrainer, run: RunFolder, callbacks: TrainC
         path.parent.mkdir(parents=True, exist_ok=True)
         image.save(path)
         shutil.copyfile(path, run.preview)
-    except Exception as exc:
+    except Exception as exc:  # noqa: BLE001 - a preview must never end the run
         log.warning("preview at step %d skipped: %s", trainer.step, exc)
         return
     if callbacks.on_preview:

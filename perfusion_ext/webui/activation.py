@@ -178,7 +178,7 @@ class Activator:
         for word in self.words:
             try:
                 self.env.unregister_embedding(word)
-            except Exception:
+            except Exception:  # a model switch may have dropped the database already
                 log.debug("could not unregister %s", word, exc_info=True)
         self.words = []
 
@@ -259,7 +259,7 @@ class Activator:
     def _model_family(self, warnings) -> str | None:
         try:
             return unet_family(self.env.unet())
-        except Exception as exc:
+        except Exception as exc:  # noqa: BLE001 - no model, or an unknown architecture
             warnings.append(f"Perfusion: cannot inspect the loaded model ({exc})")
             return None
 

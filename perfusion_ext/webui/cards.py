@@ -25,7 +25,7 @@ def current_family() -> str | None:
         return None
     try:
         return unet_family(model.model.diffusion_model)
-    except Exception:
+    except Exception:  # noqa: BLE001 - an architecture we do not know
         return None
 
 

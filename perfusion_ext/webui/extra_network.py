@@ -65,7 +65,7 @@ class WebuiEnv:
             try:
                 import gradio as gr
                 gr.Warning(f"Perfusion: {message}")
-            except Exception:
+            except Exception:  # noqa: BLE001 - outside a gradio request (API) there is no popup
                 pass
 
     def on_activate(self, p, activator):

@@ -125,7 +125,7 @@ class JobManager:
                 self.runner(job)
             except (PerfusionError, ApiError) as exc:
                 job.state, job.message = "failed", str(exc)
-            except Exception as exc:
+            except Exception as exc:  # noqa: BLE001 - a job must never take the server down
                 log.error("Perfusion training job %s failed:\n%s", job.id, traceback.format_exc())
                 job.state, job.message = "failed", f"{type(exc).__name__}: {exc}"
             finally:
