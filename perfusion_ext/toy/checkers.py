@@ -87,18 +87,21 @@ class Part:
 
 
 def read_part_shape(mask: np.ndarray) -> str:
-    """Shape of a small part: fill ratio, and for near-full boxes the box's corner pixels.
+    """Shape of a small, possibly blurred part.
 
-    A 9 px circle on the pixel grid can fill 94 % of its box (its corners are cut by one pixel only),
-    so a box this full is a square only where at least two of its corner pixels are set.
+    Triangle: its top third is much narrower than its bottom third (this survives a blurred apex, which
+    fools a fill ratio). Square or circle: fill ratio, and for near-full boxes the box's corner pixels —
+    a 9 px circle on the pixel grid can fill 94 % of its box, its corners cut by one pixel only.
     """
     ys, xs = np.nonzero(mask)
     y0, y1, x0, x1 = ys.min(), ys.max(), xs.min(), xs.max()
-    fill = mask.sum() / ((y1 - y0 + 1) * (x1 - x0 + 1))
-    if fill < (_SHAPE_FILL["triangle"] + _SHAPE_FILL["circle"]) / 2:
+    widths = mask[y0:y1 + 1, x0:x1 + 1].sum(1).astype(np.float32)
+    third = max(1, len(widths) // 3)
+    if widths[:third].mean() < 0.6 * widths[-third:].mean():
         return "triangle"
+    fill = mask.sum() / ((y1 - y0 + 1) * (x1 - x0 + 1))
     corners = int(mask[y0, x0]) + int(mask[y0, x1]) + int(mask[y1, x0]) + int(mask[y1, x1])
-    return "square" if corners >= 2 and fill > 0.8 else "circle"
+    return "square" if (corners >= 2 and fill > 0.8) or fill > 0.95 else "circle"
 
 
 def _part(mask: np.ndarray, colour: str) -> Part:
