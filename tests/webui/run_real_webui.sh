@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Verify the extension in a real AUTOMATIC1111 v1.10.1 (set up by ../shared/a1111/setup.sh).
+# Verify the extension in a real AUTOMATIC1111 v1.10.1 (the setup it expects: tests/webui/README.md).
 # usage: tests/webui/run_real_webui.sh [pytest args]     env: A1111_ROOT (/tmp/a1111)
 # Links this checkout into extensions/, runs install.py twice (2nd must be silent), then one server at a
 # time: the WebUI (UI + API when the playwright venv of A1111_UI_TEST=1 exists, else API only) for
@@ -11,7 +11,7 @@ REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
 WEBUI=$ROOT/webui
 UIPY=$ROOT/uitest-venv/bin/python
 export OMP_NUM_THREADS=1 OMP_WAIT_POLICY=PASSIVE
-[ -x "$ROOT/run-webui.sh" ] || { echo "no WebUI at $ROOT (see ../shared/a1111/README.md)"; exit 2; }
+[ -x "$ROOT/run-webui.sh" ] || { echo "no WebUI at $ROOT (see tests/webui/README.md)"; exit 2; }
 ln -sfn "$REPO" "$WEBUI/extensions/sd-webui-perfusion"
 
 echo "== install.py (as the WebUI runs it), twice"

@@ -1,8 +1,8 @@
 #!/usr/bin/env python3
 """Screenshots of the Perfusion tab and the concept cards in a real WebUI UI (headless chromium).
 
-needs: a UI on --url (run-webui.sh --port 7860, after `Startup time:`), the playwright venv of
-../shared/a1111 (A1111_UI_TEST=1 setup). usage: screenshots.py [--url URL] [--out docs]
+needs: a UI on --url (run-webui.sh --port 7860, after `Startup time:`) and the playwright venv of the
+WebUI setup (tests/webui/README.md). usage: screenshots.py [--url URL] [--out docs]
 """
 import argparse
 import sys

@@ -1,4 +1,4 @@
-"""Verification against a REAL AUTOMATIC1111 WebUI (see ../shared/a1111/README.md); skipped in CI.
+"""Verification against a REAL AUTOMATIC1111 WebUI (see tests/webui/README.md); skipped in CI.
 
     PERFUSION_WEBUI_URL=http://127.0.0.1:7861      a running WebUI (--api) with this extension linked
     PERFUSION_WEBUI_LOG=/path/to/its/console.log    optional: check console warnings
@@ -24,7 +24,10 @@ import numpy as np
 import pytest
 
 URL = os.environ.get("PERFUSION_WEBUI_URL")
-pytestmark = pytest.mark.skipif(not URL, reason="no WebUI: set PERFUSION_WEBUI_URL (tests/webui/run_real_webui.sh)")
+pytestmark = [
+    pytest.mark.webui,
+    pytest.mark.skipif(not URL, reason="no WebUI: set PERFUSION_WEBUI_URL (tests/webui/run_real_webui.sh)"),
+]
 NAME = "vteddy"
 BASE = {"negative_prompt": "", "width": 64, "height": 64, "steps": 2, "sampler_name": "Euler", "cfg_scale": 7,
         "seed": 1, "batch_size": 1}

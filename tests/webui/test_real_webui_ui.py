@@ -1,9 +1,9 @@
 """The extension's UI in a REAL AUTOMATIC1111 WebUI, driven in headless chromium; skipped in CI.
 
     PERFUSION_WEBUI_UI_URL=http://127.0.0.1:7860   a running WebUI in UI mode (--api), after `Startup time:`
-    A1111_ROOT=/tmp/a1111                          its setup (../shared/a1111), for the concepts folder
+    A1111_ROOT=/tmp/a1111                          its setup (tests/webui/README.md), for the concepts folder
     PERFUSION_CHROMIUM=/usr/bin/chromium
-Needs playwright (the uitest-venv of ../shared/a1111, A1111_UI_TEST=1) and the concept `vteddy` that
+Needs playwright (the setup's uitest-venv) and the concept `vteddy` that
 test_real_webui.py trains; run by tests/webui/run_real_webui.sh after that suite. Covers: the concept
 cards page (no folder buttons for training runs `NAME.run/`), the user metadata editor on a Perfusion
 card, the `<perfusion:` completion hint, and the training tab's upload path and Interrupt button.
@@ -11,7 +11,6 @@ Training: 64 px, 2 steps (upload) and an interrupted long run. Standard library 
 """
 from __future__ import annotations
 
-import base64
 import json
 import os
 import re
@@ -25,7 +24,10 @@ from pathlib import Path
 import pytest
 
 URL = os.environ.get("PERFUSION_WEBUI_UI_URL")
-pytestmark = pytest.mark.skipif(not URL, reason="no WebUI UI: set PERFUSION_WEBUI_UI_URL (tests/webui/run_real_webui.sh)")
+pytestmark = [
+    pytest.mark.webui,
+    pytest.mark.skipif(not URL, reason="no WebUI UI: set PERFUSION_WEBUI_UI_URL (tests/webui/run_real_webui.sh)"),
+]
 NAME = "vteddy"
 CONCEPTS = Path(os.environ.get("A1111_ROOT", "/tmp/a1111")) / "webui" / "models" / "perfusion"
 SHOTS = Path(__file__).resolve().parents[2] / "docs"
