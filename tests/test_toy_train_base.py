@@ -1,7 +1,12 @@
 """The toy base-model trainer checkpoints and resumes exactly (weights, optimizer, sampler stream)."""
+import shutil
+
+import pytest
 import torch
 
 from perfusion_ext.toy import train_base
+
+pytestmark = pytest.mark.slow
 
 
 def test_checkpoint_round_trip_continues_identically(tmp_path):
@@ -41,3 +46,19 @@ def test_world_v2_starts_with_an_anchored_vae_and_resumes(tmp_path):
     assert resumed.state["phase"] == "diffusion" and resumed.state["warmup_origin"] == resumed.state["step"]
     images, ids = resumed.sampler.sample(4)
     assert images.shape == (4, 32, 32, 3) and ids.shape == (4, 77)
+
+
+def test_fresh_clone_resumes_from_the_committed_fp16_model(tmp_path, monkeypatch, capsys):
+    """The fp32 resume file is not in the repository: a fresh clone starts from the committed fp16 model."""
+    absent = tmp_path / "training" / train_base.RESUME_FILE.name
+    absent.parent.mkdir()
+    shutil.copyfile(train_base.RESUME_FILE.with_suffix(".json"), absent.with_suffix(".json"))
+    monkeypatch.setattr(train_base, "RESUME_FILE", absent)
+    args = train_base.parse_args(["--work", str(tmp_path / "work"), "--device", "cpu", "--batch", "4"])
+    trainer = train_base.Trainer(args)
+    assert trainer.load() and "starting from the committed fp16 model" in capsys.readouterr().out
+    committed = train_base.committed_model_weights()
+    for prefix, module in (("unet", trainer.unet), ("unet", trainer.ema_unet), ("vae", trainer.vae)):
+        for name, value in module.state_dict().items():
+            assert torch.equal(value, committed[f"{prefix}.{name}"].float()), name
+    assert trainer.state["warmup_origin"] == trainer.state["step"] > 0
