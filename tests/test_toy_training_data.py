@@ -29,7 +29,7 @@ def test_render_batch_is_pixel_identical_to_the_numpy_renderer():
 
 
 @pytest.fixture(scope="module")
-def sampler_and_tokenizer():
+def sampler_and_tokenizer():  # slow: the sampler's pre-tokenized caption table takes ~30 s on one thread
     tokenizer = load_toy_tokenizer()
     return SceneSampler(tokenizer, "cpu", seed=3), tokenizer
 
@@ -48,6 +48,7 @@ def _caption_candidates(reading):
     return out
 
 
+@pytest.mark.slow
 def test_sampler_captions_describe_their_images(sampler_and_tokenizer):
     sampler, tokenizer = sampler_and_tokenizer
     images, ids = sampler.sample(1500)
@@ -72,6 +73,7 @@ def test_sampler_captions_describe_their_images(sampler_and_tokenizer):
     assert len(combos) >= 300  # ~360 training combinations, roughly uniform
 
 
+@pytest.mark.slow
 def test_sampler_is_reproducible_and_resumes_from_its_state(sampler_and_tokenizer):
     sampler, _ = sampler_and_tokenizer
     state = sampler.state()
