@@ -5,8 +5,16 @@ import numpy as np
 import pytest
 
 from perfusion_ext.toy import world
-from perfusion_ext.toy.concepts import (CONCEPTS, IN_RANGE, OUT_OF_RANGE, fidelity, random_blob, render_concept,
-                                        rendered_negatives, write_training_set)
+from perfusion_ext.toy.concepts import (
+    CONCEPTS,
+    IN_RANGE,
+    OUT_OF_RANGE,
+    fidelity,
+    random_blob,
+    render_concept,
+    rendered_negatives,
+    write_training_set,
+)
 
 
 def test_concept_catalogue():
