@@ -254,7 +254,7 @@ class Trainer:
         loss.backward()
         torch.nn.utils.clip_grad_norm_(self.vae.parameters(), 1.0)
         for g in self.vae_optimizer.param_groups:
-            g["lr"] = 1e-4
+            g["lr"] = self.args.vae_v2_lr
         self.vae_optimizer.step()
         self.state["vae_v2_step"] += 1
         if self.state["vae_v2_step"] % 100 == 0:
@@ -426,7 +426,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--from-scratch", action="store_true", help="ignore the committed resume file")
     p.add_argument("--world", choices=("v1", "v2"), default="v1",
                    help="v2 adds two-object scenes and colourless captions (fine-tunes the VAE first)")
-    p.add_argument("--vae-v2-steps", type=int, default=600, help="world v2: VAE fine-tuning steps (batch 32)")
+    p.add_argument("--vae-v2-steps", type=int, default=2000, help="world v2: VAE fine-tuning steps (batch 32)")
+    p.add_argument("--vae-v2-lr", type=float, default=3e-4, help="world v2: VAE fine-tuning learning rate")
     p.add_argument("--anchor-weight", type=float, default=1.0,
                    help="world v2: weight of the one-object latent anchor while fine-tuning the VAE")
     p.add_argument("--pair-eval-prompts", type=int, default=120, help="world v2: held-out two-object prompts")
