@@ -6,7 +6,7 @@ import json
 import sys
 
 from ..core.errors import PerfusionError
-from ..training.config import LIMITS, MODES, family_default_help, field_defaults
+from ..training.config import LIMITS, MODES, family_default_help, field_defaults, paper_recipe
 
 
 def cmd_inspect(args) -> int:
@@ -32,8 +32,12 @@ def cmd_train(args) -> int:
         name=args.name, superclass=args.superclass, steps=args.steps, seed=args.seed, batch_size=args.batch_size,
         micro_batch=args.micro_batch, lr_value=args.lr_value, lr_embedding=args.lr_embedding,
         resolution=args.resolution, checkpoint_every=args.checkpoint_every, preview_every=args.preview_every,
-        masks_dir=args.masks, mode=args.mode, description=args.description,
+        masks_dir=args.masks, mode=args.mode, description=args.description, flip=args.flip,
+        init_from_captions=args.init_from_captions, background_distill=args.background_distill,
+        embedding_pull=args.embedding_pull,
     )
+    if args.paper_recipe:
+        config = paper_recipe(config)
 
     result = train(DiffusersBackend(_load(args)), config, args.images, args.out or default_concepts_dir(), resume=args.resume,
                    overwrite=args.overwrite)
@@ -127,6 +131,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoint-every", type=_bounded("checkpoint_every"), default=defaults["checkpoint_every"])
     p.add_argument("--preview-every", type=_bounded("preview_every"), default=defaults["preview_every"])
     p.add_argument("--mode", default=defaults["mode"], choices=list(MODES))
+    p.add_argument("--flip", action=argparse.BooleanOptionalAction, default=defaults["flip"],
+                   help="mirror half the training images (--no-flip for objects that are not left/right symmetric)")
+    p.add_argument("--init-from-captions", action=argparse.BooleanOptionalAction,
+                   default=defaults["init_from_captions"],
+                   help="start i* and the value targets from the training captions (else generic templates)")
+    p.add_argument("--background-distill", type=_bounded("background_distill"),
+                   default=defaults["background_distill"],
+                   help="weight of matching the frozen base's superclass prediction outside the masks (needs --masks)")
+    p.add_argument("--embedding-pull", type=_bounded("embedding_pull"), default=defaults["embedding_pull"],
+                   help="weight of keeping the learned word near its superclass embedding")
+    p.add_argument("--paper-recipe", action="store_true",
+                   help="the paper's recipe: flips on, generic templates, no background term, no pull")
     p.add_argument("--description", default="")
     p.add_argument("--device", default="cpu")
     p.set_defaults(func=cmd_train)

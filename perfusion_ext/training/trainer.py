@@ -121,9 +121,14 @@ class ConceptTrainer:
             return caption
         return TEMPLATES[int(self.rng.integers(len(TEMPLATES)))]
 
+    def _initial_templates(self) -> list[str]:
+        """Captions i* and o*_V start from: the training captions (with "{}"), else generic templates."""
+        captions = [im.caption for im in self.dataset.images if im.caption and "{}" in im.caption]
+        return captions if self.cfg.init_from_captions and captions else list(TEMPLATES)
+
     def _superclass_encoding_mean(self) -> torch.Tensor:
         tag = ConceptTag(self.cfg.name)
-        prompts = [self._segments(t, tag) for t in TEMPLATES]
+        prompts = [self._segments(t, tag) for t in self._initial_templates()]
         enc = self.backend.encode_prompts(prompts, {self.cfg.name: self.superclass_embedding})
         return torch.stack([enc.hidden[b, p[self.cfg.name][-1]] for b, p in enumerate(enc.concept_positions)]
                            ).double().mean(0).cpu()
@@ -204,6 +209,11 @@ class ConceptTrainer:
             self.i_super = ema_update(self.i_super, sup.hidden[rows, positions].double().mean(0).cpu(), cfg.ema_momentum)
             self.i_star = ema_update(self.i_star, enc.hidden[rows, positions].detach().double().mean(0).cpu(),
                                      cfg.ema_momentum)
+        weights = self._mask_weights(idx, flips, latents.shape[-2:])
+        prior = None
+        if cfg.background_distill > 0 and weights is not None:
+            with torch.no_grad():  # the frozen base with the superclass word, before any hook is attached
+                prior = self.backend.predict(noisy, t, sup.hidden).float()
         handles = []
         if cfg.mode != "textual_inversion":
             entry = ResolvedConcept(self.concept(detach_values=False), 1.0, cfg.train_beta, cfg.train_tau)
@@ -216,22 +226,28 @@ class ConceptTrainer:
                 pred = self.backend.predict(noisy, t, enc.hidden)
         finally:
             detach(handles)
-        loss = self._masked_mse(pred.float(), target.float(), idx, flips)
+        pred = pred.float()
+        loss = _weighted_mse(pred, target.float(), weights)
+        if prior is not None:  # background protection: outside the subject, predict what the superclass would
+            loss = loss + cfg.background_distill * _weighted_mse(pred, prior, 1.0 - weights)
+        if cfg.embedding_pull > 0:
+            loss = loss + cfg.embedding_pull * sum(
+                (e - self.superclass_embedding[k]).pow(2).sum() / self.superclass_embedding[k].pow(2).sum()
+                for k, e in self.embedding.items())
         (loss * n / batch_size).backward()
         return loss.item() * n / batch_size
 
-    def _masked_mse(self, pred, target, idx, flips) -> torch.Tensor:
-        err = (pred - target).pow(2).mean(1)  # [n, h, w]
+    def _mask_weights(self, idx, flips, size) -> torch.Tensor | None:
+        """Subject masks at latent size [n, h, w] (mirrored with their image); None when no image has one."""
         masks = [self.dataset.images[i].mask for i in idx]
         if all(m is None for m in masks):
-            return err.mean()
-        h, w = err.shape[-2:]
+            return None
+        h, w = size
         weights = []
         for m, f in zip(masks, flips):
             m = torch.ones(h, w) if m is None else F.interpolate(torch.from_numpy(m)[None, None], (h, w), mode="area")[0, 0]
             weights.append(m.flip(-1) if f else m)
-        weights = torch.stack(weights).to(err.device)
-        return (err * weights).sum() / weights.sum().clamp(min=1e-6)
+        return torch.stack(weights).to(self.backend.device)
 
     # ---- checkpointable state --------------------------------------------------------------
     def params(self) -> dict[str, torch.nn.Parameter]:
@@ -246,3 +262,11 @@ class ConceptTrainer:
     def restore(self, tensors, meta) -> None:
         load_state(self, tensors, meta)
 
+
+
+def _weighted_mse(pred: torch.Tensor, target: torch.Tensor, weights: torch.Tensor | None) -> torch.Tensor:
+    """Mean squared error over channels, weighted per latent pixel ([n, h, w]); plain mean without weights."""
+    err = (pred - target).pow(2).mean(1)
+    if weights is None:
+        return err.mean()
+    return (err * weights).sum() / weights.sum().clamp(min=1e-6)
