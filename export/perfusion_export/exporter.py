@@ -65,7 +65,11 @@ def slot_entries(unet, concepts, beta, tau) -> list[SlotEntry]:
 
 
 def _model_name(model) -> str:
-    return "toy" if str(model) == "toy" else (Path(str(model)).stem or "model") if isinstance(model, (str, Path)) else "model"
+    """A named model (`toy`) keeps its name; a folder or file gives its stem; a loaded pipeline is `model`."""
+    if not isinstance(model, (str, Path)):
+        return "model"
+    named = families.plugin(str(model))
+    return str(model) if named is not None and named.model_dir is not None else (Path(str(model)).stem or "model")
 
 
 def export_pipeline(model, concepts=(), out="export", *, layout: str = "optimum", precision: str = "fp32",

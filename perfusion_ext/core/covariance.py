@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
+from . import families
 from .atomic import atomic_save_safetensors
 from .captions import caption_corpus
 from .errors import PerfusionError
@@ -85,8 +86,9 @@ def reference_covariance_sd15() -> torch.Tensor:
     if digest != REFERENCE_SD15_SHA256:
         raise PerfusionError(f"{source} has sha256 {digest}, expected {REFERENCE_SD15_SHA256}; reinstall it.")
     cov = torch.load(source, map_location="cpu", weights_only=True)
-    if not isinstance(cov, torch.Tensor) or cov.shape != (768, 768):
-        raise PerfusionError(f"{source} does not hold a 768×768 tensor")
+    d = families.SD1.text_width  # CLIP ViT-L/14, SD1's text encoder
+    if not isinstance(cov, torch.Tensor) or cov.shape != (d, d):
+        raise PerfusionError(f"{source} does not hold a {d}×{d} tensor")
     atomic_save_safetensors({"covariance": cov.float().contiguous()}, cached,
                             metadata={"source_sha256": digest, "source": "perfusion-pytorch 0.1.23"})
     return cov.double()

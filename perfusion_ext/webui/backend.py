@@ -88,8 +88,9 @@ class WebuiLdmBackend(Backend):
     def __init__(self, sd_model):
         if sd_model is None:
             raise PerfusionError("No Stable Diffusion checkpoint is loaded: load one in the WebUI first.")
+        trainable = " or ".join(f.label for f in families.FAMILIES.values() if f.webui_trainable)
         if getattr(sd_model, "is_sdxl", False) or not hasattr(sd_model, "cond_stage_model"):
-            raise PerfusionError("Training on SDXL is not supported by this backend yet; load an SD1 or SD2 checkpoint.")
+            raise PerfusionError(f"Training on SDXL is not supported by this backend yet; load an {trainable} checkpoint.")
         self.sd_model = sd_model
         self.unet = sd_model.model.diffusion_model
         if getattr(self.unet, "in_channels", 4) != 4:
@@ -99,8 +100,8 @@ class WebuiLdmBackend(Backend):
             )
         self._family = unet_family(self.unet)
         if not families.get(self._family).webui_trainable:
-            trainable = "/".join(f.label for f in families.FAMILIES.values() if f.webui_trainable)
-            raise PerfusionError(f"the loaded model is {self._family}; this backend trains {trainable} concepts")
+            raise PerfusionError(f"the loaded model is {self._family}; this backend trains {trainable.replace(' or ', '/')} "
+                                 "concepts")
         clip = sd_model.cond_stage_model
         self.clip = clip
         self.tokenizer = _Tokenizer(clip)
