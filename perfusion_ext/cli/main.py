@@ -10,10 +10,24 @@ from ..training.config import LIMITS, MODES, family_default_help, field_defaults
 
 
 def cmd_inspect(args) -> int:
+    if args.prompt is not None:
+        return _inspect_gates(args)
+    if args.file is None:
+        raise PerfusionError("inspect needs a concept FILE, or --prompt TEXT (with --model and --concepts) "
+                             "to see every token's similarity and gate")
     from ..core.concept import describe, format_description
 
     info = describe(args.file)
     print(json.dumps(info, indent=2, sort_keys=True) if args.json else format_description(info))
+    return 0
+
+
+def _inspect_gates(args) -> int:
+    from ..core.library import default_concepts_dir
+    from ..pipelines.inspect import format_report, inspect_prompt
+
+    report = inspect_prompt(_load(args), args.prompt, concepts_dir=args.concepts or default_concepts_dir())
+    print(json.dumps(report, indent=2) if args.json else format_report(report))
     return 0
 
 
@@ -161,9 +175,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="outputs")
     p.add_argument("--device", default="cpu")
     p.set_defaults(func=cmd_generate)
-    p = sub.add_parser("inspect", help="show a concept file's metadata, layers, shapes, dtypes and size")
-    p.add_argument("file")
+    p = sub.add_parser("inspect", help="a concept file's metadata, layers, shapes, dtypes and size; or, with "
+                                       "--prompt, every token's similarity and gate for the prompt's concepts")
+    p.add_argument("file", nargs="?", help="a concept file to describe")
     p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.add_argument("--prompt", default=None, help="a prompt with <perfusion:NAME> tags: inspect its gates")
+    p.add_argument("--model", default="toy", help="with --prompt: toy, a diffusers folder or a checkpoint")
+    p.add_argument("--concepts", default=None, help="with --prompt: the concepts folder")
+    p.add_argument("--device", default="cpu")
     p.set_defaults(func=cmd_inspect)
     from perfusion_export.cli import add_parser as add_export_parser  # light: heavy imports happen on use
 

@@ -55,9 +55,19 @@ class ProjectionEdit:
         t = self._tensors(dtype, e.device)
         proj = e.to(dtype) @ t["target_inputs_cinv"].T  # u_k · e
         alpha = proj @ t["gram_inverse"].T
-        similarity = proj / t["energies"]
-        gate = similarity if self.linear_gate else torch.sigmoid((similarity - t["betas"]) / t["taus"])
-        return alpha, gate
+        return alpha, self.gate(proj / t["energies"])
+
+    def similarity(self, e: torch.Tensor) -> torch.Tensor:
+        """s_k(e) = (u_k · e) / E_k, [..., n]: 1 at the concept's own target input, 0 where u_k · e = 0."""
+        t = self._tensors(self.compute_dtype(e), e.device)
+        return (e.to(t["energies"].dtype) @ t["target_inputs_cinv"].T) / t["energies"]
+
+    def gate(self, similarity: torch.Tensor) -> torch.Tensor:
+        """g_k = sigmoid((s_k − β_k) / τ_k), or s_k itself for the ungated update."""
+        if self.linear_gate:
+            return similarity
+        t = self._tensors(similarity.dtype, similarity.device)
+        return torch.sigmoid((similarity - t["betas"]) / t["taus"])
 
     def project(self, e: torch.Tensor) -> torch.Tensor:
         """P(e): the C⁻¹-orthogonal projection of e onto span{i*_k}."""
@@ -93,6 +103,19 @@ def stack_edit(concepts, kind: str, layer: str, linear_gate: bool = False) -> Pr
         betas=torch.tensor([float(b) for _, _, b, _ in concepts], dtype=torch.float64),
         taus=torch.tensor([float(t) for _, _, _, t in concepts], dtype=torch.float64),
         linear_gate=linear_gate,
+    )
+
+
+def gate_edit(concepts) -> ProjectionEdit:
+    """A ProjectionEdit for reading similarities and gates only (no layer, no targets): the inspector's.
+    `concepts` holds (Concept, beta, tau) tuples."""
+    return ProjectionEdit(
+        target_inputs=torch.stack([c.target_input.double() for c, _, _ in concepts]),
+        target_inputs_cinv=torch.stack([c.target_input_cinv.double() for c, _, _ in concepts]),
+        target_outputs=torch.zeros(len(concepts), 1, dtype=torch.float64),
+        strengths=torch.ones(len(concepts), dtype=torch.float64),
+        betas=torch.tensor([float(b) for _, b, _ in concepts], dtype=torch.float64),
+        taus=torch.tensor([float(t) for _, _, t in concepts], dtype=torch.float64),
     )
 
 

@@ -23,6 +23,7 @@ CHUNK = 75
 class EncodedPrompts:
     hidden: torch.Tensor  # [B, 77 * chunks, d]
     concept_positions: list[dict[str, list[int]]]  # per prompt: concept name -> token positions
+    input_ids: torch.Tensor | None = None  # [B, 77 * chunks]; concept vectors as ids >= vocab_size
 
 
 class PromptEncoder:
@@ -90,7 +91,7 @@ class PromptEncoder:
             for c in range(n_chunks):
                 window = input_ids[:, c * (CHUNK + 2):(c + 1) * (CHUNK + 2)].to(device)
                 chunks.append(self.text_encoder(window).last_hidden_state)
-        return EncodedPrompts(torch.cat(chunks, dim=1), positions)
+        return EncodedPrompts(torch.cat(chunks, dim=1), positions, input_ids)
 
     @contextlib.contextmanager
     def placeholder_embeddings(self, table: torch.Tensor | None):
