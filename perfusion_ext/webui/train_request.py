@@ -33,30 +33,27 @@ class ApiError(Exception):
 
 @dataclasses.dataclass
 class TrainRequest:
-    """A checked request: the TrainConfig numbers (every LIMITS field) plus where the images come from."""
+    """A checked request: where the images come from, plus a value for every training.config.LIMITS field
+    (`req.steps`, `req.resolution`, …), so a new trainer setting reaches the API and the tab by itself."""
 
     name: str
     superclass: str
     image_paths: list[Path]  # files or one folder, already checked
     image_bytes: list[bytes]  # decoded uploads
-    steps: int
-    batch_size: int
-    micro_batch: int | None
-    lr_value: float
-    lr_embedding: float
-    beta: float
-    tau: float
-    resolution: int
-    seed: int
-    checkpoint_every: int
-    preview_every: int
+    numbers: dict[str, int | float | None]  # LIMITS field -> value
     masks_dir: Path | None = None
     resume: bool = False
     overwrite: bool = False
     description: str = ""
 
+    def __getattr__(self, key: str):  # only called for names that are not fields
+        numbers = self.__dict__.get("numbers") or {}
+        if key in numbers:
+            return numbers[key]
+        raise AttributeError(f"{type(self).__name__} has no attribute {key!r}")
+
     def to_config(self, previews: bool = True) -> TrainConfig:
-        numbers = {key: getattr(self, key) for key in LIMITS}
+        numbers = dict(self.numbers)
         if not previews:
             numbers["preview_every"] = 0
         return TrainConfig(name=self.name, superclass=self.superclass, description=self.description,
@@ -180,5 +177,5 @@ def parse_train_request(body, allowed_roots: list[Path] | None, defaults: dict |
     if values["resolution"] % step:
         raise ApiError(422, f"resolution must be a multiple of {step}, got {values['resolution']}")
     return TrainRequest(name=name, superclass=superclass.strip(), image_paths=paths, image_bytes=blobs,
-                        masks_dir=masks_dir, resume=resume, overwrite=bool(body.get("overwrite", False)),
-                        description=description, **values)
+                        numbers=values, masks_dir=masks_dir, resume=resume,
+                        overwrite=bool(body.get("overwrite", False)), description=description)
