@@ -1,131 +1,308 @@
-"""Quality benchmark on the toy world: Perfusion vs textual inversion vs no key locking.
+"""Quality benchmark on the toy world: does a trained concept look like its subject while the prompt is obeyed?
 
-    .venv/bin/python benchmarks/quality.py [--concepts teddy stripebox ring] [--seeds 2] [--update-readme]
+    python -m benchmarks.quality [--concepts house lollipop …] [--rows perfusion paper_recipe …]
+                                 [--seeds 4] [--steps N] [--quick] [--update-readme]
 
-For each toy concept it trains (a) Perfusion, (b) textual inversion only (same embedding, no K/V
-edits), (c) Perfusion without key locking (K target trained like V), then generates on unseen prompts
-(backgrounds and positions outside the training images, size words) and measures:
-- fidelity: share of images whose object the nearest-template classifier calls the concept;
-- alignment: share of images whose background and position match the prompt (both must hold);
-- the base model's alignment on the same prompts with the superclass word instead of the concept.
-It sweeps the inference β for Perfusion. Writes benchmarks/results/quality.json,
-docs/quality_tradeoff.png and, with --update-readme, the README table.
+For each toy concept (in range: composites the base model can draw but no word names; out of range:
+sprites it cannot render) it measures two ceilings — the training images round-tripped through the VAE
+and judged, and the base model given the concept spelled out ("a red triangle on top of a white square
+…") — then trains every row and generates on ≥ 30 unseen prompts (backgrounds and positions the training
+images never showed; size words, background-first phrasings, style prefixes) × seeds:
+
+- fidelity: share of images the strict judge (toy.concepts.fidelity) recognises as the concept;
+- alignment: share whose background and position both match the prompt;
+- leak: the concept's mean gate on tokens that are not its own (Perfusion rows), from the gate inspector;
+- the base model with the superclass word on the same prompts: its alignment, and the judge's false
+  positives on its images.
+
+Rows: our recipe; the paper's recipe; each of our fixes removed alone; textual inversion (its own budget,
+applied at strength 0 so only the learned word acts); Perfusion without key locking; Custom Diffusion and
+DreamBooth with prior preservation (ceilings). A β sweep for our recipe, and two concepts in one prompt
+("<a> on the left, <b> on the right"). Results: benchmarks/results/quality.json, docs/quality_tradeoff.png,
+and with --update-readme the README table.
 """
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
+import platform
 import sys
 import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
+import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import ROOT, markdown_table, scatter, splice_readme
 
-MODES = ("perfusion", "textual_inversion", "no_key_lock")
-BETAS = (0.5, 0.6, 0.7, 0.8)
-COLOURS = {"perfusion": (20, 60, 200), "textual_inversion": (200, 80, 20), "no_key_lock": (30, 150, 60),
+# Row name -> TrainConfig changes. "flip" is set per concept (its mirror flag) unless a row sets it.
+ROWS: dict[str, dict] = {
+    "perfusion": {},
+    "paper_recipe": {"flip": True, "init_from_captions": False, "background_distill": 0.0, "embedding_pull": 0.0,
+                     "varied_captions": False},
+    "no_varied_captions": {"varied_captions": False},
+    "no_caption_init": {"init_from_captions": False},
+    "no_background_distill": {"background_distill": 0.0},
+    "with_embedding_pull": {"embedding_pull": 1.0},
+    "always_flip": {"flip": True},
+    "textual_inversion": {"mode": "textual_inversion", "steps_factor": 2, "lr_embedding": 0.02},
+    "no_key_lock": {"mode": "no_key_lock"},
+    "custom_diffusion": {"baseline": "custom_diffusion"},
+    "dreambooth": {"baseline": "dreambooth"},
+}
+DEFAULT_ROWS = tuple(ROWS)
+BETAS = (0.5, 0.6, 0.7, 0.8, 0.9)
+TWO_CONCEPT_PAIRS = (("house", "signpost"), ("lollipop", "duotone"))
+COLOURS = {"perfusion": (20, 60, 200), "paper_recipe": (120, 60, 200), "textual_inversion": (200, 80, 20),
+           "no_key_lock": (30, 150, 60), "custom_diffusion": (180, 40, 120), "dreambooth": (120, 120, 20),
            "base": (90, 90, 90)}
+STYLE = ("sketch", "digital art")
 
 
-def unseen_prompts(name: str) -> list[tuple[str, str, str]]:
+def unseen_prompts(name: str, minimum: int = 30) -> list[tuple[str, str, str]]:
     """(prompt template with {} for the subject, background, position): every readable background ×
-    position pair the training images never showed, in two phrasings with size words."""
+    position pair the training images never showed, phrased in turn with size words, background first
+    and a style prefix; repeated with other phrasings until there are at least `minimum`."""
     from perfusion_ext.toy.concepts import CONCEPTS, training_scenes
     from perfusion_ext.toy.world import POSITION_PHRASES, POSITIONS
 
     seen = {(s["background"], s["position"]) for s in training_scenes(name)}
-    out = []
-    for i, bg in enumerate(CONCEPTS[name].readable_backgrounds()):
-        for j, pos in enumerate(POSITIONS):
-            if (bg, pos) in seen:
-                continue
-            phrases = POSITION_PHRASES[pos]
-            out.append((f"a photo of a {{}} {phrases[(i + j) % len(phrases)]}, {bg} background", bg, pos))
-            size = ("small", "large")[(i + j) % 2]
-            out.append((f"a {size} {{}} {phrases[(i + j + 1) % len(phrases)]} on a {bg} background", bg, pos))
+    pairs = [(bg, pos) for bg in CONCEPTS[name].readable_backgrounds() for pos in POSITIONS if (bg, pos) not in seen]
+    phrasings = (
+        "a photo of a {{}} {pos}, {bg} background",
+        "{bg} background, a small {{}} {pos}",
+        "{style}, a {{}} {pos} on a {bg} background",
+        "a large {{}} {pos} on a plain {bg} background",
+    )
+    out, round_ = [], 0
+    while len(out) < minimum or round_ == 0:
+        for i, (bg, pos) in enumerate(pairs):
+            phrase = POSITION_PHRASES[pos][(i + round_) % len(POSITION_PHRASES[pos])]
+            template = phrasings[(i + round_) % len(phrasings)]
+            out.append((template.format(pos=phrase, bg=bg, style=STYLE[i % len(STYLE)]), bg, pos))
+        round_ += 1
     return out
 
 
-def measure(pipe, prompts, subject: str, name: str, seeds: int, concepts_dir=None, beta=None) -> dict:
+def measure(pipe, prompts, subject: str, name: str, seeds: int, concepts_dir=None, beta=None, strength=None) -> dict:
+    """Fidelity, alignment (background and position), and for a tag the mean gate on other tokens."""
     from perfusion_ext.pipelines.generate import generate
-    from perfusion_ext.toy import checkers
+    from perfusion_ext.pipelines.inspect import inspect_prompt, mean_leak
+    from perfusion_ext.toy.checkers import read_alignment
     from perfusion_ext.toy.concepts import fidelity
 
+    options = "".join(f":{k}={v}" for k, v in (("beta", beta),) if v is not None)
+    if strength is not None:
+        options = f":{strength}" + options
+    tagged = subject.replace(">", f"{options}>") if subject.startswith("<") else subject
     fid = align = bg_ok = pos_ok = n = 0
+    leaks = []
     for template, bg, pos in prompts:
-        text = template.format(subject if beta is None else subject.replace(">", f":beta={beta}>"))
-        for seed in range(seeds):
-            image = np.asarray(generate(pipe, text, concepts_dir=concepts_dir, seed=seed)[0][0])
-            reading = checkers.read(image)
+        text = template.format(tagged)
+        images, _ = generate(pipe, text, concepts_dir=concepts_dir, seed=0, n=seeds)
+        for image in images:
+            image = np.asarray(image)
+            background, position = read_alignment(image)
             fid += fidelity(image, name).is_concept
-            bg_ok += reading.background == bg
-            pos_ok += reading.position == pos
-            align += reading.background == bg and reading.position == pos
+            bg_ok += background == bg
+            pos_ok += position == pos
+            align += background == bg and position == pos
             n += 1
-    return {"fidelity": fid / n, "alignment": align / n, "background": bg_ok / n, "position": pos_ok / n, "n": n}
+        if concepts_dir is not None and strength != 0:
+            leaks.append(mean_leak(inspect_prompt(pipe, text, concepts_dir), name))
+    out = {"fidelity": fid / n, "alignment": align / n, "background": bg_ok / n, "position": pos_ok / n, "n": n}
+    if leaks:
+        out["leak"] = float(np.mean(leaks))
+    return out
 
 
-def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__)
-    p.add_argument("--concepts", nargs="+", default=["teddy", "stripebox", "ring"])
-    p.add_argument("--seeds", type=int, default=2)
-    p.add_argument("--steps", type=int, default=None)
-    p.add_argument("--model", default="toy", help="toy (default) or a diffusers folder of the toy architecture")
-    p.add_argument("--update-readme", action="store_true")
-    args = p.parse_args(argv)
+def ceilings(pipe, name: str, images_dir: Path, seeds: int, prompts) -> dict:
+    """VAE round trip of the training images (judged), and the base model given the spelled-out concept."""
+    from PIL import Image
 
-    from perfusion_ext.pipelines.backend import DiffusersBackend
-    from perfusion_ext.pipelines.loading import load_pipeline
+    from perfusion_ext.toy.concepts import CONCEPTS, fidelity
+
+    vae = pipe.vae
+    hits = []
+    for png in sorted(images_dir.glob("*.png")):
+        pixels = torch.from_numpy(np.asarray(Image.open(png).convert("RGB"), np.float32))
+        x = (pixels.permute(2, 0, 1)[None] / 127.5 - 1).to(vae.dtype)
+        with torch.no_grad():
+            recon = vae.decode(vae.encode(x).latent_dist.mode()).sample[0]
+        image = ((recon.float().clamp(-1, 1) + 1) * 127.5).round().byte().permute(1, 2, 0).numpy()
+        hits.append(fidelity(image, name).is_concept)
+    out = {"vae_round_trip": float(np.mean(hits))}
+    concept = CONCEPTS[name]
+    if concept.in_range:
+        out["spelled_out"] = measure(pipe, prompts, concept.composite.description(), name, seeds)
+    return out
+
+
+def train_row(pipe, backend, row: str, name: str, work: Path, steps: int | None, seed: int) -> tuple[Path, float]:
+    """Train one row's concept; returns (concepts folder, seconds)."""
     from perfusion_ext.toy.concepts import CONCEPTS, write_training_set
     from perfusion_ext.training import TrainConfig, train
 
+    concept = CONCEPTS[name]
+    changes = dict(ROWS[row])
+    images = write_training_set(name, work / f"{name}-{row}-images", n=6, varied_captions=changes.pop("varied_captions", True))
+    factor = changes.pop("steps_factor", 1)
+    changes.pop("baseline", None)
+    config = TrainConfig(name, concept.superclass, steps=steps, preview_every=0, seed=seed,
+                         masks_dir=str(images / "masks"), flip=changes.pop("flip", concept.mirrorable), **changes)
+    config = config.resolved(backend.family, backend.device)
+    config = dataclasses.replace(config, steps=config.steps * factor)
+    folder = work / f"{name}-{row}"
+    started = time.time()
+    train(backend, config, images, folder, overwrite=True)
+    return folder, time.time() - started
+
+
+def run_concept(pipe, backend, name: str, rows, seeds: int, steps, work: Path, seed: int,
+                max_prompts: int | None = None) -> dict:
+    from baselines import trained_weights
+
+    from perfusion_ext.core.concept import save_concept
+    from perfusion_ext.toy.concepts import CONCEPTS, write_training_set
+    from perfusion_ext.training import TrainConfig
+
+    concept = CONCEPTS[name]
+    prompts = unseen_prompts(name)[:max_prompts]
+    entry = {"superclass": concept.superclass, "in_range": concept.in_range, "mirrorable": concept.mirrorable,
+             "prompts": [t for t, _, _ in prompts],
+             "ceilings": ceilings(pipe, name, write_training_set(name, work / f"{name}-ceiling"), seeds, prompts),
+             "base": measure(pipe, prompts, concept.superclass, name, seeds)}
+    print(name, "ceilings", entry["ceilings"], "base", entry["base"], flush=True)
+    tag = f"<perfusion:{name}>"
+    for row in rows:
+        baseline = ROWS[row].get("baseline")
+        started = time.time()
+        if baseline:
+            images = write_training_set(name, work / f"{name}-{row}-images")
+            config = TrainConfig(name, concept.superclass, steps=steps, preview_every=0, seed=seed,
+                                 flip=concept.mirrorable)
+            with trained_weights(pipe, backend, baseline, config, images, images / "masks") as trainer:
+                folder = work / f"{name}-{row}"
+                folder.mkdir(parents=True, exist_ok=True)
+                save_concept(trainer.concept(), folder / f"{name}.safetensors")
+                seconds = time.time() - started
+                entry[row] = measure(pipe, prompts, tag, name, seeds, folder, strength=0)
+        else:
+            folder, seconds = train_row(pipe, backend, row, name, work, steps, seed)
+            strength = 0 if ROWS[row].get("mode") == "textual_inversion" else None
+            entry[row] = measure(pipe, prompts, tag, name, seeds, folder, strength=strength)
+            if row == "perfusion":
+                entry["beta_sweep"] = {str(b): measure(pipe, prompts, tag, name, seeds, folder, beta=b) for b in BETAS}
+        entry[row]["train_seconds"] = round(seconds, 1)
+        print(name, row, entry[row], flush=True)
+    return entry
+
+
+def two_concepts(pipe, results: dict, work: Path, seeds: int) -> dict:
+    """"<a> on the left, <b> on the right": each concept judged in its half, against its fidelity alone."""
+    from perfusion_ext.pipelines.generate import generate
+    from perfusion_ext.toy.checkers import read_background
+    from perfusion_ext.toy.concepts import CONCEPTS, fidelity
+
+    out = {}
+    for a, b in TWO_CONCEPT_PAIRS:
+        if not all(n in results and "perfusion" in results[n] for n in (a, b)):
+            continue
+        folder = work / f"two-{a}-{b}"
+        folder.mkdir(exist_ok=True)
+        for n in (a, b):
+            (folder / f"{n}.safetensors").write_bytes((work / f"{n}-perfusion" / f"{n}.safetensors").read_bytes())
+        backgrounds = [c for c in CONCEPTS[a].readable_backgrounds() if c in CONCEPTS[b].readable_backgrounds()]
+        hits = {a: 0, b: 0}
+        total = 0
+        for bg in backgrounds:
+            for template in ("a <perfusion:{a}> on the left, a <perfusion:{b}> on the right, {bg} background",
+                             "{bg} background, <perfusion:{a}> at the left and <perfusion:{b}> at the right"):
+                images, _ = generate(pipe, template.format(a=a, b=b, bg=bg), concepts_dir=folder, n=seeds)
+                for image in images:
+                    image = np.asarray(image).copy()
+                    _, rgb = read_background(image)
+                    left, right = image.copy(), image.copy()
+                    left[:, 16:] = rgb.round().astype(np.uint8)
+                    right[:, :16] = rgb.round().astype(np.uint8)
+                    hits[a] += fidelity(left, a).is_concept
+                    hits[b] += fidelity(right, b).is_concept
+                    total += 1
+        out[f"{a}+{b}"] = {n: {"fidelity_together": hits[n] / total, "fidelity_alone": results[n]["perfusion"]["fidelity"]}
+                           for n in (a, b)}
+        print("two concepts", out[f"{a}+{b}"], flush=True)
+    return out
+
+
+def summarise(results: dict, rows) -> dict:
+    def mean(group, key, metric):
+        values = [c[key][metric] for c in results.values() if c["in_range"] == group and key in c and metric in c[key]]
+        return float(np.mean(values)) if values else None
+
+    return {group_name: {key: {m: mean(group, key, m) for m in ("fidelity", "alignment", "leak")}
+                         for key in ("base",) + tuple(rows)}
+            for group_name, group in (("in_range", True), ("out_of_range", False))}
+
+
+def main(argv=None) -> int:
+    from perfusion_ext.toy.concepts import CONCEPTS, IN_RANGE
+
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--concepts", nargs="+", default=list(CONCEPTS), choices=list(CONCEPTS))
+    p.add_argument("--rows", nargs="+", default=list(DEFAULT_ROWS), choices=list(ROWS))
+    p.add_argument("--seeds", type=int, default=4, help="images per prompt (one seed each)")
+    p.add_argument("--steps", type=int, default=None, help="training steps (default: the toy family's)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--model", default="toy", help="toy (default) or a diffusers folder of the toy architecture")
+    p.add_argument("--max-prompts", type=int, default=None, help="use only the first N unseen prompts per concept")
+    p.add_argument("--quick", action="store_true",
+                   help="smoke run: one concept, two rows, one seed, 4 steps, 4 prompts")
+    p.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "quality.json"))
+    p.add_argument("--update-readme", action="store_true")
+    args = p.parse_args(argv)
+    if args.quick:
+        args.concepts, args.rows, args.seeds, args.steps = [IN_RANGE[0]], ["perfusion", "textual_inversion"], 1, 4
+        args.max_prompts = 4
+
+    from perfusion_ext.pipelines.backend import DiffusersBackend
+    from perfusion_ext.pipelines.loading import load_pipeline
+
+    torch.manual_seed(args.seed)
     pipe = load_pipeline(args.model)
     backend = DiffusersBackend(pipe)
-    results = {"concepts": {}, "betas": BETAS, "seeds": args.seeds}
+    started = time.time()
     work = Path(tempfile.mkdtemp(prefix="perfusion-quality-"))
-    for name in args.concepts:
-        superclass = CONCEPTS[name].superclass
-        images = write_training_set(name, work / f"{name}-images", n=6)
-        prompts = unseen_prompts(name)
-        entry = {"superclass": superclass, "prompts": [t for t, _, _ in prompts],
-                 "base": measure(pipe, prompts, superclass, name, args.seeds)}
-        for mode in MODES:
-            started = time.time()
-            folder = work / mode
-            train(backend, TrainConfig(name, superclass, steps=args.steps, mode=mode, preview_every=0,
-                                       masks_dir=str(images / "masks")), images, folder, overwrite=True)
-            seconds = time.time() - started
-            entry[mode] = measure(pipe, prompts, f"<perfusion:{name}>", name, args.seeds, folder)
-            entry[mode]["train_seconds"] = round(seconds, 1)
-            if mode == "perfusion":
-                entry["beta_sweep"] = {str(b): measure(pipe, prompts, f"<perfusion:{name}>", name, args.seeds, folder, b)
-                                       for b in BETAS}
-            print(name, mode, entry[mode], flush=True)
-        results["concepts"][name] = entry
-
-    def mean(key, metric):
-        return float(np.mean([c[key][metric] for c in results["concepts"].values()]))
-
-    results["summary"] = {k: {m: mean(k, m) for m in ("fidelity", "alignment")} for k in ("base",) + MODES}
-    out = ROOT / "benchmarks" / "results"
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "quality.json").write_text(json.dumps(results, indent=2))
-    points = [(results["summary"][k]["alignment"], results["summary"][k]["fidelity"], k, COLOURS[k])
-              for k in ("base",) + MODES]
-    points += [(float(np.mean([c["beta_sweep"][str(b)]["alignment"] for c in results["concepts"].values()])),
-                float(np.mean([c["beta_sweep"][str(b)]["fidelity"] for c in results["concepts"].values()])),
-                f"perfusion β={b}", COLOURS["perfusion"]) for b in BETAS]
+    results = {name: run_concept(pipe, backend, name, args.rows, args.seeds, args.steps, work, args.seed,
+                                 args.max_prompts) for name in args.concepts}
+    report = {"machine": f"{platform.machine()}, {torch.get_num_threads()} CPU threads, torch {torch.__version__}",
+              "seeds": args.seeds, "steps": args.steps, "betas": BETAS, "rows": args.rows, "concepts": results,
+              "two_concepts": two_concepts(pipe, results, work, args.seeds) if "perfusion" in args.rows else {},
+              "summary": summarise(results, args.rows), "seconds": round(time.time() - started, 1)}
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(report, indent=2))
+    print(json.dumps(report["summary"], indent=2))
+    if args.quick:
+        return 0
+    in_range = report["summary"]["in_range"]
+    points = [(v["alignment"], v["fidelity"], k, COLOURS.get(k, (0, 0, 0))) for k, v in in_range.items()
+              if v["fidelity"] is not None]
+    sweep = [results[n]["beta_sweep"] for n in args.concepts if "beta_sweep" in results[n] and results[n]["in_range"]]
+    points += [(float(np.mean([s[str(b)]["alignment"] for s in sweep])), float(np.mean([s[str(b)]["fidelity"] for s in sweep])),
+                f"perfusion β={b}", COLOURS["perfusion"]) for b in BETAS if sweep]
     scatter(points, ROOT / "docs" / "quality_tradeoff.png", "alignment (background and position obeyed)",
-            "fidelity (object classified as the concept)")
-    print(json.dumps(results["summary"], indent=2))
+            "fidelity (the strict judge recognises the concept)")
     if args.update_readme:
-        rows = [[k, f"{results['summary'][k]['fidelity']:.1%}", f"{results['summary'][k]['alignment']:.1%}"]
-                for k in ("base",) + MODES]
-        splice_readme("quality", markdown_table(["method", "fidelity", "alignment"], rows))
+        def cell(v):
+            return "—" if v is None else f"{v:.1%}" if v <= 1 else f"{v:.2f}"
+
+        rows = [[k] + [cell(report["summary"][g][k][m]) for g in ("in_range", "out_of_range")
+                       for m in ("fidelity", "alignment", "leak")] for k in ("base",) + tuple(args.rows)]
+        splice_readme("quality", markdown_table(
+            ["row", "fidelity (in range)", "alignment", "leak", "fidelity (out of range)", "alignment", "leak"], rows))
     return 0
 
 

@@ -196,3 +196,10 @@ def read_pair(img: np.ndarray, colour_a: str, shape_a: str, relation_ab: str | t
         relation_right=found and relation(a, b) in accepted and touching(a, b),
         position=group_position([a, b]) if found else None,
     )
+
+
+def read_alignment(img: np.ndarray) -> tuple[str, str | None]:
+    """(background, position) of whatever object the image holds — one shape, a pair or a sprite — with
+    the position read from the joint bounding box of its parts (None when the image holds no object)."""
+    background, parts = read_parts(img)
+    return background, (group_position(parts) if parts else None)
