@@ -15,11 +15,12 @@ from PIL import Image
 
 log = logging.getLogger("perfusion.demo")
 
+DEMO_CONCEPT = "house"  # a red triangle on top of a white square: drawable by the toy model, named by no word
 PROMPTS = (
-    "a photo of a <perfusion:teddy> on the left, blue background",
-    "a <perfusion:teddy> at the top, yellow background",
-    "a photo of a <perfusion:teddy> on the right, white background",
-    "a <perfusion:teddy:0.0> on the left, blue background",  # strength 0: the base model's circle
+    "a photo of a <perfusion:{name}> on the left, blue background",
+    "a <perfusion:{name}> at the top, yellow background",
+    "{bg} background, a <perfusion:{name}> on the right",
+    "a <perfusion:{name}:0.0> on the left, blue background",  # strength 0: only the learned word acts
 )
 
 
@@ -36,6 +37,8 @@ def main(argv=None) -> int:
     parser.add_argument("--out", default="outputs/demo")
     parser.add_argument("--steps", type=int, default=None)
     parser.add_argument("--skip-export", action="store_true")
+    parser.add_argument("--concept", default=DEMO_CONCEPT, help="a toy concept: house, lollipop, signpost, duotone "
+                        "(drawable) or teddy, stripebox, ring (beyond what the toy model can draw)")
     args = parser.parse_args(argv)
     from .logs import setup_cli_logging
 
@@ -45,7 +48,7 @@ def main(argv=None) -> int:
     from ..pipelines.generate import generate
     from ..pipelines.loading import load_pipeline
     from ..toy import checkers, plugin
-    from ..toy.concepts import fidelity, write_training_set
+    from ..toy.concepts import CONCEPTS, fidelity, write_training_set
     from ..training import TrainConfig, train
 
     out = Path(args.out)
@@ -57,9 +60,10 @@ def main(argv=None) -> int:
         pipe, model_spec = plugin.tiny_random_pipeline(), None
         log.warning("NOTE: the toy model is not trained yet, so this demo runs on a TINY RANDOM model of the same "
                     "architecture: every step runs for real, but the images are noise.")
-    images = write_training_set("teddy", out / "teddy_images", n=6)
-    log.info("1/3 training <perfusion:teddy> (superclass 'circle') on %s", images)
-    result = train(DiffusersBackend(pipe), TrainConfig("teddy", "circle", steps=args.steps,
+    name, concept = args.concept, CONCEPTS[args.concept]
+    images = write_training_set(name, out / f"{name}_images", n=6)
+    log.info("1/3 training <perfusion:%s> (superclass %r) on %s", name, concept.superclass, images)
+    result = train(DiffusersBackend(pipe), TrainConfig(name, concept.superclass, steps=args.steps, flip=concept.mirrorable,
                                                         masks_dir=str(images / "masks")),
                    images, out / "concepts", overwrite=True)
     log.info("    %s in %.0f s -> %s (%.1f KiB)", result.message, time.time() - started, result.concept_path,
@@ -67,13 +71,15 @@ def main(argv=None) -> int:
 
     log.info("2/3 generating with PyTorch hooks")
     generated = []
-    for prompt in PROMPTS:
+    prompts = [p.format(name=name, bg="green" if "green" in concept.readable_backgrounds() else "white")
+               for p in PROMPTS]
+    for prompt in prompts:
         image = generate(pipe, prompt, concepts_dir=out / "concepts", seed=1)[0][0]
         generated.append(image)
         arr = np.asarray(image)
-        reading, fid = checkers.read(arr), fidelity(arr, "teddy")
-        log.info("    %-62s background=%s position=%s looks-like-teddy=%s", prompt, reading.background,
-                 reading.position, fid.is_concept)
+        (background, position), fid = checkers.read_alignment(arr), fidelity(arr, name)
+        log.info("    %-62s background=%s position=%s looks-like-%s=%s%s", prompt, background, position, name,
+                 fid.is_concept, "" if fid.is_concept else f" ({fid.reason})")
     grid_path = out / "demo_grid.png"
     _grid(generated).save(grid_path)
     log.info("    grid: %s", grid_path)
@@ -82,7 +88,7 @@ def main(argv=None) -> int:
         from .demo_export import export_and_sample
 
         log.info("3/3 exporting to ONNX and sampling it with ONNX Runtime")
-        export_and_sample(model_spec, pipe, result.concept_path, out, PROMPTS[0], generated[0])
+        export_and_sample(model_spec, pipe, result.concept_path, out, prompts[0], generated[0])
     log.info("demo finished in %.0f s; everything is in %s", time.time() - started, out)
     return 0
 

@@ -151,10 +151,11 @@ def training_scenes(name: str, n: int = 6, seed: int = 0) -> list[dict]:
     concept = CONCEPTS[name]
     rng = np.random.default_rng(seed)
     positions = list(POSITIONS)
+    order = rng.permutation(len(positions))  # with backgrounds cycling too, no (background, position) repeats
     scenes = []
     for i in range(n):
         background = concept.backgrounds[i % len(concept.backgrounds)]
-        position = positions[int(rng.integers(len(positions)))]
+        position = positions[int(order[i % len(positions)])]
         scenes.append(dict(position=position, background=background, side=float(rng.uniform(12, 15)),
                            dx=float(rng.uniform(-1, 1)), dy=float(rng.uniform(-1, 1))))
     return scenes
