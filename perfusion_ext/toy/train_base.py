@@ -381,7 +381,8 @@ class Trainer:
             if self.state["phase"] == "diffusion" and time.time() - last_eval > self.args.eval_minutes * 60:
                 self.evaluate()
                 last_eval = time.time()
-        if (self.state["vae_step"], self.state.get("vae_v2_step"), self.state["step"]) != progress_at_start:  # never rewrite an unchanged state
+        # Never rewrite an unchanged state.
+        if (self.state["vae_step"], self.state.get("vae_v2_step"), self.state["step"]) != progress_at_start:
             segment["images"] = self.state["images_seen"] - images_at_start
             self.hardware_log().append(segment)
             if self.args.eval_at_end and self.state["phase"] == "diffusion":
