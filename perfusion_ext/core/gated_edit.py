@@ -45,6 +45,19 @@ class ProjectionEdit:
             self._cast[key] = {k: v.to(device=device, dtype=dtype) for k, v in self._master.items()}
         return self._cast[key]
 
+    def set_gates(self, betas, taus) -> None:
+        """Move every concept's gate (β_k, τ_k), e.g. at a new sampling step; targets and projection stay."""
+        betas = torch.as_tensor(betas, dtype=torch.float64).reshape(-1).clone()
+        taus = torch.as_tensor(taus, dtype=torch.float64).reshape(-1).clone()
+        if betas.shape != self.betas.shape or taus.shape != self.taus.shape:
+            raise ValueError(f"set_gates needs {self.betas.numel()} values each, got {betas.numel()} and {taus.numel()}")
+        if not bool((taus > 0).all()):
+            raise ValueError("tau must be > 0")
+        self.betas, self.taus = betas, taus
+        self._master["betas"], self._master["taus"] = betas, taus
+        for (dtype, device), cast in self._cast.items():
+            cast["betas"], cast["taus"] = betas.to(device=device, dtype=dtype), taus.to(device=device, dtype=dtype)
+
     @staticmethod
     def compute_dtype(e: torch.Tensor) -> torch.dtype:
         return torch.float64 if e.dtype == torch.float64 else torch.float32

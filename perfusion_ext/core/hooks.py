@@ -18,19 +18,41 @@ from .concept import Concept
 from .errors import PerfusionError
 from .gated_edit import ProjectionEdit, stack_edit
 from .layers import CrossAttentionLayer, cross_attention_layers, model_family
+from .tags import Schedule, value_at
 
 log = logging.getLogger(__name__)
 
 
 @dataclasses.dataclass(frozen=True)
 class ResolvedConcept:
+    """A concept as activated. `beta`/`tau` hold where no schedule point does (before the first one, or
+    always without a schedule); a schedule ((fraction, value), ...) moves them during sampling."""
+
     concept: Concept
     strength: float
     beta: float
     tau: float
+    beta_schedule: Schedule = ()
+    tau_schedule: Schedule = ()
+
+    def gate_at(self, fraction: float) -> tuple[float, float]:
+        """(β, τ) in effect at `fraction` of the sampling steps."""
+        return value_at(self.beta_schedule, fraction, self.beta), value_at(self.tau_schedule, fraction, self.tau)
+
+    @property
+    def scheduled(self) -> bool:
+        return any(self.gate_at(f) != self.gate_at(0.0) for f, _ in self.beta_schedule + self.tau_schedule)
 
 
-# An activation entry: a Concept, or (Concept, strength[, beta[, tau]]) with None meaning "the default".
+def gate_settings(schedule: Schedule, default: float) -> tuple[float, Schedule]:
+    """(value, schedule) for a ResolvedConcept: a schedule that is one point at 0 is a plain value."""
+    if len(schedule) == 1 and schedule[0][0] == 0.0:
+        return float(schedule[0][1]), ()
+    return float(default), tuple(schedule)
+
+
+# An activation entry: a Concept, or (Concept, strength[, beta[, tau]]) with None meaning "the default";
+# beta and tau may also be schedules ((fraction, value), ...) as core.tags parses them.
 ConceptEntry = Concept | tuple
 
 
@@ -46,11 +68,14 @@ def resolve(concepts: Iterable[ConceptEntry], strength: float = 1.0, beta: float
         if not isinstance(concept, Concept):
             raise PerfusionError(f"activate() takes Concept objects (from load_concept), got {type(concept).__name__}")
         w = strength if w is None else w
-        b = float(next(v for v in (b, beta, concept.beta) if v is not None))
-        t = float(next(v for v in (t, tau, concept.tau) if v is not None))
-        if t <= 0:
+        b_schedule, t_schedule = (b if isinstance(b, tuple) else ()), (t if isinstance(t, tuple) else ())
+        b = float(next(v for v in (None if b_schedule else b, beta, concept.beta) if v is not None))
+        t = float(next(v for v in (None if t_schedule else t, tau, concept.tau) if v is not None))
+        b, b_schedule = gate_settings(b_schedule, b)
+        t, t_schedule = gate_settings(t_schedule, t)
+        if t <= 0 or any(v <= 0 for _, v in t_schedule):
             raise PerfusionError(f"tau must be > 0, got {t} for concept {concept.name!r}")
-        out.append(ResolvedConcept(concept, float(w), b, t))
+        out.append(ResolvedConcept(concept, float(w), b, t, b_schedule, t_schedule))
     return out
 
 
@@ -81,20 +106,55 @@ def check_fits(concept: Concept, layers: dict[str, CrossAttentionLayer], family:
                 )
 
 
-def build_edits(unet: torch.nn.Module, entries: list[ResolvedConcept]) -> dict[torch.nn.Linear, ProjectionEdit]:
-    """Validate every concept against the UNet and stack one ProjectionEdit per edited Linear."""
+@dataclasses.dataclass
+class Edits:
+    """The ProjectionEdits of one activation and which entries each holds, so that a per-step schedule can
+    move every gate at once: `set_progress(fraction)` at each sampling step."""
+
+    edits: dict[torch.nn.Linear, ProjectionEdit]
+    entries: list[ResolvedConcept]
+    members: dict[torch.nn.Linear, list[int]]  # module -> indices into entries, in the edit's concept order
+    gates: list[tuple[float, float]] = dataclasses.field(default_factory=list)
+
+    @property
+    def scheduled(self) -> bool:
+        return any(entry.scheduled for entry in self.entries)
+
+    def set_progress(self, fraction: float) -> bool:
+        """Apply the (β, τ) in effect at `fraction` of the sampling steps; True when a gate moved."""
+        gates = [entry.gate_at(float(fraction)) for entry in self.entries]
+        if gates == self.gates:
+            return False
+        for module, edit in self.edits.items():
+            indices = self.members[module]
+            edit.set_gates([gates[i][0] for i in indices], [gates[i][1] for i in indices])
+        self.gates = gates
+        return True
+
+
+def prepare_edits(unet: torch.nn.Module, entries: list[ResolvedConcept]) -> Edits:
+    """Validate every concept against the UNet and stack one ProjectionEdit per edited Linear, with the
+    gates of the first sampling step."""
     layers = cross_attention_layers(unet)
     family = model_family(layers)
     for entry in entries:
         check_fits(entry.concept, layers, family)
-    edits = {}
+    edits, members = {}, {}
+    start = [entry.gate_at(0.0) for entry in entries]
     for name, layer in layers.items():
-        present = [(e.concept, e.strength, e.beta, e.tau) for e in entries if name in e.concept.key_targets]
-        if not present:
+        indices = [i for i, e in enumerate(entries) if name in e.concept.key_targets]
+        if not indices:
             continue
+        present = [(entries[i].concept, entries[i].strength, *start[i]) for i in indices]
         edits[layer.to_k] = stack_edit(present, "key", name)
         edits[layer.to_v] = stack_edit(present, "value", name)
-    return edits
+        members[layer.to_k] = members[layer.to_v] = indices
+    return Edits(edits, list(entries), members, start)
+
+
+def build_edits(unet: torch.nn.Module, entries: list[ResolvedConcept]) -> dict[torch.nn.Linear, ProjectionEdit]:
+    """Validate every concept against the UNet and stack one ProjectionEdit per edited Linear."""
+    return prepare_edits(unet, entries).edits
 
 
 def _make_hook(edit: ProjectionEdit):
@@ -123,9 +183,19 @@ def activate(unet: torch.nn.Module, concepts: Iterable[ConceptEntry], strength: 
     `concepts` holds Concept objects or (Concept, strength) pairs. Everything is validated before any
     hook is attached, so a concept that does not fit raises PerfusionError with the model untouched.
     """
-    entries = resolve(concepts, strength, beta, tau)
-    handles = attach(build_edits(unet, entries)) if entries else []
-    try:
+    with activation(unet, concepts, strength, beta, tau):
         yield unet
+
+
+@contextlib.contextmanager
+def activation(unet: torch.nn.Module, concepts: Iterable[ConceptEntry], strength: float = 1.0,
+               beta: float | None = None, tau: float | None = None) -> Iterator[Edits]:
+    """`activate`, yielding the Edits: call `.set_progress(fraction)` at each sampling step to follow
+    per-step β/τ schedules (entries whose beta/tau are schedules)."""
+    entries = resolve(concepts, strength, beta, tau)
+    edits = prepare_edits(unet, entries) if entries else Edits({}, [], {})
+    handles = attach(edits.edits)
+    try:
+        yield edits
     finally:
         detach(handles)

@@ -11,7 +11,7 @@ from ..core import families
 from ..core.concept import Concept
 from ..core.errors import PerfusionError
 from ..core.fingerprint import base_hash
-from ..core.hooks import activate
+from ..core.hooks import activation
 from ..core.layers import unet_family
 from ..core.library import load_named
 from ..core.tags import ConceptTag, parse_prompt
@@ -49,13 +49,34 @@ def prepare_prompt(prompt: str, concepts_dir: str | Path | None, loaded: dict[st
 
 
 def concept_entries(prepared: PreparedPrompt) -> list[tuple[Concept, float, float | None, float | None]]:
-    """One activation entry per distinct concept (the first tag's options win)."""
+    """One activation entry per distinct concept (the first tag's options win); β/τ at the first step."""
     seen, out = set(), []
     for tag, concept in prepared.concepts:
         if tag.name not in seen:
             seen.add(tag.name)
             out.append((concept, tag.strength, tag.beta, tag.tau))
     return out
+
+
+def scheduled_entries(prepared: PreparedPrompt) -> list[tuple]:
+    """`concept_entries` with β/τ schedules kept whole (core.hooks.activation follows them step by step)."""
+    seen, out = set(), []
+    for tag, concept in prepared.concepts:
+        if tag.name not in seen:
+            seen.add(tag.name)
+            out.append((concept, tag.strength, tag.beta_schedule or tag.beta, tag.tau_schedule or tag.tau))
+    return out
+
+
+def step_callback(edits, total_steps: int):
+    """A diffusers `callback_on_step_end` that moves the gates to the next step's β/τ: after step i of N the
+    next UNet call is step i + 1, at fraction (i + 1) / N."""
+    def callback(pipe, step, timestep, callback_kwargs):
+        total = getattr(pipe, "num_timesteps", None) or total_steps
+        edits.set_progress((step + 1) / max(1, total))
+        return callback_kwargs
+
+    return callback
 
 
 def sampling_defaults(pipe) -> dict:
@@ -75,6 +96,8 @@ def generate(pipe, prompt: str, negative: str = "", concepts_dir=None, seed: int
         if concept.base_hash and concept.base_hash != model_hash:
             warnings.append(f"<perfusion:{tag.name}> was trained on a different base model (like a Lora, it "
                             "usually still works on fine-tunes of its base)")
+    if any(tag.hr_beta or tag.hr_tau for tag, _ in prepared.concepts):
+        warnings.append("hr_beta=/hr_tau= apply to the WebUI's hires pass; this pipeline has none, so they are ignored")
     parsed_negative = parse_prompt(negative)
     if parsed_negative.tags or parsed_negative.warnings:
         warnings.append("tags in the negative prompt are ignored (as in the WebUI); removed them from it")
@@ -91,7 +114,10 @@ def generate(pipe, prompt: str, negative: str = "", concepts_dir=None, seed: int
     for w in warnings:
         log.warning(w)
     generator = torch.Generator(device="cpu").manual_seed(seed)
-    with activate(pipe.unet, concept_entries(prepared)):
+    with activation(pipe.unet, scheduled_entries(prepared)) as edits:
+        if edits.scheduled:  # per-step β/τ: the pipeline reports each finished step
+            edits.set_progress(0.0)
+            settings["callback_on_step_end"] = step_callback(edits, int(settings.get("num_inference_steps") or 1))
         result = pipe(prompt_embeds=cond_hidden, negative_prompt_embeds=uncond.hidden, num_images_per_prompt=n,
                       generator=generator, output_type="pil", **settings)
     return result.images, warnings
