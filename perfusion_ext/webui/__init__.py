@@ -4,6 +4,8 @@ One file per job, like the WebUI's built-in Lora extension. A `<perfusion:NAME>`
 extra_network.py → activation.py → core/hooks.py → core/gated_edit.py (grammar and lookup are leaves).
     activation.py     what a tag does: prompt rewriting, infotext, hooks (pure)
     extra_network.py  the <perfusion:...> extra network and the WebUI environment it needs
+    sampling.py       each sampling step: per-step β/τ schedules, the gate inspector's line (pure)
+    xyz.py            X/Y/Z plot axes Perfusion β, τ and strength (pure)
     concepts.py       the concepts folder: names, cached loads, hashes, family checks (pure)
     cards.py          the Extra Networks "Perfusion" page
     backend.py        the trainer's Backend over the loaded ldm model

@@ -16,6 +16,9 @@ activation left, also one whose generation raised), then:
 4. attaches the K/V hooks of this pass's concepts to every attn2 of the UNet;
 5. records `Perfusion hashes: name: <12 hex>` in the generation parameters.
 `release()` undoes 3 and 4; it runs on deactivate, after processing and when `p` is closed.
+β/τ of a pass come from the tag (its `hr_beta=`/`hr_tau=` on the hires pass), a schedule moving them step by
+step: the sampler's step callback (sampling.py) calls `on_step`, which moves every gate to the values in
+effect at that fraction of the pass's steps.
 
 Prompt glue: the WebUI strips every `<name:...>` tag from the prompt before conditioning. A Perfusion
 tag stands for the concept word at its position, so the prompts the WebUI is about to encode are rebuilt
@@ -33,9 +36,9 @@ import logging
 import re
 
 from ..core.errors import PerfusionError
-from ..core.hooks import ResolvedConcept, attach, build_edits, detach
+from ..core.hooks import Edits, ResolvedConcept, attach, detach, gate_settings, prepare_edits
 from ..core.layers import unet_family
-from ..core.tags import TAG_RE, ConceptTag, parse_tag_body
+from ..core.tags import TAG_RE, ConceptTag, format_schedule, parse_tag_body
 from .concepts import ConceptStore, mismatch_reason
 
 log = logging.getLogger("perfusion")
@@ -94,7 +97,7 @@ def collect(prompt_lists: dict[str, list[str]]) -> Collected:
                 first = tags.get(tag.name)
                 if first is None:
                     tags[tag.name] = tag
-                elif (first.strength, first.beta, first.tau) != (tag.strength, tag.beta, tag.tau):
+                elif first.options() != tag.options():
                     w = (f"<perfusion:{tag.name}> appears with different options in one batch; the hooks are shared "
                          f"by the whole batch, so the first ({_options(first)}) is used")
                     if w not in seen_warnings:
@@ -105,8 +108,9 @@ def collect(prompt_lists: dict[str, list[str]]) -> Collected:
 
 def _options(tag: ConceptTag) -> str:
     parts = [f"strength {tag.strength:g}"]
-    parts += [f"beta {tag.beta:g}"] if tag.beta is not None else []
-    parts += [f"tau {tag.tau:g}"] if tag.tau is not None else []
+    for key in ("beta", "tau", "hr_beta", "hr_tau"):
+        value = tag.schedule(key) if not key.startswith("hr_") else getattr(tag, key)
+        parts += [f"{key} {format_schedule(value)}"] if value else []
     return ", ".join(parts)
 
 
@@ -169,12 +173,20 @@ class Activator:
         self.env = env
         self.handles: list = []
         self.words: list[str] = []
+        self.edits: Edits | None = None
+        # what this pass runs, for the sampler's step callback (schedules) and the gate inspector
+        self.p = None
+        self.hires = False
+        self.pass_concepts: dict[str, ResolvedConcept] = {}
+        self.pass_words: dict[str, str] = {}
+        self.inspect_pending = False
 
     # ---- cleanup ---------------------------------------------------------------------------
     def release(self) -> None:
         """Remove hooks and registered words (idempotent)."""
         if self.handles:
             detach(self.handles)
+        self.edits, self.p, self.pass_concepts, self.pass_words, self.inspect_pending = None, None, {}, {}, False
         for word in self.words:
             try:
                 self.env.unregister_embedding(word)
@@ -185,6 +197,12 @@ class Activator:
     @property
     def active(self) -> bool:
         return bool(self.handles or self.words)
+
+    def on_step(self, step: int, total: int) -> bool:
+        """The sampler is about to run step `step` of `total` of this pass: move scheduled gates there."""
+        if self.edits is None or not self.edits.scheduled or not total:
+            return False
+        return self.edits.set_progress(min(max(step / total, 0.0), 1.0))
 
     # ---- activation ------------------------------------------------------------------------
     def activate(self, p) -> None:
@@ -210,9 +228,11 @@ class Activator:
             if reason:
                 warnings.append(f"<perfusion:{name}> skipped: {reason}")
                 continue
-            beta = tag.beta if tag.beta is not None else (defaults.get("beta") or concept.beta)
-            tau = tag.tau if tag.tau is not None else (defaults.get("tau") or concept.tau)
-            resolved[name] = ResolvedConcept(concept, tag.strength, float(beta), float(tau))
+            # β/τ: the tag's value or schedule for this pass (hr_beta= on the hires pass), else the setting, else
+            # the file's default; a schedule's points before its first fraction use that default too
+            beta, beta_schedule = gate_settings(tag.schedule("beta", hires=hr), defaults.get("beta") or concept.beta)
+            tau, tau_schedule = gate_settings(tag.schedule("tau", hires=hr), defaults.get("tau") or concept.tau)
+            resolved[name] = ResolvedConcept(concept, tag.strength, beta, tau, beta_schedule, tau_schedule)
             words[name] = concept_word(name, entry.sha256)
             hashes[name] = entry.sha256
 
@@ -243,10 +263,15 @@ class Activator:
             )
         elif pass_names:
             try:
-                edits = build_edits(self.env.unet(), [resolved[n] for n in pass_names])
-                self.handles = attach(edits)
+                self.edits = prepare_edits(self.env.unet(), [resolved[n] for n in pass_names])
+                self.handles = attach(self.edits.edits)
             except PerfusionError as exc:
                 warnings.append(f"Perfusion concepts not applied: {exc}")
+            else:
+                self.p, self.hires = p, hr
+                self.pass_concepts = {n: resolved[n] for n in pass_names}
+                self.pass_words = {n: words[n] for n in pass_names}
+                self.inspect_pending = True
 
         if hashes:
             recorded = dict(getattr(p, "_perfusion_hashes", {}) or {})

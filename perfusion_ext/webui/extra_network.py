@@ -48,6 +48,35 @@ class WebuiEnv:
         option = getattr(current, "option", None)
         return getattr(option, "label", None) or type(current).__name__
 
+    def token_layout(self, prompt):
+        """(a text per token of the WebUI's conditioning of `prompt`, {embedding word: positions}), from the
+        WebUI's own tokenizer: 77-token chunks with start/end tokens, an embedding at offset + 1 of its chunk."""
+        model = shared.sd_model.cond_stage_model
+        if not hasattr(model, "tokenize_line"):  # SDXL's conditioner: no per-token layout to read
+            return [], {}
+        chunks, _ = model.tokenize_line(prompt)
+        tokenizer = getattr(model, "tokenizer", None) or getattr(getattr(model, "wrapped", None), "tokenizer", None)
+        if tokenizer is None:
+            try:  # SD2's OpenCLIP wrapper tokenizes with open_clip's module-level tokenizer
+                import open_clip
+
+                tokenizer = open_clip.tokenizer._tokenizer
+            except Exception:  # noqa: BLE001 - labels fall back to token ids
+                tokenizer = None
+        texts, positions = [], {}
+        for chunk in chunks:
+            base = len(texts)
+            texts += [_token_text(tokenizer, int(t)) for t in chunk.tokens]
+            for fix in chunk.fixes:
+                embedding = fix.embedding
+                count = int(getattr(embedding, "vectors", 1) or 1)
+                start = base + int(fix.offset) + 1
+                positions.setdefault(embedding.name, []).extend(range(start, start + count))
+        return texts, positions
+
+    def inspector_enabled(self):
+        return bool(getattr(shared.opts, "perfusion_gate_info", True))
+
     def defaults(self):
         return {"beta": float(getattr(shared.opts, "perfusion_default_beta", 0) or 0),
                 "tau": float(getattr(shared.opts, "perfusion_default_tau", 0) or 0)}
@@ -82,6 +111,13 @@ class WebuiEnv:
 
         p.close = close
         p._perfusion_close_wrapped = True
+
+
+def _token_text(tokenizer, token_id: int) -> str:
+    if hasattr(tokenizer, "convert_ids_to_tokens"):  # transformers' CLIPTokenizer (SD1)
+        return str(tokenizer.convert_ids_to_tokens(token_id))
+    decoder = getattr(tokenizer, "decoder", None)  # open_clip's SimpleTokenizer (SD2)
+    return str(decoder.get(token_id, f"#{token_id}")) if isinstance(decoder, dict) else f"#{token_id}"
 
 
 class ExtraNetworkPerfusion(extra_networks.ExtraNetwork):

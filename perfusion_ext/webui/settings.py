@@ -24,6 +24,9 @@ def add_settings() -> None:
             field_defaults(WEBUI_FAMILY)["steps"], "Default training steps", gr.Number, {"precision": 0}),
         "perfusion_save_previews": shared.OptionInfo(True, "Render and save preview images while training"),
         "perfusion_warning_popup": shared.OptionInfo(True, "Show Perfusion warnings (unknown concepts, bad tags) as popups"),
+        "perfusion_gate_info": shared.OptionInfo(
+            True, "Gate inspector: each concept's per-token gates in the generation info, and a warning when a "
+                  "concept's gate is higher on another word than on its own"),
     }
     for key, info in options.items():
         info.section = SECTION

@@ -1,10 +1,14 @@
 """Callbacks the entry script registers with the WebUI (kept here so scripts/ stays thin)."""
 from __future__ import annotations
 
+import logging
+
 from modules import extra_networks, scripts, ui_extra_networks
 
-from . import state
+from . import sampling, state, xyz
 from .activation import INFOTEXT_KEY, parse_hashes, remap_pasted
+
+log = logging.getLogger("perfusion")
 
 
 def before_ui() -> None:
@@ -13,6 +17,20 @@ def before_ui() -> None:
 
     ui_extra_networks.register_page(ExtraNetworksPagePerfusion(state.store()))
     extra_networks.register_extra_network(ExtraNetworkPerfusion(state.activator()))
+    module = xyz.find_module(scripts.scripts_data)
+    if module is None:
+        log.info("Perfusion: the X/Y/Z plot script is not loaded; no Perfusion axes")
+    else:
+        xyz.register(module)
+
+
+def cfg_denoiser(params) -> None:
+    """Before every denoiser call: per-step β/τ, and the gate inspector on a pass's first step."""
+    denoiser = getattr(params, "denoiser", None)
+    step, total = getattr(denoiser, "step", None), getattr(denoiser, "total_steps", None)
+    if step is None or not total:  # the denoiser's own count covers samplers that call it twice a step
+        step, total = params.sampling_step, params.total_sampling_steps
+    sampling.on_denoiser(state.activator(), step, total, params.text_cond)
 
 
 def infotext_pasted(_infotext: str, params: dict) -> None:
