@@ -42,6 +42,9 @@ def test_world_v2_starts_with_an_anchored_vae_and_resumes(tmp_path):
     assert resumed.load() and resumed.state["phase"] == "vae_v2" and resumed.state["vae_v2_step"] == 1
     for a, b in zip(resumed.vae_anchor.parameters(), first.vae_anchor.parameters()):
         assert torch.equal(a, b)
+    # the VAE's Adam state resumes too (a fresh one takes full-size first steps)
+    for p, q in zip(resumed.vae.parameters(), first.vae.parameters()):
+        assert torch.equal(resumed.vae_optimizer.state[p]["exp_avg_sq"], first.vae_optimizer.state[q]["exp_avg_sq"])
     resumed.train_vae_v2_step()  # the last VAE step hands over to the diffusion phase
     assert resumed.state["phase"] == "diffusion" and resumed.state["warmup_origin"] == resumed.state["step"]
     images, ids = resumed.sampler.sample(4)

@@ -92,13 +92,9 @@ class Trainer:
         for prefix, module in self._modules().items():
             for k, v in module.state_dict().items():
                 tensors[f"{prefix}.{k}"] = v.detach().cpu().contiguous()
-        params = [p for g in self.optimizer.param_groups for p in g["params"]]
-        for i, p in enumerate(params):
-            st = self.optimizer.state.get(p)
-            if st:
-                tensors[f"opt.{i}.exp_avg"] = st["exp_avg"].cpu()
-                tensors[f"opt.{i}.exp_avg_sq"] = st["exp_avg_sq"].cpu()
-                tensors[f"opt.{i}.step"] = torch.as_tensor(st["step"]).reshape(1).float().cpu()
+        # Both optimizers: a fresh Adam state takes full-size first steps (a resumed VAE fine-tune jumped).
+        tensors.update(_optimizer_tensors(self.optimizer, "opt"))
+        tensors.update(_optimizer_tensors(self.vae_optimizer, "vae_opt"))
         tensors["rng.torch"] = torch.get_rng_state()
         tensors["rng.sampler"] = self.sampler.state().cpu()
         atomic_save_safetensors(tensors, self.work / "checkpoint.safetensors")
@@ -115,14 +111,8 @@ class Trainer:
             for prefix, module in self._modules().items():
                 module.load_state_dict({k[len(prefix) + 1:]: v for k, v in tensors.items()
                                         if k.startswith(prefix + ".")})
-            params = [p for g in self.optimizer.param_groups for p in g["params"]]
-            for i, p in enumerate(params):
-                if f"opt.{i}.exp_avg" in tensors:
-                    self.optimizer.state[p] = {
-                        "exp_avg": tensors[f"opt.{i}.exp_avg"].to(p.device),
-                        "exp_avg_sq": tensors[f"opt.{i}.exp_avg_sq"].to(p.device),
-                        "step": tensors[f"opt.{i}.step"].reshape(()).to(p.device),
-                    }
+            _restore_optimizer(self.optimizer, tensors, "opt")
+            _restore_optimizer(self.vae_optimizer, tensors, "vae_opt")
             torch.set_rng_state(tensors["rng.torch"])
             if "rng.sampler" in tensors:
                 self.sampler.set_state(tensors["rng.sampler"])
@@ -390,6 +380,30 @@ class Trainer:
             self.save()
         if self.args.export:
             self.export()
+
+
+def _optimizer_tensors(optimizer: torch.optim.Optimizer, prefix: str) -> dict[str, torch.Tensor]:
+    """An Adam(W) state as flat tensors: PREFIX.i.exp_avg / .exp_avg_sq / .step per parameter index."""
+    tensors = {}
+    params = [p for g in optimizer.param_groups for p in g["params"]]
+    for i, p in enumerate(params):
+        st = optimizer.state.get(p)
+        if st:
+            tensors[f"{prefix}.{i}.exp_avg"] = st["exp_avg"].cpu()
+            tensors[f"{prefix}.{i}.exp_avg_sq"] = st["exp_avg_sq"].cpu()
+            tensors[f"{prefix}.{i}.step"] = torch.as_tensor(st["step"]).reshape(1).float().cpu()
+    return tensors
+
+
+def _restore_optimizer(optimizer: torch.optim.Optimizer, tensors: dict[str, torch.Tensor], prefix: str) -> None:
+    params = [p for g in optimizer.param_groups for p in g["params"]]
+    for i, p in enumerate(params):
+        if f"{prefix}.{i}.exp_avg" in tensors:
+            optimizer.state[p] = {
+                "exp_avg": tensors[f"{prefix}.{i}.exp_avg"].to(p.device),
+                "exp_avg_sq": tensors[f"{prefix}.{i}.exp_avg_sq"].to(p.device),
+                "step": tensors[f"{prefix}.{i}.step"].reshape(()).to(p.device),
+            }
 
 
 def committed_model_weights() -> dict[str, torch.Tensor]:
