@@ -28,3 +28,26 @@ def test_quick_run_writes_every_figure(tmp_path):
         assert 0 <= entry[row]["fidelity"] <= 1 and 0 <= entry[row]["alignment"] <= 1 and entry[row]["n"] == 4
     assert 0 <= entry["perfusion"]["leak"] <= 1 and "leak" not in entry["textual_inversion"]
     assert set(entry["beta_sweep"]) == {str(b) for b in quality.BETAS}
+
+
+@pytest.mark.parametrize("method", ["custom_diffusion", "dreambooth"])
+def test_weight_baselines_train_in_place_and_restore_the_unet(method, tmp_path):
+    import torch
+
+    from benchmarks.baselines import trained_weights
+    from perfusion_ext.pipelines.backend import DiffusersBackend
+    from perfusion_ext.toy.concepts import write_training_set
+    from perfusion_ext.toy.plugin import tiny_random_pipeline
+    from perfusion_ext.training import TrainConfig
+
+    pipe = tiny_random_pipeline()
+    backend = DiffusersBackend(pipe)
+    before = {k: v.clone() for k, v in pipe.unet.state_dict().items()}
+    images = write_training_set("house", tmp_path / "house", n=4)
+    config = TrainConfig("house", "square", steps=2, batch_size=2, preview_every=0)
+    with trained_weights(pipe, backend, method, config, images, images / "masks") as trainer:
+        changed = [k for k, v in pipe.unet.state_dict().items() if not torch.equal(v, before[k])]
+        assert changed and all(("attn2.to_k" in k or "attn2.to_v" in k) for k in changed) == (method == "custom_diffusion")
+        assert not torch.equal(trainer.embedding["clip_l"], trainer.superclass_embedding["clip_l"])
+    assert all(torch.equal(v, before[k]) for k, v in pipe.unet.state_dict().items())
+    assert not any(p.requires_grad for p in pipe.unet.parameters())
