@@ -1,4 +1,4 @@
-"""`perfusion` command line: train, generate, inspect (and export, from perfusion_export)."""
+"""`perfusion` command line: train, generate, inspect, steps, library (and export, from perfusion_export)."""
 from __future__ import annotations
 
 import argparse
@@ -101,6 +101,52 @@ def cmd_generate(args) -> int:
     return 0
 
 
+def cmd_steps(args) -> int:
+    from ..core.library import default_concepts_dir
+    from ..core.runs import list_steps, promote_step
+
+    folder = args.concepts or default_concepts_dir()
+    if args.promote is not None:
+        result = promote_step(folder, args.name, args.promote)
+        kept = f"; the file it replaced is in {result['trash']}" if result["trash"] else ""
+        print(f"{args.name}: step {result['step']} is now {result['concept']}{kept}")
+        return 0
+    steps = list_steps(folder, args.name)
+    if args.json:
+        print(json.dumps([s.to_json() for s in steps], indent=2))
+        return 0
+    if not steps:
+        print(f"{args.name}: no checkpoints (no {args.name}.run/checkpoints/ in {folder})")
+        return 1
+    print(f"{'step':>7}  {'loss':>9}  {'now':>3}  preview")
+    for s in steps:
+        loss = "–" if s.loss is None else f"{s.loss:.5f}"
+        print(f"{s.step:>7}  {loss:>9}  {'*' if s.current else '':>3}  {s.preview or '–'}")
+    return 0
+
+
+def cmd_library(args) -> int:
+    from ..core import library
+
+    folder = args.concepts or library.default_concepts_dir()
+    if args.action == "trash":
+        for entry in library.list_trash(folder):
+            print(f"{entry['entry']}  {entry['reason']}  ({', '.join(f['name'] for f in entry['files'])})")
+        return 0
+    if args.action == "rename":
+        done = library.rename_concept(folder, args.name, args.new)
+    elif args.action == "duplicate":
+        done = library.duplicate_concept(folder, args.name, args.new)
+    elif args.action == "delete":
+        done = library.delete_concept(folder, args.name)
+    elif args.action == "restore":
+        done = library.restore_concept(folder, args.name)
+    else:  # defaults
+        done = library.set_gate_defaults(folder, args.name, beta=args.beta, tau=args.tau)
+    print(done)
+    return 0
+
+
 def _bounded(field: str):
     """An argparse type that enforces the trainer's limits for `field` (training.config.LIMITS)."""
     kind, lo, hi = LIMITS[field]
@@ -184,6 +230,32 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--concepts", default=None, help="with --prompt: the concepts folder")
     p.add_argument("--device", default="cpu")
     p.set_defaults(func=cmd_inspect)
+    p = sub.add_parser("steps", help="a training run's checkpoints with their previews and losses; --promote STEP "
+                                     "makes that step the concept (the replaced file goes to the trash)")
+    p.add_argument("name", help="the concept whose NAME.run/ to read")
+    p.add_argument("--concepts", default=None,
+                   help="concepts folder (default: $PERFUSION_CONCEPTS, else ./models/perfusion)")
+    p.add_argument("--promote", type=int, default=None, metavar="STEP")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_steps)
+    p = sub.add_parser("library", help="rename, duplicate, delete (to the folder's .trash/), restore a concept, or "
+                                       "store its default β/τ; no operation loses a file")
+    p.add_argument("--concepts", default=None,
+                   help="concepts folder (default: $PERFUSION_CONCEPTS, else ./models/perfusion)")
+    actions = p.add_subparsers(dest="action", required=True)
+    for action, helptext in (("rename", "NAME NEW: file, previews, run folder; the old name stays an alias"),
+                             ("duplicate", "NAME NEW: a copy with its previews")):
+        q = actions.add_parser(action, help=helptext)
+        q.add_argument("name")
+        q.add_argument("new")
+    actions.add_parser("delete", help="NAME: move it, its previews and run folder to .trash/").add_argument("name")
+    actions.add_parser("restore", help="ENTRY: move a .trash/ entry back").add_argument("name", metavar="entry")
+    actions.add_parser("trash", help="list .trash/ entries")
+    q = actions.add_parser("defaults", help="NAME [--beta B] [--tau T]: the β/τ stored in the file")
+    q.add_argument("name")
+    q.add_argument("--beta", type=float, default=None)
+    q.add_argument("--tau", type=float, default=None)
+    p.set_defaults(func=cmd_library)
     from perfusion_export.cli import add_parser as add_export_parser  # light: heavy imports happen on use
 
     add_export_parser(sub)

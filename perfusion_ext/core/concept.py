@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import json
 import os
 import struct
 from pathlib import Path
@@ -21,7 +22,7 @@ import torch
 from safetensors import safe_open
 
 from . import families
-from .atomic import atomic_save_safetensors
+from .atomic import atomic_path, atomic_save_safetensors
 from .errors import PerfusionError
 
 FORMAT_VERSION = "1"
@@ -106,6 +107,35 @@ def tensor_hash(path: str | os.PathLike) -> str:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             digest.update(chunk)
     return digest.hexdigest()
+
+
+def update_metadata(path: str | os.PathLike, updates: dict[str, str | None],
+                    target: str | os.PathLike | None = None) -> Path:
+    """Write `path` with its metadata changed (a None value removes the key) to `target` (default: in place),
+    atomically. Only the header is rewritten: the tensor bytes are copied verbatim, so the tensor hash that
+    infotexts record stays the same. The result is validated as a concept before it replaces anything."""
+    path = Path(path)
+    target = Path(target) if target is not None else path
+    with open(path, "rb") as f:
+        (header_len,) = struct.unpack("<Q", f.read(8))
+        header = json.loads(f.read(header_len))
+        data = f.read()
+    metadata = dict(header.get("__metadata__") or {})
+    for key, value in updates.items():
+        if value is None:
+            metadata.pop(key, None)
+        else:
+            metadata[key] = str(value)
+    header["__metadata__"] = metadata
+    raw = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+    raw += b" " * (-len(raw) % 8)  # the data starts 8-byte aligned, as safetensors writes it
+    with atomic_path(target) as tmp:
+        with open(tmp, "wb") as f:
+            f.write(struct.pack("<Q", len(raw)))
+            f.write(raw)
+            f.write(data)
+        load_concept(tmp)  # refuse to write anything that is not a valid concept
+    return target
 
 
 def _read_file(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:

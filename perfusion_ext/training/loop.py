@@ -15,6 +15,7 @@ from tqdm import tqdm
 from ..core.atomic import atomic_save_safetensors, atomic_write_json
 from ..core.concept import save_concept
 from ..core.errors import PerfusionError
+from ..core.runs import LOSS_KEY, RunFolder
 from .backend import Backend
 from .config import TrainCallbacks, TrainConfig, TrainProgress, TrainResult
 from .dataset import load_images
@@ -24,27 +25,12 @@ from .trainer import ConceptTrainer
 log = logging.getLogger(__name__)
 
 
-class RunFolder:
-    """OUT/NAME.safetensors, OUT/NAME.png and OUT/NAME.run/{state, checkpoints/, previews/, log.json, loss.png}."""
-
-    def __init__(self, out_dir: Path, name: str):
-        self.concept = out_dir / f"{name}.safetensors"
-        self.preview = out_dir / f"{name}.png"
-        self.root = out_dir / f"{name}.run"
-        self.state = self.root / "state.safetensors"
-        self.state_meta = self.root / "state.json"
-        self.log = self.root / "log.json"
-        self.loss_curve = self.root / "loss.png"
-
-    def checkpoint(self, name: str, step: int) -> Path:
-        return self.root / "checkpoints" / f"{name}-step{step:06d}.safetensors"
-
-    def preview_at(self, step: int) -> Path:
-        return self.root / "previews" / f"step_{step:06d}.png"
-
-
 def _save_checkpoint(trainer: ConceptTrainer, run: RunFolder) -> None:
     concept = trainer.concept()
+    previous = (trainer.step - 1) // trainer.cfg.checkpoint_every * trainer.cfg.checkpoint_every
+    window = trainer.losses[previous:trainer.step]
+    if window:  # the step picker shows it: the mean loss of the steps since the previous checkpoint
+        concept.metadata[LOSS_KEY] = f"{sum(window) / len(window):.6g}"
     save_concept(concept, run.checkpoint(trainer.cfg.name, trainer.step))
     tensors, meta = trainer.state()
     atomic_save_safetensors(tensors, run.state)
@@ -62,8 +48,10 @@ def _write_log(trainer: ConceptTrainer, run: RunFolder, status: str, message: st
     write_loss_curve(trainer.losses, run.loss_curve)
 
 
-def _preview(backend, trainer: ConceptTrainer, run: RunFolder, callbacks: TrainCallbacks) -> None:
-    """Render a preview; any failure (out-of-memory included) is reported and skipped."""
+def _preview(backend, trainer: ConceptTrainer, run: RunFolder, callbacks: TrainCallbacks,
+             checkpoint: bool = False) -> None:
+    """Render a preview at the run's seed (also beside the step's checkpoint when there is one); any failure
+    (out-of-memory included) is reported and skipped."""
     preview = getattr(backend, "preview", None)
     if preview is None:
         return
@@ -73,6 +61,8 @@ def _preview(backend, trainer: ConceptTrainer, run: RunFolder, callbacks: TrainC
         path.parent.mkdir(parents=True, exist_ok=True)
         image.save(path)
         shutil.copyfile(path, run.preview)
+        if checkpoint:
+            shutil.copyfile(path, run.checkpoint_preview(trainer.cfg.name, trainer.step))
     except Exception as exc:  # noqa: BLE001 - a preview must never end the run
         log.warning("preview at step %d skipped: %s", trainer.step, exc)
         return
@@ -112,6 +102,7 @@ def train(backend: Backend, config: TrainConfig, images_dir: str | Path, out_dir
     started = time.time()
     status, message = "finished", f"trained {cfg.steps} steps"
     last_good = trainer.concept()
+    keyboard = False
     bar = tqdm(total=cfg.steps, initial=trainer.step, desc=f"perfusion {cfg.name}", unit="step", dynamic_ncols=True)
     try:
         while trainer.step < cfg.steps:
@@ -134,16 +125,21 @@ def train(backend: Backend, config: TrainConfig, images_dir: str | Path, out_dir
                 rate = bar.format_dict.get("rate") or 0
                 eta = (cfg.steps - trainer.step) / rate if rate else float("nan")
                 callbacks.on_progress(TrainProgress(trainer.step, cfg.steps, loss, eta))
-            if trainer.step % cfg.checkpoint_every == 0 or trainer.step == cfg.steps:
+            at_checkpoint = trainer.step % cfg.checkpoint_every == 0 or trainer.step == cfg.steps
+            if at_checkpoint:
                 _save_checkpoint(trainer, run)
-            if cfg.preview_every and trainer.step % cfg.preview_every == 0:
-                _preview(backend, trainer, run, callbacks)
+            if cfg.preview_every and (trainer.step % cfg.preview_every == 0 or at_checkpoint):
+                _preview(backend, trainer, run, callbacks, checkpoint=at_checkpoint)
     except KeyboardInterrupt:
         status, message = "interrupted", f"interrupted at step {trainer.step}; saved. Continue with --resume."
+        keyboard = True
     finally:
         bar.close()
     if status != "nan":
         _save_checkpoint(trainer, run)
+        if (cfg.preview_every and trainer.step and not keyboard
+                and not run.checkpoint_preview(cfg.name, trainer.step).is_file()):
+            _preview(backend, trainer, run, callbacks, checkpoint=True)  # every checkpoint gets its preview
     _write_log(trainer, run, status, message, dataset.notes, time.time() - started)
     log.info(message)
     return TrainResult(run.concept, run.root, trainer.step, status, message)
