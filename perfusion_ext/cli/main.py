@@ -34,7 +34,11 @@ def _inspect_gates(args) -> int:
 def _load(args):
     from ..pipelines.loading import load_pipeline
 
-    return load_pipeline(args.model, device=args.device)
+    return load_pipeline(args.model, device=args.device, prediction_type=getattr(args, "prediction_type", None))
+
+
+PREDICTION_HELP = ("for a single-file checkpoint: what its model predicts (default: a .yaml beside the file with "
+                   "parameterization: v, else A1111's test on SD2 files, else epsilon)")
 
 
 def cmd_train(args) -> int:
@@ -53,10 +57,27 @@ def cmd_train(args) -> int:
     if args.paper_recipe:
         config = paper_recipe(config)
 
-    result = train(DiffusersBackend(_load(args)), config, args.images, args.out or default_concepts_dir(), resume=args.resume,
+    pipe = _load(args)
+    result = train(DiffusersBackend(pipe), config, args.images, args.out or default_concepts_dir(), resume=args.resume,
                    overwrite=args.overwrite)
     print(f"{result.status}: {result.message}\nconcept: {result.concept_path}\nrun folder: {result.run_dir}")
+    if result.status == "finished" and args.auto_beta and config.mode == "perfusion":
+        _auto_beta(pipe, result.concept_path)
     return {"finished": 0, "interrupted": 130}.get(result.status, 1)
+
+
+def _auto_beta(pipe, concept_path) -> None:
+    """Store as the concept's default the lowest β whose gate stays shut on other words (pipelines.auto_beta)."""
+    from ..core.concept import load_concept, save_concept
+    from ..pipelines.auto_beta import MAX_LEAK, choose_by_gate, gate_curve, with_default_beta
+
+    concept = load_concept(concept_path)
+    curve = gate_curve(pipe, concept)
+    beta = choose_by_gate(curve)
+    save_concept(with_default_beta(concept, beta, curve, "gate"), concept_path)
+    chosen = next(p for p in curve if p["beta"] == beta)
+    print(f"auto-β: default β {beta:g} (mean gate on its own token {chosen['own_gate']:.2f}, on other tokens "
+          f"{chosen['leak']:.3f}; bound {MAX_LEAK}); override per prompt with <perfusion:NAME:1:beta=...>")
 
 
 def _generate_exported(args) -> tuple[list, list[str]]:
@@ -201,10 +222,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="weight of matching the frozen base's superclass prediction outside the masks (needs --masks)")
     p.add_argument("--embedding-pull", type=_bounded("embedding_pull"), default=defaults["embedding_pull"],
                    help="weight of keeping the learned word near its superclass embedding")
+    p.add_argument("--auto-beta", action=argparse.BooleanOptionalAction, default=True,
+                   help="after training, store as default the lowest β whose gate stays shut on other words")
     p.add_argument("--paper-recipe", action="store_true",
                    help="the paper's recipe: flips on, generic templates, no background term, no pull")
     p.add_argument("--description", default="")
     p.add_argument("--device", default="cpu")
+    p.add_argument("--prediction-type", choices=["epsilon", "v_prediction"], default=None, help=PREDICTION_HELP)
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("generate", help="generate images from a prompt with <perfusion:NAME> tags")
@@ -220,6 +244,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--n", type=int, default=1)
     p.add_argument("--out", default="outputs")
     p.add_argument("--device", default="cpu")
+    p.add_argument("--prediction-type", choices=["epsilon", "v_prediction"], default=None, help=PREDICTION_HELP)
     p.set_defaults(func=cmd_generate)
     p = sub.add_parser("inspect", help="a concept file's metadata, layers, shapes, dtypes and size; or, with "
                                        "--prompt, every token's similarity and gate for the prompt's concepts")
