@@ -1,4 +1,6 @@
-"""Model loading: folders, refusals (pickles, SDXL single files, junk), single-file family detection."""
+"""Model loading: folders, refusals (pickles, the SDXL refiner, junk), single-file family detection."""
+import json
+
 import pytest
 import torch
 from safetensors.torch import save_file
@@ -40,9 +42,10 @@ def test_single_file_family_detection(tmp_path):
 
     assert detect_family(fake(["cond_stage_model.transformer.text_model.embeddings.token_embedding.weight"])) == "sd1"
     assert detect_family(fake(["cond_stage_model.model.token_embedding.weight"])) == "sd2"
-    with pytest.raises(pf.PerfusionError, match="SDXL checkpoint"):
-        detect_family(fake(["conditioner.embedders.0.transformer.x"]))
-    with pytest.raises(pf.PerfusionError, match="does not look like an SD1/SD2"):
+    assert detect_family(fake(["conditioner.embedders.0.transformer.x", "conditioner.embedders.1.model.x"])) == "sdxl"
+    with pytest.raises(pf.PerfusionError, match="SDXL refiner"):
+        detect_family(fake(["conditioner.embedders.0.model.token_embedding.weight"]))
+    with pytest.raises(pf.PerfusionError, match="does not look like an SD1/SD2/SDXL"):
         detect_family(fake(["model.diffusion_model.x", "other"]))
 
 
@@ -50,7 +53,13 @@ def test_offline_config_folders(tmp_path, monkeypatch):
     monkeypatch.setenv("PERFUSION_CACHE", str(tmp_path))
     from diffusers import UNet2DConditionModel
 
-    for family, width in (("sd1", 768), ("sd2", 1024)):
+    for family, width in (("sd1", 768), ("sd2", 1024), ("sdxl", 2048)):
         folder = config_folder(family)
         assert (folder / "tokenizer" / "vocab.json").is_file()
         assert UNet2DConditionModel.load_config(folder / "unet")["cross_attention_dim"] == width
+    xl = config_folder("sdxl")
+    index = json.loads((xl / "model_index.json").read_text())
+    assert index["_class_name"] == "StableDiffusionXLPipeline"
+    assert index["text_encoder_2"] == ["transformers", "CLIPTextModelWithProjection"]
+    assert json.loads((xl / "tokenizer_2" / "tokenizer_config.json").read_text())["pad_token"] == "!"
+    assert json.loads((xl / "text_encoder_2" / "config.json").read_text())["hidden_size"] == 1280

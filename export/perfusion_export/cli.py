@@ -27,6 +27,8 @@ def add_parser(sub) -> None:
     p.add_argument("--build-trt", action="store_true", help="also build a TensorRT engine (needs tensorrt + GPU)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out folder")
     p.add_argument("--out", help="destination folder")
+    p.add_argument("--prediction-type", choices=["epsilon", "v_prediction"], default=None,
+                   help="for a single-file checkpoint: what its model predicts (default: as `perfusion train` decides)")
     p.set_defaults(func=run)
 
 
@@ -51,9 +53,16 @@ def run(args) -> int:
         from .trt import check_available
 
         check_available()
-    info = export_pipeline(args.model, concepts, args.out, layout=args.layout, precision=args.precision,
+    model, name = args.model, None
+    if args.prediction_type is not None:
+        from perfusion_ext.pipelines.loading import load_pipeline
+
+        from .exporter import _model_name
+
+        model, name = load_pipeline(args.model, prediction_type=args.prediction_type), _model_name(args.model)
+    info = export_pipeline(model, concepts, args.out, layout=args.layout, precision=args.precision,
                            opset=args.opset, slots=args.slots, beta=args.beta, tau=args.tau,
-                           verify_export=not args.no_verify, overwrite=args.overwrite)
+                           verify_export=not args.no_verify, overwrite=args.overwrite, model_name=name)
     if args.build_trt:
         from .trt import build_engine
 

@@ -58,9 +58,15 @@ def tokenize_for_covariance(tokenizer, captions: list[str]) -> list[list[int]]:
     return [list(x) for x in ids]
 
 
-def cached_covariance(text_encoder, tokenizer, captions: list[str] | None = None, encode=None) -> torch.Tensor:
-    """C for this text encoder: from the cache when its hash is known, else estimated and cached."""
+def cached_covariance(text_encoder, tokenizer, captions: list[str] | None = None, encode=None,
+                      variant: str = "") -> torch.Tensor:
+    """C for this text encoder: from the cache when its hash is known, else estimated and cached.
+
+    `text_encoder` may be a ModuleList of several encoders whose outputs `encode` concatenates (SDXL); `variant`
+    names what `encode` reads when it is not the last layer ("penultimate"), so each reading is cached apart."""
     key = module_hash(text_encoder)
+    if variant:
+        key = hashlib.sha256(f"{key}:{variant}".encode()).hexdigest()
     path = cache_dir() / "covariance" / f"{key[:32]}.safetensors"
     if path.exists():
         return load_file(path)["covariance"].double()

@@ -41,6 +41,15 @@ class Family:
     webui_trainable: bool = False  # the WebUI's ldm training backend supports it
     reference_covariance: bool = False  # perfusion-pytorch ships a LAION covariance of its text encoder
     exportable: bool = False  # the ONNX exporter supports it
+    # how its text conditioning is built (one entry of `encoders` per text encoder, concatenated in order)
+    encoder_layer: str = "last"  # the hidden state the UNet reads: "last" (after the final LayerNorm) or "penultimate"
+    pooled_encoder: str | None = None  # the encoder whose projected pooled output is the UNet's `text_embeds`
+    size_conditioning: bool = False  # the UNet also reads `time_ids`: original size, crop top-left, target size
+    pipeline_class: str = "StableDiffusionPipeline"  # the diffusers pipeline of its diffusers folders
+    v_architecture: str | None = None  # modelspec.architecture of its v-prediction models
+    v_resolution: int | None = None  # native image size of its v-prediction models
+    known_layouts: tuple[tuple[str, int], ...] = ()  # (label, attn2 count) of known UNets, named in messages
+    gradient_checkpointing: bool = False  # trained with gradient checkpointing on a GPU by default (memory)
 
     @property
     def encoder_names(self) -> tuple[str, ...]:
@@ -102,6 +111,26 @@ def _configs(unet: dict, text_encoder: dict, tokenizer: dict | None = None) -> M
                              "vae": _SD_VAE, "scheduler": _SD_SCHEDULER, "tokenizer": tokenizer or {}})
 
 
+# ---- diffusers configs for single-file SDXL checkpoints (sgm layout) --------------------------------------
+_SDXL_CONFIGS = MappingProxyType({
+    "unet": dict(_SD_UNET, down_block_types=["DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"],
+                 up_block_types=["CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"],
+                 block_out_channels=[320, 640, 1280], transformer_layers_per_block=[1, 2, 10],
+                 attention_head_dim=[5, 10, 20], cross_attention_dim=2048, use_linear_projection=True,
+                 addition_embed_type="text_time", addition_time_embed_dim=256,
+                 projection_class_embeddings_input_dim=2816, sample_size=128),
+    "vae": dict(_SD_VAE, scaling_factor=0.13025, sample_size=1024, force_upcast=True),
+    "text_encoder": dict(_CLIP_TEXT, hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
+                         num_attention_heads=12, hidden_act="quick_gelu", projection_dim=768),
+    "text_encoder_2": dict(_CLIP_TEXT, architectures=["CLIPTextModelWithProjection"], hidden_size=1280,
+                           intermediate_size=5120, num_hidden_layers=32, num_attention_heads=20, hidden_act="gelu",
+                           projection_dim=1280),
+    "scheduler": {"_class_name": "EulerDiscreteScheduler", "beta_start": 0.00085, "beta_end": 0.012,
+                  "beta_schedule": "scaled_linear", "num_train_timesteps": 1000, "prediction_type": "epsilon",
+                  "steps_offset": 1, "timestep_spacing": "leading", "interpolation_type": "linear"},
+    "tokenizer": {}, "tokenizer_2": {"pad_token": "!"},
+})
+
 # ---- the records ----------------------------------------------------------------------------------------
 SD1 = Family(
     name="sd1", label="SD1", text_width=768, encoders=(("clip_l", 768),), architecture="stable-diffusion-v1",
@@ -121,11 +150,14 @@ SD2 = Family(
         text_encoder={"hidden_size": 1024, "intermediate_size": 4096, "num_hidden_layers": 23,
                       "num_attention_heads": 16, "hidden_act": "gelu", "projection_dim": 512},
         tokenizer={"pad_token": "!"}),  # OpenCLIP pads with "!" (id 0), not with EOS
-    webui_trainable=True, exportable=True,
+    webui_trainable=True, exportable=True, v_architecture="stable-diffusion-v2-768-v", v_resolution=768,
 )
-SDXL = Family(
+SDXL = Family(  # CLIP-L ‖ OpenCLIP-bigG penultimate layers (768 + 1280), bigG's pooled output, size/crop time_ids
     name="sdxl", label="SDXL", text_width=2048, encoders=(("clip_l", 768), ("clip_g", 1280)),
-    architecture="stable-diffusion-xl-v1-base", checkpoint_prefix="conditioner.embedders", train_resolution=1024,
+    architecture="stable-diffusion-xl-v1-base", checkpoint_prefix="conditioner.embedders.1.model.",
+    diffusers_configs=_SDXL_CONFIGS, train_resolution=1024, encoder_layer="penultimate", pooled_encoder="clip_g",
+    size_conditioning=True, pipeline_class="StableDiffusionXLPipeline", known_layouts=(("SDXL base", 70),),
+    gradient_checkpointing=True, exportable=True,
 )
 TOY = Family(  # the toy world's model; the toy plug-in registers its model folder, sampling and captions
     name="toy", label="the toy model", text_width=128, encoders=(("clip_l", 128),), architecture="perfusion-toy",
@@ -154,16 +186,30 @@ def label(name: str | None) -> str:
     return family.label if family else str(name)
 
 
+# Models that look like a family's but cannot carry concepts: refused with their name (by text width, or by
+# a state-dict prefix of their single files).
+_REFINER = ("the SDXL refiner: it reads OpenCLIP-bigG alone (1280 wide) and only refines the last steps of the "
+            "SDXL base's images. Train and use Perfusion concepts on the SDXL base (or a fine-tune of it) and run the "
+            "refiner after it without concepts.")
+REFUSED_WIDTHS: MappingProxyType[int, str] = MappingProxyType({1280: _REFINER})
+REFUSED_CHECKPOINT_PREFIXES: MappingProxyType[str, str] = MappingProxyType({"conditioner.embedders.0.model.": _REFINER})
+
+
 def by_text_width(width: int) -> Family:
     for family in FAMILIES.values():
         if family.text_width == width:
             return family
+    if width in REFUSED_WIDTHS:
+        raise PerfusionError(f"This model is {REFUSED_WIDTHS[width]}")
     known = ", ".join(f"{f.label} {f.text_width}" for f in FAMILIES.values())
     raise PerfusionError(f"unsupported text-conditioning width {width} (known: {known})")
 
 
 def by_checkpoint_keys(keys) -> Family | None:
     """The family whose single-file checkpoints carry these state-dict keys, or None."""
+    for prefix, reason in REFUSED_CHECKPOINT_PREFIXES.items():
+        if any(k.startswith(prefix) for k in keys):
+            raise PerfusionError(f"This checkpoint is {reason}")
     for family in FAMILIES.values():
         prefix = family.checkpoint_prefix
         if prefix and any(k.startswith(prefix) for k in keys):
@@ -172,6 +218,17 @@ def by_checkpoint_keys(keys) -> Family | None:
 
 
 # ---- plug-ins --------------------------------------------------------------------------------------------
+def layout_label(name: str, n_layers: int) -> str:
+    """Names a UNet of family `name` by its number of attn2 layers (`SDXL base`), for messages."""
+    family = get(name)
+    for label_, count in family.known_layouts:
+        if count == n_layers:
+            return label_
+    if family.known_layouts and n_layers < max(count for _, count in family.known_layouts):
+        return f"a distilled {family.label} UNet with {n_layers} attn2 layers (SSD-1B, Segmind Vega or similar)"
+    return f"a {family.label} UNet with {n_layers} attn2 layers"
+
+
 def register_plugin(name: str, plugin: Plugin) -> None:
     """Called by a plug-in package when it is imported (the toy world: `perfusion_ext.toy`)."""
     get(name)

@@ -14,6 +14,7 @@ from collections.abc import Iterable, Iterator
 
 import torch
 
+from . import families
 from .concept import Concept
 from .errors import PerfusionError
 from .gated_edit import ProjectionEdit, stack_edit
@@ -90,6 +91,12 @@ def check_fits(concept: Concept, layers: dict[str, CrossAttentionLayer], family:
     if concept.dim != d:
         raise PerfusionError(f"Concept {concept.name!r} has {concept.dim}-d targets; this model's text width is {d}.")
     unknown = [name for name in concept.layers if name not in layers]
+    if families.get(family).known_layouts and set(concept.layers) != set(layers):  # SDXL base vs SSD-1B, Vega…
+        raise PerfusionError(
+            f"Concept {concept.name!r} was trained on {families.layout_label(family, len(concept.layers))}; the "
+            f"loaded model is {families.layout_label(family, len(layers))}. Their attn2 layers differ: retrain the "
+            "concept on this model."
+        )
     if unknown:
         raise PerfusionError(
             f"Concept {concept.name!r} edits layers this model does not have ({', '.join(unknown[:3])}"

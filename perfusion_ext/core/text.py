@@ -6,6 +6,12 @@ embedding swaps placeholder ids for a valid id and a forward hook writes the con
 their rows, so gradients reach the vectors (training) and the text encoder itself is never modified.
 Prompts longer than one CLIP window are encoded in chunks of 75 tokens (BOS + 75 + EOS each) and
 concatenated along the token axis, as AUTOMATIC1111 does.
+
+A family with several text encoders (SDXL: CLIP-L ‖ OpenCLIP-bigG) encodes with `MultiPromptEncoder`:
+each encoder reads the same token ids, the UNet's context is their hidden states concatenated along the
+width, and the pooled output (`text_embeds`) comes from the encoder the family names, at the first EOS
+of the first chunk, computed here rather than by the text model (a legacy `eos_token_id = 2` config
+pools at argmax(input_ids), which a concept id past the vocabulary would take over).
 """
 from __future__ import annotations
 
@@ -24,12 +30,24 @@ class EncodedPrompts:
     hidden: torch.Tensor  # [B, 77 * chunks, d]
     concept_positions: list[dict[str, list[int]]]  # per prompt: concept name -> token positions
     input_ids: torch.Tensor | None = None  # [B, 77 * chunks]; concept vectors as ids >= vocab_size
+    pooled: torch.Tensor | None = None  # [B, d_pooled]: the projected pooled output, for UNets that read it
+
+
+LAYERS = ("last", "penultimate")
 
 
 class PromptEncoder:
-    def __init__(self, tokenizer, text_encoder):
+    """One text encoder. `layer`: the hidden state the UNet reads ("last": after the final LayerNorm;
+    "penultimate": the second-to-last layer's output, as SDXL uses). `name`: the family's name for this
+    encoder (`clip_l`, …): embeddings given per encoder pick theirs by it. `pooled`: also return the
+    projected pooled output."""
+
+    def __init__(self, tokenizer, text_encoder, layer: str = "last", name: str | None = None, pooled: bool = False):
+        if layer not in LAYERS:
+            raise ValueError(f"layer must be one of {LAYERS}, got {layer!r}")
         self.tokenizer = tokenizer
         self.text_encoder = text_encoder
+        self.layer, self.name, self.pooled = layer, name, pooled
         self.vocab_size = text_encoder.get_input_embeddings().num_embeddings
         self.bos = tokenizer.bos_token_id
         self.eos = tokenizer.eos_token_id
@@ -64,18 +82,29 @@ class PromptEncoder:
         chunk, offset = divmod(p, CHUNK)
         return chunk * (CHUNK + 2) + 1 + offset
 
-    def slots_for(self, embeddings: dict[str, torch.Tensor]) -> tuple[dict[str, list[int]], torch.Tensor | None]:
+    @property
+    def parts(self) -> list[PromptEncoder]:
+        return [self]
+
+    def vectors(self, embedding) -> torch.Tensor:
+        """This encoder's vectors of a concept: the tensor itself, or its entry in a per-encoder dict."""
+        if not isinstance(embedding, dict):
+            return embedding
+        return embedding[self.name] if self.name is not None else next(iter(embedding.values()))
+
+    def slots_for(self, embeddings: dict) -> tuple[dict[str, list[int]], torch.Tensor | None]:
         """Placeholder ids per concept name and the stacked vectors they stand for."""
         slots, vectors, next_id = {}, [], self.vocab_size
         for name, emb in embeddings.items():
+            emb = self.vectors(emb)
             slots[name] = list(range(next_id, next_id + emb.shape[0]))
             next_id += emb.shape[0]
             vectors.append(emb)
         return slots, (torch.cat(vectors) if vectors else None)
 
-    def encode(self, prompts: list, embeddings: dict[str, torch.Tensor] | None = None,
-               min_tokens: int = 0) -> EncodedPrompts:
-        """prompts: lists of segments (str / ConceptTag). embeddings: concept name -> [n_vectors, d_tok].
+    def encode(self, prompts: list, embeddings: dict | None = None, min_tokens: int = 0) -> EncodedPrompts:
+        """prompts: lists of segments (str / ConceptTag). embeddings: concept name -> [n_vectors, d_tok], or
+        concept name -> {encoder name: [n_vectors, d_tok]}.
 
         `min_tokens` pads to at least that many output tokens (so cond and uncond chunk counts match).
         """
@@ -86,12 +115,25 @@ class PromptEncoder:
         positions = [{name: [self._position_in_chunks(p) for p in ps] for name, ps in where.items()}
                      for _, where in tokenized]
         device = self.text_encoder.device
-        chunks = []
+        chunks, pooled = [], None
         with self.placeholder_embeddings(table):
             for c in range(n_chunks):
                 window = input_ids[:, c * (CHUNK + 2):(c + 1) * (CHUNK + 2)].to(device)
-                chunks.append(self.text_encoder(window).last_hidden_state)
-        return EncodedPrompts(torch.cat(chunks, dim=1), positions, input_ids)
+                if self.layer == "last" and not self.pooled:
+                    chunks.append(self.text_encoder(window).last_hidden_state)
+                    continue
+                out = self.text_encoder(window, output_hidden_states=True)
+                chunks.append(out.last_hidden_state if self.layer == "last" else out.hidden_states[-2])
+                if pooled is None and self.pooled:  # A1111 and diffusers pool the first window only
+                    pooled = self._pool(out.last_hidden_state, window)
+        return EncodedPrompts(torch.cat(chunks, dim=1), positions, input_ids, pooled)
+
+    def _pool(self, last_hidden: torch.Tensor, window: torch.Tensor) -> torch.Tensor:
+        """The final-LayerNorm state at each row's first EOS, through the text projection when there is one."""
+        first_eos = (window == self.eos).int().argmax(dim=1)
+        pooled = last_hidden[torch.arange(window.shape[0], device=last_hidden.device), first_eos]
+        projection = getattr(self.text_encoder, "text_projection", None)
+        return projection(pooled) if projection is not None else pooled
 
     @contextlib.contextmanager
     def placeholder_embeddings(self, table: torch.Tensor | None):
@@ -119,3 +161,28 @@ class PromptEncoder:
         finally:
             for h in handles:
                 h.remove()
+
+
+class MultiPromptEncoder:
+    """Several text encoders over the same token ids: hidden states concatenated along the width (SDXL's
+    2048-wide context from CLIP-L 768 ‖ OpenCLIP-bigG 1280), the pooled output from the encoder that has one."""
+
+    def __init__(self, encoders: list[PromptEncoder]):
+        self.encoders = list(encoders)
+        self.tokenizer = self.encoders[0].tokenizer  # every encoder of a family tokenizes alike (CLIP's BPE)
+        self.text_encoder = self.encoders[0].text_encoder
+
+    @property
+    def parts(self) -> list[PromptEncoder]:
+        return list(self.encoders)
+
+    def encode(self, prompts: list, embeddings: dict | None = None, min_tokens: int = 0) -> EncodedPrompts:
+        """As `PromptEncoder.encode`; `embeddings` maps a concept to {encoder name: [n_vectors, d_tok]}."""
+        results = [enc.encode(prompts, embeddings, min_tokens) for enc in self.encoders]
+        first = results[0]
+        for other in results[1:]:
+            if other.hidden.shape[1] != first.hidden.shape[1] or other.concept_positions != first.concept_positions:
+                raise ValueError("the text encoders tokenized the prompt differently; their tokenizers must agree")
+        pooled = next((r.pooled for r in results if r.pooled is not None), None)
+        return EncodedPrompts(torch.cat([r.hidden for r in results], dim=-1), first.concept_positions,
+                              first.input_ids, pooled)

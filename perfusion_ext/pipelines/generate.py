@@ -10,12 +10,11 @@ import torch
 from ..core import families
 from ..core.concept import Concept
 from ..core.errors import PerfusionError
-from ..core.fingerprint import base_hash
 from ..core.hooks import activation
 from ..core.layers import unet_family
 from ..core.library import load_named
 from ..core.tags import ConceptTag, parse_prompt
-from ..core.text import PromptEncoder
+from .encoding import model_hash, prompt_encoder
 
 log = logging.getLogger(__name__)
 
@@ -91,9 +90,9 @@ def generate(pipe, prompt: str, negative: str = "", concepts_dir=None, seed: int
     """Images for a prompt with tags; returns (PIL images, warnings). Never fails on a bad tag."""
     prepared = prepare_prompt(prompt, concepts_dir, loaded)
     warnings = list(prepared.warnings)
-    model_hash = base_hash(pipe.text_encoder, pipe.unet) if prepared.concepts else ""
+    model_hash_ = model_hash(pipe) if prepared.concepts else ""
     for tag, concept in prepared.concepts:
-        if concept.base_hash and concept.base_hash != model_hash:
+        if concept.base_hash and concept.base_hash != model_hash_:
             warnings.append(f"<perfusion:{tag.name}> was trained on a different base model (like a Lora, it "
                             "usually still works on fine-tunes of its base)")
     if any(tag.hr_beta or tag.hr_tau for tag, _ in prepared.concepts):
@@ -102,14 +101,19 @@ def generate(pipe, prompt: str, negative: str = "", concepts_dir=None, seed: int
     if parsed_negative.tags or parsed_negative.warnings:
         warnings.append("tags in the negative prompt are ignored (as in the WebUI); removed them from it")
     negative_text = parsed_negative.text_with(lambda tag: "")
-    encoder = PromptEncoder(pipe.tokenizer, pipe.text_encoder)
-    embeddings = {tag.name: concept.embeddings[families.get(concept.base_family).encoder_names[0]]
-                  for tag, concept in prepared.concepts}
+    encoder = prompt_encoder(pipe)
+    embeddings = {tag.name: concept.embeddings for tag, concept in prepared.concepts}
     cond = encoder.encode([prepared.segments], embeddings)
     uncond = encoder.encode([[negative_text]], min_tokens=cond.hidden.shape[1])
-    cond_hidden = cond.hidden
-    if uncond.hidden.shape[1] > cond_hidden.shape[1]:
-        cond_hidden = encoder.encode([prepared.segments], embeddings, min_tokens=uncond.hidden.shape[1]).hidden
+    if uncond.hidden.shape[1] > cond.hidden.shape[1]:
+        cond = encoder.encode([prepared.segments], embeddings, min_tokens=uncond.hidden.shape[1])
+    embeds = {"prompt_embeds": cond.hidden, "negative_prompt_embeds": uncond.hidden}
+    if cond.pooled is not None:  # SDXL: the pooled text_embeds too; an empty negative is zeros, as diffusers does
+        zero = not negative_text.strip() and getattr(pipe.config, "force_zeros_for_empty_prompt", False)
+        embeds.update(pooled_prompt_embeds=cond.pooled, negative_pooled_prompt_embeds=uncond.pooled)
+        if zero:
+            embeds.update(negative_prompt_embeds=torch.zeros_like(uncond.hidden),
+                          negative_pooled_prompt_embeds=torch.zeros_like(uncond.pooled))
     settings = dict(sampling_defaults(pipe), **{k: v for k, v in overrides.items() if v is not None})
     for w in warnings:
         log.warning(w)
@@ -118,6 +122,5 @@ def generate(pipe, prompt: str, negative: str = "", concepts_dir=None, seed: int
         if edits.scheduled:  # per-step β/τ: the pipeline reports each finished step
             edits.set_progress(0.0)
             settings["callback_on_step_end"] = step_callback(edits, int(settings.get("num_inference_steps") or 1))
-        result = pipe(prompt_embeds=cond_hidden, negative_prompt_embeds=uncond.hidden, num_images_per_prompt=n,
-                      generator=generator, output_type="pil", **settings)
+        result = pipe(**embeds, num_images_per_prompt=n, generator=generator, output_type="pil", **settings)
     return result.images, warnings

@@ -38,9 +38,10 @@ class Backend(abc.ABC):
         return families.get(self.family).encoder_names
 
     def encode_prompts(self, prompts: list[list], embeddings: dict[str, dict[str, torch.Tensor]]) -> EncodedPrompts:
-        """prompts: segment lists (str / ConceptTag). embeddings: concept -> encoder name -> [n, d_tok]."""
-        per_concept = {name: emb[self.encoder_names[0]] for name, emb in embeddings.items()}
-        return self.prompt_encoder.encode(prompts, per_concept)
+        """prompts: segment lists (str / ConceptTag). embeddings: concept -> encoder name -> [n, d_tok].
+
+        With several text encoders (SDXL) the hidden states are concatenated and `pooled` is set."""
+        return self.prompt_encoder.encode(prompts, embeddings)
 
     def word_token_ids(self, word: str) -> list[int]:
         """Token ids of a word (no BOS/EOS); a superclass must be exactly one token."""
@@ -48,8 +49,9 @@ class Backend(abc.ABC):
 
     def token_embedding(self, token_id: int) -> dict[str, torch.Tensor]:
         """The input embedding row of a token per text encoder, [1, d_tok] each (detached copies)."""
-        row = self.prompt_encoder.text_encoder.get_input_embeddings().weight[token_id]
-        return {self.encoder_names[0]: row.detach().float().clone()[None]}
+        parts = getattr(self.prompt_encoder, "parts", [self.prompt_encoder])
+        return {name: part.text_encoder.get_input_embeddings().weight[token_id].detach().float().clone()[None]
+                for name, part in zip(self.encoder_names, parts)}
 
     def frozen_modules(self) -> list[torch.nn.Module]:
         """Every module whose weights must never receive gradients during concept training."""
@@ -67,7 +69,10 @@ class Backend(abc.ABC):
         """What the UNet predicts: ε or v, per the model's parameterisation."""
 
     @abc.abstractmethod
-    def predict(self, noisy: torch.Tensor, t: torch.Tensor, context: torch.Tensor) -> torch.Tensor: ...
+    def predict(self, noisy: torch.Tensor, t: torch.Tensor, context: torch.Tensor, pooled: torch.Tensor | None = None,
+                time_ids: torch.Tensor | None = None) -> torch.Tensor:
+        """The UNet's prediction. `pooled` and `time_ids` ([n, 6]: original h, w, crop top, left, target h, w)
+        are the added conditioning of UNets that read them (SDXL); others ignore them."""
 
     @property
     @abc.abstractmethod

@@ -26,6 +26,8 @@ class TrainingImage:
     pixels: np.ndarray  # float32 [3, R, R] in [-1, 1]
     mask: np.ndarray | None  # float32 [R, R] in [0, 1], or None
     caption: str | None  # optional template from NAME.txt beside the image ("{}" marks the concept)
+    original_size: tuple[int, int] | None = None  # (h, w) of the file, for SDXL's size conditioning
+    crop_top_left: tuple[int, int] = (0, 0)  # where the square crop starts in the image scaled to `resolution`
 
 
 @dataclasses.dataclass
@@ -36,6 +38,12 @@ class Dataset:
 
 def _square(img: Image.Image, size: int, resample) -> Image.Image:
     return ImageOps.fit(img, (size, size), method=resample, centering=(0.5, 0.5))
+
+
+def _crop_top_left(width: int, height: int, size: int) -> tuple[int, int]:
+    """(top, left) of the centred square crop after scaling the shorter side to `size` (what `_square` keeps)."""
+    scale = size / min(width, height)
+    return (max(0, round(height * scale) - size) // 2, max(0, round(width * scale) - size) // 2)
 
 
 def _to_rgb(img: Image.Image, name: str, notes: list[str]) -> tuple[Image.Image, Image.Image | None]:
@@ -110,7 +118,8 @@ def load_images(folder: str | Path, resolution: int, masks_dir: str | Path | Non
             mask = np.asarray(_square(mask_img.convert("L"), resolution, Image.BILINEAR), dtype=np.float32) / 255.0
         caption_file = path.with_suffix(".txt")
         caption = caption_file.read_text(encoding="utf-8").strip() if caption_file.is_file() else None
-        images.append(TrainingImage(path, pixels.transpose(2, 0, 1).copy(), mask, caption))
+        images.append(TrainingImage(path, pixels.transpose(2, 0, 1).copy(), mask, caption, (img.height, img.width),
+                                    _crop_top_left(img.width, img.height, resolution)))
     if not images:
         raise PerfusionError(f"no usable image in {folder}:\n  " + "\n  ".join(notes))
     return Dataset(images, notes)

@@ -21,7 +21,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..core.concept import Concept
+from ..core import families
+from ..core.concept import Concept, load_concept
 from ..core.errors import PerfusionError
 from ..core.gated_edit import ema_update
 from ..core.hooks import ResolvedConcept, attach, build_edits, detach
@@ -87,10 +88,16 @@ class ConceptTrainer:
             groups.append({"params": list(self.value_targets.values()) + list(self.key_params.values()),
                            "lr": config.lr_value})
         self.optimizer = torch.optim.AdamW(groups, weight_decay=0.0)
+        if config.init_from:  # continue training an existing concept (a fresh optimizer, the same settings)
+            self.start_from(load_concept(config.init_from))
         self.step = 0
         self.losses: list[float] = []
         self.gradient_checkpointing = False
-        self.autocast = torch.autocast("cuda", dtype=torch.float16) if backend.device.type == "cuda" else None
+        self.autocast = None
+        if backend.device.type == "cuda":  # mixed precision: bf16 where the GPU has it (no loss scaling needed)
+            self.autocast = torch.autocast("cuda", dtype=torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16)
+            if families.get(self.family).gradient_checkpointing:  # SDXL at 1024 px: activations, not weights, fill memory
+                self._enable_gradient_checkpointing()
 
     # ---- data ------------------------------------------------------------------------------
     @torch.no_grad()
@@ -185,11 +192,26 @@ class ConceptTrainer:
             self.cfg = dataclasses.replace(self.cfg, micro_batch=smaller)
         elif not self.gradient_checkpointing and hasattr(self.backend.unet, "enable_gradient_checkpointing"):
             log.warning("out of memory at micro-batch 1: enabling gradient checkpointing")
-            self.backend.unet.enable_gradient_checkpointing()
-            self.gradient_checkpointing = True
+            self._enable_gradient_checkpointing()
         else:
             raise PerfusionError("out of memory even at micro-batch 1 with gradient checkpointing: lower the "
                                  "resolution, close other GPU programs, or train on a larger GPU.")
+
+    def _enable_gradient_checkpointing(self) -> None:
+        """Recompute UNet activations in the backward pass. The attn2 hooks stay attached until backward ends
+        (`_micro_step`), so the recomputed forward carries the same edit."""
+        if hasattr(self.backend.unet, "enable_gradient_checkpointing"):
+            self.backend.unet.enable_gradient_checkpointing()
+            self.gradient_checkpointing = True
+
+    def _time_ids(self, idx: list[int], latent_size) -> torch.Tensor | None:
+        """SDXL's size conditioning per image: original (h, w), crop (top, left), target (h, w); None for others."""
+        if not families.get(self.family).size_conditioning:
+            return None
+        side = self.cfg.resolution
+        rows = [[*(self.dataset.images[i].original_size or (side, side)), *self.dataset.images[i].crop_top_left,
+                 side, side] for i in idx]
+        return torch.tensor(rows, dtype=torch.float32, device=self.backend.device)
 
     def _micro_step(self, n: int, batch_size: int) -> float:
         cfg, tag = self.cfg, ConceptTag(self.cfg.name)
@@ -210,32 +232,38 @@ class ConceptTrainer:
             self.i_star = ema_update(self.i_star, enc.hidden[rows, positions].detach().double().mean(0).cpu(),
                                      cfg.ema_momentum)
         weights = self._mask_weights(idx, flips, latents.shape[-2:])
+        time_ids = self._time_ids(idx, latents.shape[-2:])
         prior = None
         if cfg.background_distill > 0 and weights is not None:
             with torch.no_grad():  # the frozen base with the superclass word, before any hook is attached
-                prior = self.backend.predict(noisy, t, sup.hidden).float()
+                prior = self.backend.predict(noisy, t, sup.hidden, **self._added(sup.pooled, time_ids)).float()
         handles = []
         if cfg.mode != "textual_inversion":
             entry = ResolvedConcept(self.concept(detach_values=False), 1.0, cfg.train_beta, cfg.train_tau)
             handles = attach(build_edits(self.backend.unet, [entry]))
-        try:
+        try:  # the hooks stay until backward ends: gradient checkpointing re-runs the forward inside it
             if self.autocast is not None:  # mixed precision on GPUs; the gate still runs in fp32
                 with self.autocast:
-                    pred = self.backend.predict(noisy, t, enc.hidden)
+                    pred = self.backend.predict(noisy, t, enc.hidden, **self._added(enc.pooled, time_ids))
             else:
-                pred = self.backend.predict(noisy, t, enc.hidden)
+                pred = self.backend.predict(noisy, t, enc.hidden, **self._added(enc.pooled, time_ids))
+            pred = pred.float()
+            loss = _weighted_mse(pred, target.float(), weights)
+            if prior is not None:  # background protection: outside the subject, predict what the superclass would
+                loss = loss + cfg.background_distill * _weighted_mse(pred, prior, 1.0 - weights)
+            if cfg.embedding_pull > 0:
+                loss = loss + cfg.embedding_pull * sum(
+                    (e - self.superclass_embedding[k]).pow(2).sum() / self.superclass_embedding[k].pow(2).sum()
+                    for k, e in self.embedding.items())
+            (loss * n / batch_size).backward()
         finally:
             detach(handles)
-        pred = pred.float()
-        loss = _weighted_mse(pred, target.float(), weights)
-        if prior is not None:  # background protection: outside the subject, predict what the superclass would
-            loss = loss + cfg.background_distill * _weighted_mse(pred, prior, 1.0 - weights)
-        if cfg.embedding_pull > 0:
-            loss = loss + cfg.embedding_pull * sum(
-                (e - self.superclass_embedding[k]).pow(2).sum() / self.superclass_embedding[k].pow(2).sum()
-                for k, e in self.embedding.items())
-        (loss * n / batch_size).backward()
         return loss.item() * n / batch_size
+
+    @staticmethod
+    def _added(pooled, time_ids) -> dict:
+        """predict()'s added conditioning, only for models that read it (keeps other backends' calls unchanged)."""
+        return {} if pooled is None else {"pooled": pooled, "time_ids": time_ids}
 
     def _mask_weights(self, idx, flips, size) -> torch.Tensor | None:
         """Subject masks at latent size [n, h, w] (mirrored with their image); None when no image has one."""
@@ -261,6 +289,28 @@ class ConceptTrainer:
 
     def restore(self, tensors, meta) -> None:
         load_state(self, tensors, meta)
+
+    @torch.no_grad()
+    def start_from(self, concept: Concept) -> None:
+        """Start from a trained concept instead of the superclass: its embedding, value targets (and key
+        targets where they are trained) and i*. Its superclass must be this run's: the keys stay locked to it."""
+        if concept.base_family != self.family:
+            raise PerfusionError(f"cannot continue {concept.name!r}: it was trained for {concept.base_family}, the "
+                                 f"model is {self.family}")
+        if concept.superclass != self.cfg.superclass:
+            raise PerfusionError(f"cannot continue {concept.name!r} with superclass {self.cfg.superclass!r}: it was "
+                                 f"trained as a {concept.superclass!r} (its keys are locked to that word)")
+        if set(concept.layers) != set(self.layers) or sorted(concept.embeddings) != sorted(self.embedding):
+            raise PerfusionError(f"cannot continue {concept.name!r}: it was trained on a model with other layers")
+        for key, param in self.embedding.items():
+            if concept.embeddings[key].shape != param.shape:
+                raise PerfusionError(f"cannot continue {concept.name!r}: its embedding has another shape")
+            param.copy_(concept.embeddings[key].to(param))
+        for name, param in self.value_targets.items():
+            param.copy_(concept.value_targets[name].to(param))
+        for name, param in self.key_params.items():
+            param.copy_(concept.key_targets[name].to(param))
+        self.i_star = concept.target_input.double().cpu().clone()
 
 
 

@@ -128,7 +128,7 @@ class WebuiLdmBackend(Backend):
             return self.sd_model.get_v(latents, noise, t)
         return noise
 
-    def predict(self, noisy, t, context):
+    def predict(self, noisy, t, context, pooled=None, time_ids=None):
         out = self.sd_model.apply_model(noisy.to(self.unet_dtype), t, context.to(self.unet_dtype))
         return out.float()
 
