@@ -46,6 +46,7 @@ class TrainConfig:
     ema_momentum: float = 0.99
     mode: str = "perfusion"  # or the benchmark baselines: textual_inversion, no_key_lock
     description: str = ""
+    init_from: str | None = None  # a concept file to continue training from (instead of the superclass)
 
     def resolved(self, family: str, device: torch.device) -> TrainConfig:
         """Family defaults filled in (steps, resolution, micro-batch for this device)."""

@@ -7,7 +7,8 @@ extra_network.py → activation.py → core/hooks.py → core/gated_edit.py (gra
     sampling.py       each sampling step: per-step β/τ schedules, the gate inspector's line (pure)
     xyz.py            X/Y/Z plot axes Perfusion β, τ and strength (pure)
     concepts.py       the concepts folder: names, cached loads, hashes, family checks (pure)
-    cards.py          the Extra Networks "Perfusion" page
+    cards.py          the Extra Networks "Perfusion" page      card_editor.py  its editor: β/τ, rename, delete…
+    library_actions.py  the library for the card, the tab and the REST API: rename, trash, steps, promote (pure)
     backend.py        the trainer's Backend over the loaded ldm model
     training.py       the training job runner, previews, queue lock
     jobs.py           server-side training jobs (pure)

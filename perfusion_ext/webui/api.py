@@ -15,7 +15,7 @@ from fastapi.security import HTTPBasic, HTTPBasicCredentials
 from modules import shared
 
 from ..core import families
-from . import state
+from . import library_actions, state
 from .cards import concept_json, current_family
 from .export import export_from_body
 from .train_request import WEBUI_FAMILY, ApiError, parse_train_request
@@ -107,7 +107,39 @@ def register(_demo, app: FastAPI) -> None:
         except ApiError as exc:
             return _error(exc)
 
+    async def concept_action(name: str, action: str, request: Request):
+        try:
+            raw = await request.body()
+            try:
+                body = json.loads(raw or b"{}")
+            except ValueError as exc:
+                raise ApiError(400, f"the body is not valid JSON: {exc}") from None
+            return library_actions.handle(state.library(), action, name, body)
+        except ApiError as exc:
+            return _error(exc)
+
+    async def concept_query(name: str, action: str):
+        if action not in ("steps", "continue"):
+            return _error(ApiError(404, f"unknown action {action!r} (GET: steps, continue)"))
+        try:
+            return library_actions.handle(state.library(), action, name, {})
+        except ApiError as exc:
+            return _error(exc)
+
+    async def list_trash():
+        return state.library().trash()
+
+    async def restore(entry: str):
+        try:
+            return state.library().restore(entry)
+        except ApiError as exc:
+            return _error(exc)
+
     app.add_api_route(f"{PREFIX}/concepts", list_concepts, methods=["GET"], dependencies=deps)
+    app.add_api_route(f"{PREFIX}/concepts/{{name}}/{{action}}", concept_action, methods=["POST"], dependencies=deps)
+    app.add_api_route(f"{PREFIX}/concepts/{{name}}/{{action}}", concept_query, methods=["GET"], dependencies=deps)
+    app.add_api_route(f"{PREFIX}/trash", list_trash, methods=["GET"], dependencies=deps)
+    app.add_api_route(f"{PREFIX}/trash/{{entry}}/restore", restore, methods=["POST"], dependencies=deps)
     app.add_api_route(f"{PREFIX}/train", start_training, methods=["POST"], dependencies=deps)
     app.add_api_route(f"{PREFIX}/jobs", list_jobs, methods=["GET"], dependencies=deps)
     app.add_api_route(f"{PREFIX}/jobs/{{job_id}}", get_job, methods=["GET"], dependencies=deps)

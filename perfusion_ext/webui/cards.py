@@ -1,8 +1,9 @@
 """The "Perfusion" page of the Extra Networks tabs: one card per concept file in the concepts folder.
 
 Preview from training (NAME.png next to the file), description, superclass and training facts from
-the file's metadata, click-to-insert, the WebUI's user-metadata editor. A card of another family than
-the loaded model is greyed out with the reason, never hidden.
+the file's metadata, click-to-insert, and the card editor (card_editor.py: the stored β and τ, rename,
+duplicate, delete to the trash, continue training). A card of another family than the loaded model is
+greyed out with the reason, never hidden.
 """
 from __future__ import annotations
 
@@ -57,10 +58,17 @@ def concept_json(entry: Entry, family: str | None = "unset") -> dict:
 
 
 class ExtraNetworksPagePerfusion(ui_extra_networks.ExtraNetworksPage):
-    def __init__(self, store: ConceptStore):
+    def __init__(self, store: ConceptStore, library=None, jobs=None):
         super().__init__("Perfusion")
         self.store = store
+        self.library = library  # () -> library_actions.LibraryActions, for the card editor
+        self.jobs = jobs  # () -> jobs.JobManager ("continue training")
         self.allow_negative_prompt = False
+
+    def create_user_metadata_editor(self, ui, tabname):
+        from .card_editor import PerfusionMetadataEditor
+
+        return PerfusionMetadataEditor(ui, tabname, self)
 
     def refresh(self):
         pass  # entries() rescans the folder on every listing (cached per file by mtime/size)

@@ -54,6 +54,13 @@ def release_hooks(*_args, **_kwargs) -> None:
         _activator.release()
 
 
+def library():
+    """The concept library's operations (rename, delete to the trash, promote …), aware of running jobs."""
+    from .library_actions import LibraryActions
+
+    return LibraryActions(store(), jobs())
+
+
 def jobs():
     global _jobs
     if _jobs is None:

@@ -45,6 +45,7 @@ class TrainRequest:
     resume: bool = False
     overwrite: bool = False
     description: str = ""
+    init_from: str | None = None  # a concept name: continue training it (resolved when the job starts)
 
     def __getattr__(self, key: str):  # only called for names that are not fields
         numbers = self.__dict__.get("numbers") or {}
@@ -52,15 +53,17 @@ class TrainRequest:
             return numbers[key]
         raise AttributeError(f"{type(self).__name__} has no attribute {key!r}")
 
-    def to_config(self, previews: bool = True) -> TrainConfig:
+    def to_config(self, previews: bool = True, init_path: Path | None = None) -> TrainConfig:
         numbers = dict(self.numbers)
         if not previews:
             numbers["preview_every"] = 0
         return TrainConfig(name=self.name, superclass=self.superclass, description=self.description,
-                           masks_dir=str(self.masks_dir) if self.masks_dir else None, **numbers)
+                           masks_dir=str(self.masks_dir) if self.masks_dir else None,
+                           init_from=str(init_path) if init_path else None, **numbers)
 
 
-KNOWN = {"name", "superclass", "images", "images_dir", "masks_dir", "resume", "overwrite", "description", *LIMITS}
+KNOWN = {"name", "superclass", "images", "images_dir", "masks_dir", "resume", "overwrite", "description", "init_from",
+         *LIMITS}
 
 
 def _number(body: dict, key: str, default):
@@ -169,6 +172,11 @@ def parse_train_request(body, allowed_roots: list[Path] | None, defaults: dict |
     description = body.get("description", "")
     if not isinstance(description, str) or len(description) > 2000:
         raise ApiError(422, "description must be a string of at most 2000 characters")
+    init_from = body.get("init_from") or None
+    if init_from is not None and (not isinstance(init_from, str) or not NAME_RE.match(init_from.strip())):
+        raise ApiError(422, "init_from must be the name of a concept in the concepts folder")
+    if init_from is not None and resume:
+        raise ApiError(422, "give either resume (continue this name's run) or init_from (start from a concept)")
     d = {**field_defaults(family), **(defaults or {})}
     values = {key: _number(body, key, d[key]) for key in LIMITS}
     if values["micro_batch"] is not None and values["batch_size"] % values["micro_batch"]:
@@ -178,4 +186,5 @@ def parse_train_request(body, allowed_roots: list[Path] | None, defaults: dict |
         raise ApiError(422, f"resolution must be a multiple of {step}, got {values['resolution']}")
     return TrainRequest(name=name, superclass=superclass.strip(), image_paths=paths, image_bytes=blobs,
                         numbers=values, masks_dir=masks_dir, resume=resume,
-                        overwrite=bool(body.get("overwrite", False)), description=description)
+                        overwrite=bool(body.get("overwrite", False)), description=description,
+                        init_from=init_from.strip() if init_from else None)

@@ -18,6 +18,7 @@ from modules import call_queue, paths, processing, shared
 
 from ..core.errors import PerfusionError
 from ..core.hooks import ResolvedConcept, attach, build_edits, detach
+from ..core.library import delete_concept
 from ..training import TrainCallbacks, train
 from .activation import concept_word
 from .backend import WebuiLdmBackend
@@ -109,7 +110,13 @@ def run_job(job: Job, store: ConceptStore, release_hooks: Callable[[], None]) ->
                 reason = mismatch_reason(entry.concept.base_family, backend.family)
                 if reason:
                     raise PerfusionError(f"cannot resume {req.name!r}: {reason}")
-    cfg = req.to_config(previews=bool(getattr(shared.opts, "perfusion_save_previews", True)))
+    init_path = store.path_for(req.init_from) if req.init_from else None  # PerfusionError: unknown name
+    if req.overwrite and not req.resume and (out_dir / f"{req.name}.safetensors").is_file():
+        # the concept it replaces goes to the trash with its previews and run, never deleted for good
+        entry = delete_concept(out_dir, req.name)
+        if init_path is not None and init_path == (out_dir / f"{req.name}.safetensors").resolve():
+            init_path = entry / init_path.name  # continuing a concept under its own name
+    cfg = req.to_config(previews=bool(getattr(shared.opts, "perfusion_save_previews", True)), init_path=init_path)
     images_dir, cleanup = _stage_images(job)
     st = shared.state
     st.begin(job=f"perfusion-train-{job.id}")

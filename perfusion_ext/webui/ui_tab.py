@@ -1,4 +1,5 @@
-"""The "Perfusion" tab: start, watch and interrupt training jobs; export.
+"""The "Perfusion" tab: start, watch and interrupt training jobs (also from an existing concept); the step
+picker (every checkpoint of a run with its preview; promote one); export.
 
 Jobs run on the server (jobs.py); the status box and preview poll the job registry every few
 seconds, so a reloaded or reopened page shows the running job again. Field defaults are the trainer's
@@ -52,7 +53,7 @@ def preview_image():
 
 
 def start(name, superclass, images_dir, uploads, masks_dir, steps, batch_size, micro_batch, lr_value, lr_embedding,
-          beta, tau, resolution, seed, resume, overwrite):
+          beta, tau, resolution, seed, resume, overwrite, init_from=None):
     images = []
     if images_dir and images_dir.strip():
         images.append(images_dir.strip())
@@ -61,7 +62,8 @@ def start(name, superclass, images_dir, uploads, masks_dir, steps, batch_size, m
     body = {"name": name, "superclass": superclass, "images": images, "masks_dir": masks_dir.strip() or None,
             "steps": int(steps), "batch_size": int(batch_size), "micro_batch": int(micro_batch) or None,
             "lr_value": float(lr_value), "lr_embedding": float(lr_embedding), "beta": float(beta), "tau": float(tau),
-            "resolution": int(resolution), "seed": int(seed), "resume": bool(resume), "overwrite": bool(overwrite)}
+            "resolution": int(resolution), "seed": int(seed), "resume": bool(resume), "overwrite": bool(overwrite),
+            "init_from": init_from or None}
     try:
         if shared.sd_model is None:
             raise ApiError(409, "no Stable Diffusion checkpoint is loaded: load one first")
@@ -93,6 +95,52 @@ def export(names, layout, precision):
 
 def concept_names():
     return [e.name for e in state.store().entries() if e.concept is not None]
+
+
+# ---- the step picker -------------------------------------------------------------------------------
+def _steps(name):
+    try:
+        return state.library().steps(name) if name else []
+    except ApiError:
+        return []
+
+
+def steps_selected(name):
+    """A concept was chosen: the slider spans its checkpoints and starts at the one the file holds now."""
+    steps = _steps(name)
+    if not steps:
+        return gr.update(minimum=0, maximum=0, value=0), None, f"<div>{html.escape(name or '')}: no checkpoints</div>"
+    current = next((i for i, s in enumerate(steps) if s["current"]), len(steps) - 1)
+    return (gr.update(minimum=0, maximum=len(steps) - 1, value=current, step=1), *step_view(name, current))
+
+
+def step_view(name, index):
+    steps = _steps(name)
+    if not steps:
+        return None, ""
+    s = steps[max(0, min(int(index or 0), len(steps) - 1))]
+    image = None
+    if s["preview"]:
+        from PIL import Image
+
+        with Image.open(s["preview"]) as im:
+            image = im.copy()
+    loss = "–" if s["loss"] is None else f"{s['loss']:.5f}"
+    now = " · <b>the concept now</b>" if s["current"] else ""
+    return image, f"<div>step <b>{s['step']}</b> of {steps[-1]['step']} · loss {loss}{now}</div>"
+
+
+def promote(name, index):
+    steps = _steps(name)
+    if not steps:
+        return "<div class='perfusion-status perfusion-error'>No checkpoints to promote.</div>"
+    step = steps[max(0, min(int(index or 0), len(steps) - 1))]["step"]
+    try:
+        result = state.library().promote(name, step)
+    except ApiError as exc:
+        return f"<div class='perfusion-status perfusion-error'>{html.escape(exc.message)}</div>"
+    kept = f" The file it replaced is in .trash/{html.escape(result['trash'])}." if result["trash"] else ""
+    return f"<div class='perfusion-status'>Step {step} is now {html.escape(name)}.safetensors.{kept}</div>"
 
 
 def create_tab():
@@ -135,7 +183,10 @@ def create_tab():
                     seed = gr.Number(label="Seed", value=d["seed"], precision=0, elem_id="perfusion_seed")
                 with gr.Row():
                     resume = gr.Checkbox(label="Resume the run of this name", value=False, elem_id="perfusion_resume")
-                    overwrite = gr.Checkbox(label="Overwrite an existing concept", value=False, elem_id="perfusion_overwrite")
+                    overwrite = gr.Checkbox(label="Replace an existing concept (it goes to the trash)", value=False,
+                                            elem_id="perfusion_overwrite")
+                    init_from = gr.Dropdown(label="Start from concept (continue training it)", choices=[""] +
+                                            concept_names(), value="", elem_id="perfusion_init_from")
                 with gr.Row():
                     train_button = gr.Button("Train", variant="primary", elem_id="perfusion_train")
                     interrupt_button = gr.Button("Interrupt", elem_id="perfusion_interrupt")
@@ -148,6 +199,18 @@ def create_tab():
                                                 value=export_defaults.precision, elem_id="perfusion_export_precision")
                     export_button = gr.Button("Export", elem_id="perfusion_export")
                     export_result = gr.HTML()
+                with gr.Accordion("Steps of a run", open=False):
+                    gr.HTML("<p>Every checkpoint of a training run with its preview (same seed). "
+                            "<i>Promote</i> makes the chosen step the concept; the file it replaces goes to the trash.</p>")
+                    with gr.Row():
+                        steps_concept = gr.Dropdown(label="Concept", choices=concept_names(), elem_id="perfusion_steps_concept")
+                        steps_refresh = gr.Button("↻", elem_id="perfusion_steps_refresh")
+                    steps_slider = gr.Slider(label="Checkpoint", minimum=0, maximum=0, step=1, value=0,
+                                             elem_id="perfusion_steps_slider")
+                    steps_image = gr.Image(label="Preview", interactive=False, type="pil", elem_id="perfusion_steps_image")
+                    steps_info = gr.HTML(elem_id="perfusion_steps_info")
+                    promote_button = gr.Button("Promote this step", elem_id="perfusion_promote")
+                    promote_result = gr.HTML()
             with gr.Column():
                 message = gr.HTML(elem_id="perfusion_message")
                 gr.HTML(value=status_html, every=2, elem_id="perfusion_status")  # polls the job
@@ -155,8 +218,13 @@ def create_tab():
                          elem_id="perfusion_preview")
         train_button.click(start, inputs=[name, superclass, images_dir, uploads, masks_dir, steps, batch_size,
                                           micro_batch, lr_value, lr_embedding, beta, tau, resolution, seed, resume,
-                                          overwrite],
+                                          overwrite, init_from],
                            outputs=[message])
+        steps_concept.change(steps_selected, inputs=[steps_concept], outputs=[steps_slider, steps_image, steps_info])
+        steps_slider.change(step_view, inputs=[steps_concept, steps_slider], outputs=[steps_image, steps_info])
+        steps_refresh.click(lambda: gr.update(choices=concept_names()), outputs=[steps_concept])
+        promote_button.click(promote, inputs=[steps_concept, steps_slider], outputs=[promote_result])\
+            .then(step_view, inputs=[steps_concept, steps_slider], outputs=[steps_image, steps_info])
         interrupt_button.click(interrupt, outputs=[message])
         export_button.click(export, inputs=[export_names, export_layout, export_precision], outputs=[export_result])
     return [(tab, "Perfusion", "perfusion")]

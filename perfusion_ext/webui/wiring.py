@@ -15,7 +15,7 @@ def before_ui() -> None:
     from .cards import ExtraNetworksPagePerfusion
     from .extra_network import ExtraNetworkPerfusion
 
-    ui_extra_networks.register_page(ExtraNetworksPagePerfusion(state.store()))
+    ui_extra_networks.register_page(ExtraNetworksPagePerfusion(state.store(), library=state.library, jobs=state.jobs))
     extra_networks.register_extra_network(ExtraNetworkPerfusion(state.activator()))
     module = xyz.find_module(scripts.scripts_data)
     if module is None:
