@@ -1,0 +1,117 @@
+"""The thin WebUI glue of the fidelity controls against stand-ins of the WebUI's modules (no WebUI here):
+the sampler's cfg_denoiser callback, the token layout read from the WebUI's tokenizer, the X/Y/Z axes
+found among the loaded scripts. The stand-ins leave sys.modules as they found it."""
+from __future__ import annotations
+
+import importlib
+import sys
+import types
+
+import pytest
+import torch
+from conftest import make_concept, tiny_ldm_unet
+from test_webui_fidelity import LayoutEnv
+from test_webui_glue import FakeP
+
+from perfusion_ext.core.concept import save_concept
+from perfusion_ext.webui.activation import Activator
+from perfusion_ext.webui.concepts import ConceptStore
+
+GLUE = ("perfusion_ext.webui.extra_network", "perfusion_ext.webui.wiring")
+
+
+@pytest.fixture()
+def webui(monkeypatch):
+    """Stand-ins for the `modules` the glue imports; yields (modules namespace, extra_network, wiring)."""
+    class ExtraNetwork:
+        def __init__(self, name):
+            self.name = name
+
+    shared = types.SimpleNamespace(sd_model=None, opts=types.SimpleNamespace(), cmd_opts=types.SimpleNamespace())
+    fakes = {
+        "modules": types.ModuleType("modules"),
+        "modules.devices": types.SimpleNamespace(device=torch.device("cpu")),
+        "modules.extra_networks": types.SimpleNamespace(ExtraNetwork=ExtraNetwork, parse_prompt=lambda p: (p, {}),
+                                                        register_extra_network=lambda n: None),
+        "modules.sd_hijack": types.SimpleNamespace(model_hijack=None),
+        "modules.sd_unet": types.SimpleNamespace(current_unet=None),
+        "modules.shared": shared,
+        "modules.scripts": types.SimpleNamespace(Script=object, AlwaysVisible=object(), scripts_data=[]),
+        "modules.ui_extra_networks": types.SimpleNamespace(register_page=lambda page: None),
+        "modules.textual_inversion": types.ModuleType("modules.textual_inversion"),
+        "modules.textual_inversion.textual_inversion": types.SimpleNamespace(Embedding=object),
+    }
+    for name, module in fakes.items():
+        if name.count(".") == 1:
+            setattr(fakes["modules"], name.split(".")[1], module)
+        monkeypatch.setitem(sys.modules, name, module)
+    for name in GLUE:
+        monkeypatch.delitem(sys.modules, name, raising=False)
+    extra_network = importlib.import_module("perfusion_ext.webui.extra_network")
+    wiring = importlib.import_module("perfusion_ext.webui.wiring")
+    yield fakes, extra_network, wiring
+    for name in GLUE:  # the next importer gets a fresh module, not one bound to these stand-ins
+        sys.modules.pop(name, None)
+
+
+def test_token_layout_reads_the_webui_chunks(webui):
+    from perfusion_ext.toy.plugin import tiny_random_pipeline
+
+    fakes, extra_network, _ = webui
+    tokenizer = tiny_random_pipeline().tokenizer
+    ids = tokenizer("a on white", add_special_tokens=False).input_ids
+    bos, eos = tokenizer.bos_token_id, tokenizer.eos_token_id
+    embedding = types.SimpleNamespace(name="perfusionteddyabc", vectors=1)
+    # the WebUI's chunk: start token, "a", the embedding's placeholder, "on white", end token, padding
+    chunk = types.SimpleNamespace(tokens=[bos, ids[0], 0, *ids[1:], eos] + [eos] * (77 - len(ids) - 3),
+                                  fixes=[types.SimpleNamespace(offset=1, embedding=embedding)])
+    model = types.SimpleNamespace(tokenize_line=lambda prompt: ([chunk, chunk], 8), tokenizer=tokenizer)
+    fakes["modules.shared"].sd_model = types.SimpleNamespace(cond_stage_model=model)
+    texts, positions = extra_network.WebuiEnv().token_layout("a perfusionteddyabc on white")
+    assert len(texts) == 154 and texts[:2] == ["<|startoftext|>", "a</w>"] and texts[3] == "on</w>"
+    assert positions == {"perfusionteddyabc": [2, 79]}  # offset + 1 in each 77-token chunk
+    fakes["modules.shared"].sd_model = types.SimpleNamespace(cond_stage_model=object())  # SDXL: no layout
+    assert extra_network.WebuiEnv().token_layout("x") == ([], {})
+
+
+def test_cfg_denoiser_drives_schedules_and_the_inspector(webui, tmp_path, monkeypatch):
+    _, _, wiring = webui
+    unet = tiny_ldm_unet()
+    save_concept(make_concept(unet, "teddy", seed=1), tmp_path / "teddy.safetensors")
+    act = Activator(ConceptStore(lambda: tmp_path), LayoutEnv(unet))
+    monkeypatch.setattr(wiring.state, "activator", lambda: act)
+    p = FakeP(["a <perfusion:teddy:beta=0.8@0,0.5@0.5> x"], [""], batch_size=1)
+    act.activate(p)
+    module = next(iter(act.edits.edits))
+    params = types.SimpleNamespace(sampling_step=0, total_sampling_steps=10, text_cond=torch.randn(1, 77, 768),
+                                   denoiser=types.SimpleNamespace(step=3, total_steps=20))
+    wiring.cfg_denoiser(params)  # the denoiser's own count wins: 3 of 20 calls
+    assert act.edits.edits[module].betas.tolist() == [0.8]
+    assert "Perfusion gates" in p.extra_generation_params and not act.inspect_pending
+    params.denoiser = types.SimpleNamespace(step=10, total_steps=20)
+    wiring.cfg_denoiser(params)
+    assert act.edits.edits[module].betas.tolist() == [0.5]
+    params.denoiser, params.sampling_step = None, 4  # no denoiser count: the WebUI's sampling step
+    wiring.cfg_denoiser(params)
+    assert act.edits.edits[module].betas.tolist() == [0.8]
+    act.release()
+
+
+def test_before_ui_registers_the_axes_once(webui, monkeypatch):
+    fakes, _, wiring = webui
+
+    class AxisOption:
+        def __init__(self, label, type, apply, **kw):
+            self.label = label
+
+    xyz_module = types.SimpleNamespace(AxisOption=AxisOption, axis_options=[])
+    fakes["modules.scripts"].scripts_data = [
+        types.SimpleNamespace(script_class=type("S", (), {"__module__": "xyz_grid.py"}), module=xyz_module)]
+    cards = types.ModuleType("perfusion_ext.webui.cards")
+    cards.ExtraNetworksPagePerfusion = lambda *a, **k: None
+    monkeypatch.setitem(sys.modules, "perfusion_ext.webui.cards", cards)
+    monkeypatch.setattr(wiring.state, "store", lambda: None)
+    monkeypatch.setattr(wiring.state, "activator", lambda: None)
+    wiring.before_ui()
+    wiring.before_ui()  # the UI can be rebuilt; the axes are added once
+    assert [o.label for o in xyz_module.axis_options] == ["Perfusion β", "Perfusion τ", "Perfusion strength"]
