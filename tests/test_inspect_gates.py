@@ -53,7 +53,7 @@ def test_similarity_is_one_on_the_locked_token_and_gates_follow_the_formula(pipe
         assert t["s"]["teddy"] == pytest.approx(s, abs=1e-9)
         gate = 1 / (1 + math.exp(-(t["s"]["teddy"] - concept.beta) / concept.tau))
         assert t["gate"]["teddy"] == pytest.approx(gate, abs=1e-9)
-    assert [t["text"] for t in report["tokens"][:7]] == ["<|startoftext|>", "a", "<perfusion:teddy>", "on", "a",
+    assert [t["text"] for t in report["tokens"][:7]] == ["<start>", "a", "<perfusion:teddy>", "on", "a",
                                                          "white", "background"]
     assert not report["warnings"]
     assert 0 <= mean_leak(report, "teddy") < 1
