@@ -328,3 +328,88 @@ def test_sdxl_single_file_loads_and_the_refiner_is_refused(tmp_path, monkeypatch
               str(tmp_path / "refiner.safetensors"))
     with pytest.raises(pf.PerfusionError, match="SDXL refiner"):
         load_pipeline(tmp_path / "refiner.safetensors")
+
+
+# ---- export (ONNX) ---------------------------------------------------------------------------------------
+
+def psnr(image, reference) -> float:
+    a = np.asarray(image, np.float64) / 255
+    b = np.asarray(reference, np.float64) / 255
+    mse = float(np.mean((a - b) ** 2))
+    return 10 * np.log10(1.0 / mse) if mse > 0 else float("inf")
+
+
+def sd2_concept(unet, seed=1):
+    from conftest import make_concept
+
+    concept = make_concept(unet, seed=seed, family="sd2")
+    concept.embeddings = {"clip_h": torch.randn(1, 1024, generator=torch.Generator().manual_seed(seed)) * 0.02}
+    return concept
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("prediction", ["v_prediction"])  # ε exports as SD1 does (test_export.py)
+def test_sd2_export_is_verified_and_samples_like_torch(tmp_path, prediction):
+    pytest.importorskip("onnxruntime")
+    from perfusion_export.exporter import export_pipeline
+    from perfusion_export.ort_pipeline import generate_onnx
+    from perfusion_ext.pipelines.generate import generate
+
+    pipe = tiny_sd2_pipeline(tmp_path / "tok", prediction_type=prediction)
+    path = pf.save_concept(sd2_concept(pipe.unet), tmp_path / "teddy.safetensors")
+    info = export_pipeline(pipe, [path], tmp_path / "export")
+    v = info["verification"]
+    assert info["base_family"] == "sd2" and v["unet"]["max_rel"] <= 1e-4 and v["unet"]["concept_effect_rel"] >= 1e-3
+    assert v["text_encoder"]["plain_prompts_bit_identical"] and v["text_encoder"]["pooled_at_eos_max_abs"] <= 1e-6
+    config = json.loads((tmp_path / "export" / "text_encoder" / "config.json").read_text())
+    assert config["eos_token_id"] == pipe.tokenizer.eos_token_id != 2  # the legacy id replaced by the real one
+    assert json.loads((tmp_path / "export" / "scheduler" / "scheduler_config.json").read_text())[
+        "prediction_type"] == prediction
+    prompt = "a photo of a <perfusion:teddy> on the beach"
+    ours = generate_onnx(tmp_path / "export", prompt, seed=2, steps=3, guidance_scale=5.0)[0]
+    ref, _ = generate(pipe, prompt, seed=2, loaded={"teddy": pf.load_concept(path)}, num_inference_steps=3,
+                      guidance_scale=5.0)
+    assert psnr(ours, ref[0]) >= 40
+
+
+@pytest.mark.slow
+def test_sdxl_export_optimum_and_a1111_trt(tmp_path):
+    pytest.importorskip("onnxruntime")
+    from perfusion_export import verify
+    from perfusion_export.exporter import export_pipeline
+    from perfusion_export.ort_pipeline import generate_onnx
+    from perfusion_ext.pipelines.generate import generate
+
+    pipe = tiny_sdxl_pipeline(tmp_path / "tok", transformer_layers=(1, 1, 1))
+    path = pf.save_concept(sdxl_concept(pipe.unet), tmp_path / "teddy.safetensors")
+    info = export_pipeline(pipe, [path], tmp_path / "export")
+    out = tmp_path / "export"
+    v = info["verification"]
+    assert info["base_family"] == "sdxl" and v["unet"]["max_rel"] <= 1e-4 and v["unet"]["concept_effect_rel"] >= 1e-3
+    unet_io = verify.io_table(out / "unet" / "model.onnx")
+    assert [i["name"] for i in unet_io["inputs"]] == ["sample", "timestep", "encoder_hidden_states", "text_embeds",
+                                                       "time_ids"]
+    assert unet_io["inputs"][3]["dims"] == ["batch_size", 1280] and unet_io["inputs"][4]["dims"] == ["batch_size", 6]
+    for part, pooled in (("text_encoder", "pooler_output"), ("text_encoder_2", "text_embeds")):
+        assert v[part]["plain_prompts_bit_identical"] and v[part]["concept_prompts_hidden_rel"] <= 1e-4
+        assert v[part]["pooled_at_eos_max_abs"] <= 1e-4
+        outputs = [o["name"] for o in verify.io_table(out / part / "model.onnx")["outputs"]]
+        assert pooled in outputs and "hidden_states.1" in outputs  # the penultimate of 2 layers
+        config = json.loads((out / part / "config.json").read_text())
+        assert config["eos_token_id"] == pipe.tokenizer.eos_token_id and config["vocab_size"] == len(pipe.tokenizer) + 1
+    assert json.loads((out / "tokenizer_2" / "tokenizer_config.json").read_text())["pad_token"] == "!"
+    index = json.loads((out / "model_index.json").read_text())
+    assert index["_class_name"] == "StableDiffusionXLPipeline" and index["force_zeros_for_empty_prompt"] is True
+    assert info["tokens"]["encoders"] == {"text_encoder": "clip_l", "text_encoder_2": "clip_g"}
+    for negative in ("", "blurry"):
+        prompt = "a photo of a <perfusion:teddy> on the beach"
+        ours = generate_onnx(out, prompt, negative_prompt=negative, seed=2, steps=3, guidance_scale=5.0)[0]
+        ref, _ = generate(pipe, prompt, negative, seed=2, loaded={"teddy": pf.load_concept(path)},
+                          num_inference_steps=3, guidance_scale=5.0)
+        assert psnr(ours, ref[0]) >= 40, negative
+    # NVIDIA's WebUI TensorRT extension: sample, timesteps, encoder_hidden_states, y (sgm's 2816-wide vector)
+    trt = export_pipeline(pipe, [path], tmp_path / "trt", layout="a1111-trt", model_name="xl-teddy")
+    table = verify.io_table(tmp_path / "trt" / "models" / "Unet-onnx" / "xl-teddy.onnx")
+    assert [i["name"] for i in table["inputs"]] == ["sample", "timesteps", "encoder_hidden_states", "y"]
+    assert table["inputs"][3]["dims"] == ["2B", 1280 + 6 * 8] and table["outputs"][0]["name"] == "latent"
+    assert trt["verification"]["unet"]["max_rel"] <= 1e-4

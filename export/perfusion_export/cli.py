@@ -27,6 +27,8 @@ def add_parser(sub) -> None:
     p.add_argument("--build-trt", action="store_true", help="also build a TensorRT engine (needs tensorrt + GPU)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out folder")
     p.add_argument("--out", help="destination folder")
+    p.add_argument("--model-name", default=None, help="the name inside the export (a1111-trt: the .onnx file name; "
+                   "default: the model's folder or file name)")
     p.add_argument("--prediction-type", choices=["epsilon", "v_prediction"], default=None,
                    help="for a single-file checkpoint: what its model predicts (default: as `perfusion train` decides)")
     p.set_defaults(func=run)
@@ -53,13 +55,14 @@ def run(args) -> int:
         from .trt import check_available
 
         check_available()
-    model, name = args.model, None
+    model, name = args.model, args.model_name
     if args.prediction_type is not None:
         from perfusion_ext.pipelines.loading import load_pipeline
 
         from .exporter import _model_name
 
-        model, name = load_pipeline(args.model, prediction_type=args.prediction_type), _model_name(args.model)
+        model = load_pipeline(args.model, prediction_type=args.prediction_type)
+        name = name or _model_name(args.model)
     info = export_pipeline(model, concepts, args.out, layout=args.layout, precision=args.precision,
                            opset=args.opset, slots=args.slots, beta=args.beta, tau=args.tau,
                            verify_export=not args.no_verify, overwrite=args.overwrite, model_name=name)

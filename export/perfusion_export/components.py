@@ -20,7 +20,10 @@ from .modules import (
     VaeEncoderForExport,
     baked_name,
     extended_text_encoder,
+    pooled_width,
     swapped_projections,
+    vector_conditioning,
+    vector_from,
 )
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16}
@@ -67,9 +70,40 @@ def unet_tensors(layers, entries: list[SlotEntry], n_slots: int, dtype) -> dict[
     return out
 
 
+def text_time(unet) -> layouts.TextTime | None:
+    """The UNet's added text/time conditioning (SDXL), or None."""
+    cfg = getattr(unet, "config", None)
+    if getattr(cfg, "addition_embed_type", None) != "text_time":
+        return None
+    return layouts.TextTime(pooled_width(unet), 6, cfg.addition_time_embed_dim)
+
+
+def added_kind(unet, layout: str) -> str | None:
+    """How the exported UNet takes SDXL's added conditioning: optimum's two inputs, or sgm's `y` (a1111-trt)."""
+    if text_time(unet) is None:
+        return None
+    return "vector" if layout == "a1111-trt" else "text_time"
+
+
+def added_inputs(unet, layout: str, batch: int, height: int, width: int, seed: int = 0) -> tuple:
+    """Example added inputs (SDXL) for latents of height × width: a random pooled projection and the image's
+    own size as original and target size, crop (0, 0); as sgm's `y` for a1111-trt. () for other UNets."""
+    kind = added_kind(unet, layout)
+    if kind is None:
+        return ()
+    g = torch.Generator().manual_seed(seed)
+    embeds = torch.randn(batch, text_time(unet).pooled_dim, generator=g)
+    f = 8  # pixels per latent in every SD VAE; only the values of the sizes depend on it
+    ids = torch.tensor([[height * f, width * f, 0.0, 0.0, height * f, width * f]] * batch)
+    if kind == "text_time":
+        return embeds, ids
+    with torch.no_grad():
+        return (vector_from(unet, embeds, ids).float(),)
+
+
 def unet_contract(unet, layout: str) -> layouts.Contract:
     cfg = unet.config
-    return layouts.unet_contract(layout, cfg.in_channels, cfg.out_channels, text_dim(unet))
+    return layouts.unet_contract(layout, cfg.in_channels, cfg.out_channels, text_dim(unet), text_time(unet))
 
 
 def export_unet(unet, entries, n_slots: int, layout: str, precision: str, opset: int, path: Path) -> list[str]:
@@ -84,18 +118,36 @@ def export_unet(unet, entries, n_slots: int, layout: str, precision: str, opset:
     batch = 2
     args = (torch.randn(batch, unet.config.in_channels, 2 * f, 3 * f),
             torch.full((batch if layout == "a1111-trt" else 1,), 500.0),
-            torch.randn(batch, 154, text_dim(unet)))
+            torch.randn(batch, 154, text_dim(unet))) + added_inputs(unet, layout, batch, 2 * f, 3 * f)
     contract = unet_contract(unet, layout)
-    with swapped_projections(unet, weights), cast_parameters(unet, dtype):
-        onnx_io.export_module(UNetForExport(unet, gate, dtype).eval(), args, contract, opset, path)
+    kind = added_kind(unet, layout)
+    with swapped_projections(unet, weights), cast_parameters(unet, dtype), unet_inputs_as(unet, kind):
+        onnx_io.export_module(UNetForExport(unet, gate, dtype, kind).eval(), args, contract, opset, path)
     return sorted(tensors)
 
 
-def export_text_encoder(text_encoder, rows: torch.Tensor, eos_token_id: int, opset: int, path: Path) -> None:
-    contract = layouts.text_encoder_contract(text_encoder.config.hidden_size)
+@contextlib.contextmanager
+def unet_inputs_as(unet, kind: str | None):
+    """The UNet set up to take its added conditioning as `kind` (sgm's `y` needs vector_conditioning)."""
+    if kind == "vector":
+        with vector_conditioning(unet):
+            yield unet
+    else:
+        yield unet
+
+
+def text_encoder_contract(text_encoder, outputs: tuple[str, ...]) -> layouts.Contract:
+    projection = getattr(text_encoder, "text_projection", None)
+    return layouts.text_encoder_contract(text_encoder.config.hidden_size, outputs,
+                                         projection.out_features if projection is not None else None)
+
+
+def export_text_encoder(text_encoder, rows: torch.Tensor, eos_token_id: int, opset: int, path: Path,
+                        outputs: tuple[str, ...] = ("last_hidden_state", "pooler_output")) -> None:
+    contract = text_encoder_contract(text_encoder, outputs)
     ids = torch.randint(0, 1000, (2, 77), dtype=torch.int32)
     with extended_text_encoder(text_encoder, rows, eos_token_id):
-        onnx_io.export_module(TextEncoderForExport(text_encoder).eval(), (ids,), contract, opset, path)
+        onnx_io.export_module(TextEncoderForExport(text_encoder, outputs).eval(), (ids,), contract, opset, path)
 
 
 def vae_factor(vae) -> int:

@@ -93,8 +93,7 @@ def export_pipeline(model, concepts=(), out="export", *, layout: str = "optimum"
     family = model_family(cross_attention_layers(pipe.unet))
     if not families.get(family).exportable:
         supported = ", ".join(f.label for f in families.FAMILIES.values() if f.exportable)
-        raise PerfusionError(f"{families.label(family)} export is not supported yet (two text encoders); "
-                             f"export {supported} models.")
+        raise PerfusionError(f"{families.label(family)} export is not supported; export {supported} models.")
     entries = slot_entries(pipe.unet, loaded, beta, tau)
     n_slots = slots if slots is not None else len(entries)
     name = model_name or _model_name(model)
@@ -149,32 +148,61 @@ def rows_per_slot(entries, slot_mode: bool) -> int | None:
     return max([1] + [next(iter(e.concept.embeddings.values())).shape[0] for e in entries])
 
 
+def encoder_parts(pipe, family: str) -> list[dict]:
+    """One entry per text encoder of the family: its component names, embedding name and exported outputs."""
+    fam = families.get(family)
+    parts = []
+    for i, name in enumerate(fam.encoder_names):
+        suffix = "" if i == 0 else f"_{i + 1}"
+        te = getattr(pipe, f"text_encoder{suffix}")
+        if te is None:
+            raise PerfusionError(f"this {fam.label} pipeline has no text_encoder{suffix}; export needs every encoder.")
+        hidden = te.config.num_hidden_layers if fam.encoder_layer != "last" else None
+        projection = getattr(te, "text_projection", None) is not None and fam.pooled_encoder == name
+        parts.append({"folder": f"text_encoder{suffix}", "tokenizer": f"tokenizer{suffix}", "encoder": name,
+                      "text_encoder": te, "tokenizer_obj": getattr(pipe, f"tokenizer{suffix}"),
+                      "outputs": layouts.text_encoder_outputs(hidden, projection)})
+    return parts
+
+
 def _write_pipeline_parts(pipe, entries, n_slots, slot_mode, opset, tmp: Path, info: dict):
-    te = pipe.text_encoder
-    vocab = te.get_input_embeddings().num_embeddings
-    token_slots, rows = tokens.token_layout(vocab, te.config.hidden_size, info["base_family"], entries, n_slots,
-                                            rows_per_slot(entries, slot_mode))
+    parts = encoder_parts(pipe, info["base_family"])
+    vocabs = {p["text_encoder"].get_input_embeddings().num_embeddings for p in parts}
+    if len(vocabs) != 1:
+        raise PerfusionError(f"the text encoders' vocabularies differ ({sorted(vocabs)}); concept ids must agree.")
+    vocab = vocabs.pop()
     eos = pipe.tokenizer.eos_token_id
-    log.info("exporting the text encoder (%d concept rows) and the VAE", len(rows))
-    components.export_text_encoder(te, rows, eos, opset, tmp / "text_encoder" / "model.onnx")
+    token_slots, rows = None, {}
+    for part in parts:
+        te = part["text_encoder"]
+        token_slots, rows[part["folder"]] = tokens.token_layout(
+            vocab, te.config.hidden_size, info["base_family"], entries, n_slots, rows_per_slot(entries, slot_mode),
+            encoder=part["encoder"])
+        log.info("exporting %s (%d concept rows)", part["folder"], len(rows[part["folder"]]))
+        components.export_text_encoder(te, rows[part["folder"]], eos, opset, tmp / part["folder"] / "model.onnx",
+                                       part["outputs"])
+        tokens.write_tokenizer(part["tokenizer_obj"], [r for s in token_slots for r in tokens.row_tokens(s)],
+                               tmp / part["tokenizer"])
+        config = te.config.to_dict()
+        config.update(eos_token_id=eos, vocab_size=vocab + len(rows[part["folder"]]))  # pooling at the real EOS
+        _json(tmp / part["folder"] / "config.json", config)
+        info["files"][part["folder"]] = f"{part['folder']}/model.onnx"
+        info["io"][part["folder"]] = components.text_encoder_contract(te, part["outputs"]).as_table()
+    log.info("exporting the VAE")
     components.export_vae(pipe.vae, opset, tmp)
-    tokens.write_tokenizer(pipe.tokenizer, [r for s in token_slots for r in tokens.row_tokens(s)], tmp / "tokenizer")
-    config = te.config.to_dict()
-    config.update(eos_token_id=eos, vocab_size=vocab + len(rows))
-    _json(tmp / "text_encoder" / "config.json", config)
     _json(tmp / "unet" / "config.json", dict(pipe.unet.config))
     for part in ("vae_encoder", "vae_decoder"):
         _json(tmp / part / "config.json", dict(pipe.vae.config))
     pipe.scheduler.save_pretrained(str(tmp / "scheduler"))
-    _json(tmp / "model_index.json", _model_index(pipe))
+    _json(tmp / "model_index.json", _model_index(pipe, info["base_family"]))
     cfg = pipe.vae.config
-    info["files"].update({k: f"{k}/model.onnx" for k in ("text_encoder", "vae_encoder", "vae_decoder")})
+    info["files"].update({k: f"{k}/model.onnx" for k in ("vae_encoder", "vae_decoder")})
     info["io"].update({
-        "text_encoder": layouts.text_encoder_contract(te.config.hidden_size).as_table(),
         "vae_encoder": layouts.vae_encoder_contract(cfg.in_channels, cfg.latent_channels).as_table(),
         "vae_decoder": layouts.vae_decoder_contract(cfg.out_channels, cfg.latent_channels).as_table(),
     })
     info["tokens"] = {"vocab_size": vocab, "eos_token_id": eos,
+                      "encoders": {p["folder"]: p["encoder"] for p in parts},
                       "slots": [{"slot": s.slot, "name": s.name, "triggers": s.triggers, "ids": s.ids,
                                  "rows": s.n_rows} for s in token_slots]}
     for c, s in zip(info["concepts"], [s for s in token_slots if s.name is not None]):
@@ -182,9 +210,11 @@ def _write_pipeline_parts(pipe, entries, n_slots, slot_mode, opset, tmp: Path, i
     return token_slots, rows
 
 
-def _model_index(pipe) -> dict:
-    index = {"_class_name": "StableDiffusionPipeline", "requires_safety_checker": False}
+def _model_index(pipe, family: str) -> dict:
+    index = {"_class_name": families.get(family).pipeline_class, "requires_safety_checker": False}
     for key, value in dict(pipe.config).items():
+        if key == "force_zeros_for_empty_prompt":
+            index[key] = bool(value)
         if key.startswith("_") or not isinstance(value, (list, tuple)):
             continue
         index[key] = list(value) if key not in ("safety_checker", "feature_extractor", "image_encoder") else [None, None]
@@ -214,22 +244,27 @@ def _verify(pipe, entries, tmp: Path, unet_file: Path, contract, layout, precisi
         figures.setdefault("ops", {})[str(f.relative_to(tmp))] = verify.check_ops(f)
     verify.check_contract(unet_file, contract)
     figures["unet"] = verify.unet_parity(pipe.unet, entries, unet_file, contract, precision,
-                                         components.latent_factor(pipe.unet))
+                                         components.latent_factor(pipe.unet), layout)
     if precision == "fp16" and entries:
         figures["gate_dtypes"] = verify.check_gate_fp32(unet_file)
     if layout == "optimum":
-        te, vae = pipe.text_encoder, pipe.vae.config
-        for part, c in (("text_encoder", layouts.text_encoder_contract(te.config.hidden_size)),
-                        ("vae_encoder", layouts.vae_encoder_contract(vae.in_channels, vae.latent_channels)),
+        vae = pipe.vae.config
+        parts = encoder_parts(pipe, model_family(cross_attention_layers(pipe.unet)))
+        for part in parts:
+            verify.check_contract(tmp / part["folder"] / "model.onnx",
+                                  components.text_encoder_contract(part["text_encoder"], part["outputs"]))
+        for part, c in (("vae_encoder", layouts.vae_encoder_contract(vae.in_channels, vae.latent_channels)),
                         ("vae_decoder", layouts.vae_decoder_contract(vae.out_channels, vae.latent_channels))):
             verify.check_contract(tmp / part / "model.onnx", c)
         scratch = tmp / ".verify"
         try:
-            base_te = scratch / "text_encoder" / "model.onnx"
-            components.export_text_encoder(te, None, pipe.tokenizer.eos_token_id, opset, base_te)
-            figures["text_encoder"] = verify.text_encoder_checks(
-                te, rows, pipe.tokenizer.eos_token_id, tmp / "tokenizer", tmp / "text_encoder" / "model.onnx", base_te,
-                token_slots)
+            for part in parts:
+                te, eos = part["text_encoder"], pipe.tokenizer.eos_token_id
+                base_te = scratch / part["folder"] / "model.onnx"
+                components.export_text_encoder(te, None, eos, opset, base_te, part["outputs"])
+                figures[part["folder"]] = verify.text_encoder_checks(
+                    te, rows[part["folder"]], eos, tmp / part["tokenizer"], tmp / part["folder"] / "model.onnx",
+                    base_te, token_slots)
         finally:
             shutil.rmtree(scratch, ignore_errors=True)
         figures["vae"] = verify.vae_parity(pipe.vae, tmp)

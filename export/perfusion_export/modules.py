@@ -63,39 +63,90 @@ def swapped_projections(unet: torch.nn.Module, weights: dict[tuple[str, str], to
 
 
 class UNetForExport(torch.nn.Module):
-    """(sample, timestep, encoder_hidden_states) -> noise prediction, fp32 I/O whatever the inner dtype.
+    """(sample, timestep, encoder_hidden_states[, added…]) -> noise prediction, fp32 I/O whatever the inner dtype.
 
-    With a gate, the text input is augmented once, in fp32, before the (possibly fp16) UNet.
+    With a gate, the text input is augmented once, in fp32, before the (possibly fp16) UNet. `added`: the
+    SDXL UNet's extra inputs, "text_time" (text_embeds, time_ids: optimum's) or "vector" (sgm's `y`, what
+    NVIDIA's WebUI extension feeds; run inside `vector_conditioning`).
     """
 
-    def __init__(self, unet: torch.nn.Module, gate: GatedTextInput | None, dtype: torch.dtype):
+    def __init__(self, unet: torch.nn.Module, gate: GatedTextInput | None, dtype: torch.dtype,
+                 added: str | None = None):
         super().__init__()
         self.unet = unet
         self.perfusion_gate = gate
         self.dtype = dtype
+        self.added = added
 
-    def forward(self, sample, timestep, encoder_hidden_states):
+    def forward(self, sample, timestep, encoder_hidden_states, added_0=None, added_1=None):
         e = encoder_hidden_states
         if self.perfusion_gate is not None:
             e = self.perfusion_gate(e)
         x, e = sample.to(self.dtype), e.to(self.dtype)
+        extra = [t.to(self.dtype) for t in (added_0, added_1) if t is not None]  # torch.export: no *args
+        kwargs = added_cond_kwargs(self.unet, self.added, extra)
         if is_diffusers_unet(self.unet):
-            out = self.unet(x, timestep, encoder_hidden_states=e, return_dict=False)[0]
+            out = self.unet(x, timestep, encoder_hidden_states=e, return_dict=False, **kwargs)[0]
         else:
             out = self.unet(x, timesteps=timestep, context=e)
         return out.float()
 
 
-class TextEncoderForExport(torch.nn.Module):
-    """input_ids (int32) -> (last_hidden_state, pooler_output)."""
+def pooled_width(unet) -> int:
+    """The pooled text width inside a text_time UNet's vector (SDXL: 2816 − 6 × 256 = 1280)."""
+    cfg = unet.config
+    return cfg.projection_class_embeddings_input_dim - 6 * cfg.addition_time_embed_dim
 
-    def __init__(self, text_encoder):
+
+def added_cond_kwargs(unet, added: str | None, extra: list) -> dict:
+    """diffusers' `added_cond_kwargs` from the exported extra inputs. For "vector", `y` is split into the pooled
+    part and the already-embedded sizes, which pass `add_time_proj` unchanged inside `vector_conditioning`."""
+    if added is None:
+        return {}
+    if added == "text_time":
+        return {"added_cond_kwargs": {"text_embeds": extra[0], "time_ids": extra[1]}}
+    y, width = extra[0], pooled_width(unet)
+    return {"added_cond_kwargs": {"text_embeds": y[:, :width], "time_ids": y[:, width:]}}
+
+
+@contextlib.contextmanager
+def vector_conditioning(unet):
+    """For the block, the UNet's `add_time_proj` passes its input through: time_ids may then carry sizes that
+    are already Fourier-embedded (sgm's `y` after the pooled part), restored afterwards."""
+    original = unet.add_time_proj
+    unet.add_time_proj = torch.nn.Identity()
+    try:
+        yield unet
+    finally:
+        unet.add_time_proj = original
+
+
+def vector_from(unet, text_embeds: torch.Tensor, time_ids: torch.Tensor) -> torch.Tensor:
+    """sgm's `y` for these inputs: the pooled projection followed by the embedded sizes (diffusers' add_embeds)."""
+    embedded = unet.add_time_proj(time_ids.flatten()).reshape(text_embeds.shape[0], -1)
+    return torch.cat([text_embeds, embedded.to(text_embeds.dtype)], dim=-1)
+
+
+class TextEncoderForExport(torch.nn.Module):
+    """input_ids (int32) -> the named outputs: (last_hidden_state, pooler_output) by default; SDXL's encoders
+    also every `hidden_states.i`, and `text_embeds` (the projected pooled output) for the one with a projection."""
+
+    def __init__(self, text_encoder, outputs: tuple[str, ...] = ("last_hidden_state", "pooler_output")):
         super().__init__()
         self.model = text_encoder
+        self.outputs = tuple(outputs)
 
     def forward(self, input_ids):
-        out = self.model(input_ids=input_ids.long())
-        return out.last_hidden_state.float(), out.pooler_output.float()
+        hidden = any(n.startswith("hidden_states.") for n in self.outputs)
+        out = self.model(input_ids=input_ids.long(), output_hidden_states=hidden)
+        return tuple(text_output(out, name).float() for name in self.outputs)
+
+
+def text_output(out, name: str) -> torch.Tensor:
+    """One named output of a transformers text-model call (`hidden_states.3` indexes the hidden states)."""
+    if name.startswith("hidden_states."):
+        return out.hidden_states[int(name.split(".")[1])]
+    return getattr(out, name)
 
 
 @contextlib.contextmanager

@@ -4,7 +4,10 @@ Concept tags `<perfusion:NAME…>` in prompts become the concept's trigger token
 were baked at export, so tag options are ignored with a warning). Prompts longer than 75 tokens are
 encoded in 77-token chunks exactly like `PromptEncoder`, and the loop mirrors diffusers'
 StableDiffusionPipeline (classifier-free guidance, guidance rescale, the folder's scheduler), so the
-same seed gives the same image as the PyTorch pipeline with the concept hooks.
+same seed gives the same image as the PyTorch pipeline with the concept hooks. SDXL exports (two text
+encoders) mirror StableDiffusionXLPipeline: both encoders' penultimate hidden states concatenated, the
+second's `text_embeds` of the first chunk, `time_ids` (size, crop (0, 0), size), zeros for an empty
+negative prompt.
 """
 from __future__ import annotations
 
@@ -17,6 +20,7 @@ import onnxruntime as ort
 import torch
 from PIL import Image
 
+from perfusion_ext.core import families
 from perfusion_ext.core.errors import PerfusionError
 from perfusion_ext.core.tags import parse_prompt
 
@@ -71,9 +75,15 @@ class OrtStableDiffusion:
         options.intra_op_num_threads = threads
         options.log_severity_level = 3
         chosen = execution_providers or providers()
+        self.family = families.get(self.info["base_family"])
+        self.encoders = list(self.info.get("tokens", {}).get("encoders") or {"text_encoder": None})
         self.sessions = {part: ort.InferenceSession(str(self.folder / part / "model.onnx"), options, providers=chosen)
-                         for part in ("text_encoder", "unet", "vae_decoder")}
+                         for part in (*self.encoders, "unet", "vae_decoder")}
         self.tokenizer = CLIPTokenizer.from_pretrained(str(self.folder / "tokenizer"))
+        self.pad_ids = {part: CLIPTokenizer.from_pretrained(str(self.folder / part.replace("text_encoder", "tokenizer")))
+                        .pad_token_id for part in self.encoders[1:]}
+        index = json.loads((self.folder / "model_index.json").read_text())
+        self.force_zeros_for_empty_prompt = bool(index.get("force_zeros_for_empty_prompt", False))
         config = json.loads((self.folder / "scheduler" / "scheduler_config.json").read_text())
         self.scheduler = getattr(schedulers, config["_class_name"]).from_pretrained(str(self.folder / "scheduler"))
         self.unet_config = json.loads((self.folder / "unet" / "config.json").read_text())
@@ -94,17 +104,48 @@ class OrtStableDiffusion:
         return np.array(rows, dtype=np.int32)
 
     def encode(self, prompts: list[str]) -> np.ndarray:
-        ids = self.token_ids(prompts)
-        te = self.sessions["text_encoder"]
-        chunks = [te.run(None, {"input_ids": ids[:, c:c + CHUNK + 2]})[0] for c in range(0, ids.shape[1], CHUNK + 2)]
-        return np.concatenate(chunks, axis=1)
+        return self.encode_with_pooled(prompts)[0]
 
-    def unet(self, sample: np.ndarray, t, context: np.ndarray) -> np.ndarray:
+    def encode_with_pooled(self, prompts: list[str]) -> tuple[np.ndarray, np.ndarray | None]:
+        """The UNet's context (every encoder's chosen hidden state, concatenated) and the pooled `text_embeds`
+        of the first chunk where the model reads one (SDXL), else None. Every tokenizer of a family gives
+        the same ids (CLIP's BPE; tokenizer_2 differs only in padding, which the causal encoders never see
+        before the EOS)."""
+        ids = self.token_ids(prompts)
+        hidden, pooled = [], None
+        for part in self.encoders:
+            te = self.sessions[part]
+            names = [o.name for o in te.get_outputs()]
+            states = [n for n in names if n.startswith("hidden_states.")]
+            want = states[-2] if self.family.encoder_layer == "penultimate" and states else "last_hidden_state"
+            chunks = []
+            for c in range(0, ids.shape[1], CHUNK + 2):
+                out = dict(zip(names, te.run(None, {"input_ids": self._padded(ids[:, c:c + CHUNK + 2], part)})))
+                chunks.append(out[want])
+                if c == 0 and "text_embeds" in out:
+                    pooled = out["text_embeds"]
+            hidden.append(np.concatenate(chunks, axis=1))
+        return np.concatenate(hidden, axis=-1), pooled
+
+    def _padded(self, window: np.ndarray, part: str) -> np.ndarray:
+        """The window with this encoder's own padding id after the first EOS (bigG's tokenizer pads with "!")."""
+        pad_id = self.pad_ids.get(part)
+        if pad_id is None:
+            return window
+        out = window.copy()
+        eos = self.tokenizer.eos_token_id
+        for row in out:
+            first = int(np.argmax(row == eos))
+            row[first + 1:] = pad_id
+        return out
+
+    def unet(self, sample: np.ndarray, t, context: np.ndarray, added: tuple = ()) -> np.ndarray:
         session = self.sessions["unet"]
         names = [i.name for i in session.get_inputs()]
         per_sample = session.get_inputs()[1].shape != [1]
         timestep = np.full((sample.shape[0],) if per_sample else (1,), float(t), dtype=np.float32)
-        return session.run(None, dict(zip(names, (sample.astype(np.float32), timestep, context))))[0]
+        feed = (sample.astype(np.float32), timestep, context) + tuple(a.astype(np.float32) for a in added)
+        return session.run(None, dict(zip(names, feed)))[0]
 
 
 def generate_onnx(folder, prompt: str | list[str], *, negative_prompt: str = "", seed: int = 0, steps: int = 20,
@@ -119,10 +160,17 @@ def generate_onnx(folder, prompt: str | list[str], *, negative_prompt: str = "",
     prompts = [replace_tags(p, pipe.info) for p in prompts for _ in range(n)]
     negatives = [replace_tags(negative_prompt, pipe.info)] * len(prompts)
     cfg = guidance_scale > 1.0
-    context = pipe.encode(negatives + prompts) if cfg else pipe.encode(prompts)  # one chunk count for both
+    context, pooled = pipe.encode_with_pooled(negatives + prompts if cfg else prompts)  # one chunk count for both
     factor = 2 ** (len(pipe.vae_config["block_out_channels"]) - 1)
     size = pipe.unet_config["sample_size"] * factor
     h, w = (height or size) // factor, (width or size) // factor
+    added = ()
+    if pooled is not None:  # SDXL: text_embeds and time_ids (original = target = the image size, crop (0, 0))
+        if cfg and not negative_prompt.strip() and pipe.force_zeros_for_empty_prompt:
+            context[:len(prompts)] = 0
+            pooled[:len(prompts)] = 0
+        ids = np.array([[h * factor, w * factor, 0, 0, h * factor, w * factor]] * len(context), dtype=np.float32)
+        added = (pooled, ids)
     scheduler = pipe.scheduler
     scheduler.set_timesteps(steps)
     generator = torch.Generator().manual_seed(seed)
@@ -131,7 +179,7 @@ def generate_onnx(folder, prompt: str | list[str], *, negative_prompt: str = "",
     for t in scheduler.timesteps:
         model_in = torch.cat([latents] * 2) if cfg else latents
         model_in = scheduler.scale_model_input(model_in, t)
-        noise = torch.from_numpy(pipe.unet(model_in.numpy(), t, context))
+        noise = torch.from_numpy(pipe.unet(model_in.numpy(), t, context, added))
         if cfg:
             uncond, text = noise.chunk(2)
             noise = uncond + guidance_scale * (text - uncond)

@@ -50,8 +50,9 @@ def refit(folder, concept_file, slot: int, strength: float = 1.0, beta: float | 
     shutil.rmtree(scratch, ignore_errors=True)
     try:
         writes = {info["files"]["unet"]: components.unet_tensors(layers, entries, count, dtype)}
-        if "tokens" in info:
-            writes[info["files"]["text_encoder"]] = _token_rows(folder, info, entry)
+        if "tokens" in info:  # every text encoder's table (SDXL: clip_l rows in text_encoder/, clip_g in _2/)
+            for part, encoder in (info["tokens"].get("encoders") or {"text_encoder": None}).items():
+                writes[info["files"][part]] = _token_rows(folder, info, entry, part, encoder)
         for rel, tensors in writes.items():
             onnx_io.replace_initializers(folder / rel, tensors, scratch / rel)
         slot_store.store_concept(scratch, entry)
@@ -75,13 +76,15 @@ def _slot_tokens(info: dict, slot: int) -> dict:
     return next(s for s in info["tokens"]["slots"] if s["slot"] == slot)
 
 
-def _token_rows(folder: Path, info: dict, entry: SlotEntry) -> dict[str, torch.Tensor]:
-    """The token table with the slot's rows replaced (zeros past the concept's vectors)."""
-    path = folder / info["files"]["text_encoder"]
+def _token_rows(folder: Path, info: dict, entry: SlotEntry, part: str = "text_encoder",
+                encoder: str | None = None) -> dict[str, torch.Tensor]:
+    """The token table of text encoder `part` with the slot's rows replaced (zeros past the concept's vectors)."""
+    path = folder / info["files"][part]
     model = onnx_io.load(path)
     name = next(n for n in model.graph.initializers if n.endswith(TOKEN_TABLE_SUFFIX))
     table = torch.from_numpy(np.array(model.graph.initializers[name].const_value.numpy()))
-    emb = entry.concept.embeddings[next(iter(entry.concept.embeddings))]  # SD1/SD2: one text encoder
+    embeddings = entry.concept.embeddings
+    emb = embeddings[encoder] if encoder is not None else embeddings[next(iter(embeddings))]
     s = _slot_tokens(info, entry.slot)
     start = s["ids"][0]
     if emb.shape[0] > s["rows"]:
@@ -98,7 +101,8 @@ def _retoken(folder: Path, info: dict, entry: SlotEntry) -> None:
     start = s["ids"][0]
     slot = tokens.TokenSlot(entry.slot, entry.concept.name, tokens.triggers_for(entry.concept.name, entry.slot, n),
                             list(range(start, start + n)), s["rows"])
-    tokens.rename_tokens(folder / "tokenizer", dict(tokens.row_tokens(slot)))
+    for part in info["tokens"].get("encoders") or {"text_encoder": None}:
+        tokens.rename_tokens(folder / part.replace("text_encoder", "tokenizer"), dict(tokens.row_tokens(slot)))
     s.update(name=slot.name, triggers=slot.triggers, ids=slot.ids)
     for c in info["concepts"]:
         if c["slot"] == entry.slot:

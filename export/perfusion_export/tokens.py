@@ -35,9 +35,11 @@ def triggers_for(name: str | None, slot: int, n_vectors: int) -> list[str]:
 
 
 def token_layout(vocab_size: int, dim: int, family: str, entries: list[SlotEntry], n_slots: int,
-                 fixed_rows: int | None) -> tuple[list[TokenSlot], torch.Tensor]:
-    """Slots' ids and the rows to append. fixed_rows: rows per slot (slot mode) or None (as many as vectors)."""
-    encoder = families.get(family).encoder_names[0]
+                 fixed_rows: int | None, encoder: str | None = None) -> tuple[list[TokenSlot], torch.Tensor]:
+    """Slots' ids and the rows to append to `encoder`'s token table (default: the family's first encoder).
+    fixed_rows: rows per slot (slot mode) or None (as many as vectors). Every encoder of a family gets the
+    same ids (their vocabularies are CLIP's), each with its own vectors."""
+    encoder = encoder or families.get(family).encoder_names[0]
     by_slot = {e.slot: e for e in entries}
     slots, rows, next_id = [], [], vocab_size
     for k in range(n_slots):
