@@ -1,14 +1,16 @@
 """The Export section and POST /perfusion/v1/export: bake concepts into the loaded checkpoint's ONNX UNet.
 
 Validation (`parse_export_request`) has no WebUI imports and is unit-tested. The export itself runs
-under the WebUI's queue lock (never during a generation), reports progress through `shared.state`,
-writes the full export into `models/perfusion-onnx/<checkpoint>-<concepts>/` and, for the
-`a1111-trt` layout, copies the UNet .onnx (+ .onnx_data) into `models/Unet-onnx/`, where NVIDIA's
-TensorRT extension picks it up.
+under the WebUI's queue lock (never during a generation) in a child process with its own package folder
+(`export_env`: onnx and the protobuf it needs never enter the WebUI's process or site-packages), reports
+the child's progress lines through `shared.state`, writes the full export into
+`models/perfusion-onnx/<checkpoint>-<concepts>/` and, for the `a1111-trt` layout, copies the UNet .onnx
+(+ .onnx_data) into `models/Unet-onnx/`, where NVIDIA's TensorRT extension picks it up.
 """
 from __future__ import annotations
 
 import dataclasses
+import json
 import shutil
 from pathlib import Path
 
@@ -54,19 +56,26 @@ def parse_export_request(body) -> ExportRequest:
     return ExportRequest(tuple(dict.fromkeys(names)), layout, precision, numbers["beta"], numbers["tau"])
 
 
-def _exporter():
-    try:
-        from perfusion_export.exporter import export_pipeline
-    except ImportError as exc:
-        raise ApiError(501, f"ONNX export needs onnx, onnxruntime and onnxscript in the WebUI's Python ({exc}); "
-                            "install them with the WebUI's pip if your WebUI's pins allow it") from exc
-    return export_pipeline
+def child_args(request: ExportRequest, checkpoint: Path, concept_files: list[Path], out: Path, name: str,
+               v_prediction: bool) -> list[str]:
+    """The `perfusion export` arguments for this request (the child loads the checkpoint file itself)."""
+    args = ["--model", str(checkpoint), "--out", str(out), "--layout", request.layout, "--precision",
+            request.precision, "--overwrite", "--model-name", name]
+    for f in concept_files:
+        args += ["--concept", str(f)]
+    for key in ("beta", "tau"):
+        if getattr(request, key) is not None:
+            args += [f"--{key}", repr(getattr(request, key))]
+    if v_prediction:  # the WebUI knows it (yaml or its own test); a single file does not say
+        args += ["--prediction-type", "v_prediction"]
+    return args
 
 
 def export_from_body(body, store: ConceptStore) -> dict:
     request = parse_export_request(body)
-    export_pipeline = _exporter()
     from modules import call_queue, paths, shared
+
+    from . import export_env
 
     info = getattr(getattr(shared, "sd_model", None), "sd_checkpoint_info", None)
     if info is None:
@@ -78,17 +87,28 @@ def export_from_body(body, store: ConceptStore) -> dict:
         raise ApiError(404, str(exc)) from exc
     name = f"{checkpoint.stem}-{'-'.join(request.concepts)}"
     out = Path(paths.models_path) / "perfusion-onnx" / name
+    v_prediction = getattr(shared.sd_model, "parameterization", "eps") == "v"
+
+    def progress(line: str) -> None:
+        shared.state.textinfo = f"Perfusion export: {line[-200:]}"
+        print(f"[perfusion export] {line}", flush=True)
+
     with call_queue.queue_lock:
         shared.state.begin(job="perfusion-export")
         shared.state.textinfo = f"Perfusion: exporting {name} to ONNX"
         try:
-            manifest = export_pipeline(checkpoint, concept_files, out, layout=request.layout,
-                                       precision=request.precision, beta=request.beta, tau=request.tau,
-                                       overwrite=True, model_name=name)
-        except PerfusionError as exc:
-            raise ApiError(422, str(exc)) from exc
+            try:
+                export_env.ensure(progress)
+            except PerfusionError as exc:
+                raise ApiError(503, str(exc)) from exc
+            try:
+                export_env.run_export(child_args(request, checkpoint, concept_files, out, name, v_prediction),
+                                      progress)
+            except PerfusionError as exc:
+                raise ApiError(422, str(exc)) from exc
         finally:
             shared.state.end()
+    manifest = json.loads((out / "perfusion_manifest.json").read_text(encoding="utf-8"))
     result = {"out": str(out), "concepts": [c["name"] for c in manifest["concepts"]],
               "verification": manifest.get("verification", {}).get("unet", {})}
     if request.layout == "a1111-trt":
