@@ -16,10 +16,21 @@ from .activation import Activator
 log = logging.getLogger("perfusion")
 
 
+FORGE_TEXT_ENGINES = ("text_processing_engine", "text_processing_engine_l", "text_processing_engine_g")
+
+
+def forge_text_engines(model) -> list:
+    """Forge's text engines (each with its own embedding database), or [] outside Forge."""
+    return [e for e in (getattr(model, name, None) for name in FORGE_TEXT_ENGINES) if hasattr(e, "embeddings")]
+
+
 class WebuiEnv:
     def unet(self):
         if shared.sd_model is None:
             raise RuntimeError("no model loaded")
+        forge = getattr(shared.sd_model, "forge_objects", None)
+        if forge is not None:  # Forge: the UNet patcher is rebuilt around sampling, its model module is shared
+            return forge.unet.model.diffusion_model
         return shared.sd_model.model.diffusion_model
 
     def register_embedding(self, word, concept):
@@ -31,9 +42,20 @@ class WebuiEnv:
         embedding.shape = sum(int(v.shape[-1]) for v in vectors.values())
         embedding.filename = str(concept.path) if concept.path else word
         embedding.shorthash = None  # recorded as "Perfusion hashes", not "TI hashes"
+        engines = forge_text_engines(shared.sd_model)
+        if engines:  # Forge: one database per text engine, each picks its encoder's vectors (clip_l, clip_g)
+            for engine in engines:
+                engine.embeddings.register_embedding_by_name(embedding, word)
+            return
         sd_hijack.model_hijack.embedding_db.register_embedding_by_name(embedding, shared.sd_model, word)
 
     def unregister_embedding(self, word):
+        engines = forge_text_engines(shared.sd_model)
+        if engines:
+            for engine in engines:
+                if word in engine.embeddings.word_embeddings:
+                    engine.embeddings.register_embedding_by_name(None, word)
+            return
         db = sd_hijack.model_hijack.embedding_db
         if word in db.word_embeddings and shared.sd_model is not None:
             db.register_embedding_by_name(None, shared.sd_model, word)
