@@ -413,3 +413,30 @@ def test_sdxl_export_optimum_and_a1111_trt(tmp_path):
     assert [i["name"] for i in table["inputs"]] == ["sample", "timesteps", "encoder_hidden_states", "y"]
     assert table["inputs"][3]["dims"] == ["2B", 1280 + 6 * 8] and table["outputs"][0]["name"] == "latent"
     assert trt["verification"]["unet"]["max_rel"] <= 1e-4
+
+
+def test_superclass_encodings_cached_once_per_caption(sdxl, images):
+    """The GPU memory/speed path, run on the CPU: each caption's superclass encoding is computed once, alone,
+    and equals the batch encoding the CPU path uses."""
+    from perfusion_ext.training.trainer import ConceptTrainer
+
+    backend = DiffusersBackend(sdxl)
+    trainer = ConceptTrainer(backend, config().resolved(backend.family, backend.device), load_images(images, 32))
+    assert trainer.cache_superclass is False  # CPU: off, so CPU runs stay bit-for-bit what they were
+    trainer.cache_superclass = True
+    tag = ConceptTag("teddy")
+    prompts = [trainer._segments("a photo of a {}", tag), trainer._segments("a {} on the beach", tag)]
+    calls = []
+    original = backend.encode_prompts
+    backend.encode_prompts = lambda *a, **k: calls.append(1) or original(*a, **k)
+    try:
+        with torch.no_grad():
+            first = trainer._superclass_encoding(prompts)
+            again = trainer._superclass_encoding(prompts[::-1])
+            plain = original(prompts, {"teddy": trainer.superclass_embedding})
+    finally:
+        backend.encode_prompts = original
+    assert len(calls) == 2  # two captions, encoded once each
+    assert torch.allclose(first.hidden, plain.hidden, atol=1e-5) and torch.allclose(first.pooled, plain.pooled, atol=1e-5)
+    assert torch.equal(again.hidden, first.hidden.flip(0)) and first.concept_positions == plain.concept_positions
+    trainer.train_step()

@@ -28,6 +28,7 @@ from ..core.gated_edit import ema_update
 from ..core.hooks import ResolvedConcept, attach, build_edits, detach
 from ..core.layers import cross_attention_layers
 from ..core.tags import ConceptTag
+from ..core.text import EncodedPrompts
 from .backend import Backend
 from .config import TrainConfig
 from .dataset import Dataset
@@ -93,6 +94,8 @@ class ConceptTrainer:
         self.step = 0
         self.losses: list[float] = []
         self.gradient_checkpointing = False
+        self.cache_superclass = backend.device.type == "cuda"  # see _superclass_encoding
+        self._superclass_cache: dict[str, EncodedPrompts] = {}
         self.autocast = None
         if backend.device.type == "cuda":  # mixed precision: bf16 where the GPU has it (no loss scaling needed)
             self.autocast = torch.autocast("cuda", dtype=torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16)
@@ -226,7 +229,7 @@ class ConceptTrainer:
         enc = self.backend.encode_prompts(prompts, {cfg.name: self.embedding})
         positions = [p[cfg.name][-1] for p in enc.concept_positions]
         with torch.no_grad():
-            sup = self.backend.encode_prompts(prompts, {cfg.name: self.superclass_embedding})
+            sup = self._superclass_encoding(prompts)
             rows = torch.arange(n)
             self.i_super = ema_update(self.i_super, sup.hidden[rows, positions].double().mean(0).cpu(), cfg.ema_momentum)
             self.i_star = ema_update(self.i_star, enc.hidden[rows, positions].detach().double().mean(0).cpu(),
@@ -259,6 +262,24 @@ class ConceptTrainer:
         finally:
             detach(handles)
         return loss.item() * n / batch_size
+
+    def _superclass_encoding(self, prompts: list) -> EncodedPrompts:
+        """The prompts with the superclass word. They never change (frozen encoders, fixed vectors), so with
+        `cache_superclass` (on GPUs) each caption is encoded once, on its own, and reused."""
+        embeddings = {self.cfg.name: self.superclass_embedding}
+        if not self.cache_superclass:
+            return self.backend.encode_prompts(prompts, embeddings)
+        encoded = []
+        for segments in prompts:
+            key = repr(segments)
+            if key not in self._superclass_cache:
+                self._superclass_cache[key] = self.backend.encode_prompts([segments], embeddings)
+            encoded.append(self._superclass_cache[key])
+        if len({e.hidden.shape[1] for e in encoded}) != 1:  # captions of different lengths: encode them together
+            return self.backend.encode_prompts(prompts, embeddings)
+        pooled = None if encoded[0].pooled is None else torch.cat([e.pooled for e in encoded])
+        return EncodedPrompts(torch.cat([e.hidden for e in encoded]), [e.concept_positions[0] for e in encoded],
+                              None, pooled)
 
     @staticmethod
     def _added(pooled, time_ids) -> dict:
