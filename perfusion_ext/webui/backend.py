@@ -89,15 +89,16 @@ class WebuiLdmBackend(Backend):
         if sd_model is None:
             raise PerfusionError("No Stable Diffusion checkpoint is loaded: load one in the WebUI first.")
         trainable = " or ".join(f.label for f in families.FAMILIES.values() if f.webui_trainable)
+        info = getattr(sd_model, "sd_checkpoint_info", None)
+        cli = (f'perfusion train --model "{getattr(info, "filename", None) or "CHECKPOINT.safetensors"}" '
+               "--images DIR --name NAME --superclass WORD --out models/perfusion --device cuda")
         if hasattr(sd_model, "forge_objects"):  # Forge: text encoders run under inference mode, no ldm model
-            info = getattr(sd_model, "sd_checkpoint_info", None)
-            model = getattr(info, "filename", None) or "CHECKPOINT.safetensors"
             raise PerfusionError("Forge cannot train concepts in its own process (its text encoders run under "
                                  "inference mode). Train with the command line tool on the same checkpoint file, "
-                                 f'then use the concept here: perfusion train --model "{model}" --images DIR '
-                                 "--name NAME --superclass WORD --out models/perfusion --device cuda")
+                                 f"then use the concept here: {cli}")
         if getattr(sd_model, "is_sdxl", False) or not hasattr(sd_model, "cond_stage_model"):
-            raise PerfusionError(f"Training on SDXL is not supported by this backend yet; load an {trainable} checkpoint.")
+            raise PerfusionError(f"The training tab trains on {trainable} checkpoints; train SDXL concepts with the "
+                                 f"command line tool on the same checkpoint file, then use them here: {cli}")
         self.sd_model = sd_model
         self.unet = sd_model.model.diffusion_model
         if getattr(self.unet, "in_channels", 4) != 4:

@@ -25,7 +25,8 @@ def current_family() -> str | None:
     if model is None:
         return None
     try:
-        return unet_family(model.model.diffusion_model)
+        forge = getattr(model, "forge_objects", None)  # Forge: the UNet sits behind its patcher
+        return unet_family(forge.unet.model.diffusion_model if forge is not None else model.model.diffusion_model)
     except Exception:  # noqa: BLE001 - an architecture we do not know
         return None
 
