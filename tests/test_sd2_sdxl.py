@@ -218,6 +218,8 @@ def test_sd2_trains_eps_and_v(tmp_path, images, prediction):
     concept = pf.load_concept(result.concept_path)
     assert concept.base_family == "sd2" and concept.embeddings["clip_h"].shape == (1, 1024)
     assert concept.dim == 1024 and len(concept.layers) == 16
+    architecture = "stable-diffusion-v2-768-v" if prediction == "v_prediction" else "stable-diffusion-v2-512"
+    assert concept.metadata["modelspec.architecture"] == f"{architecture}/perfusion"
 
 
 def test_sdxl_trains_with_pooled_text_and_size_crop_conditioning(sdxl, images, tmp_path):

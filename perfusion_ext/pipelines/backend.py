@@ -50,6 +50,10 @@ class DiffusersBackend(Backend):
     def add_noise(self, latents, noise, t):
         return self.noise_scheduler.add_noise(latents, noise, t)
 
+    @property
+    def prediction_type(self) -> str:
+        return self.noise_scheduler.config.prediction_type
+
     def target(self, latents, noise, t):
         if self.noise_scheduler.config.prediction_type == "v_prediction":
             return self.noise_scheduler.get_velocity(latents, noise, t)

@@ -166,8 +166,16 @@ class ConceptTrainer:
                 "modelspec.description": self.cfg.description or
                 f"Perfusion concept '{self.cfg.name}' ({self.cfg.superclass}), {self.step} steps",
                 "modelspec.date": time.strftime("%Y-%m-%d"),
+                **self._v_architecture(),
             },
         )
+
+    def _v_architecture(self) -> dict[str, str]:
+        """modelspec.architecture of a concept trained on a v-prediction model of a family that names them (SD2)."""
+        v_name = families.get(self.family).v_architecture
+        if v_name is None or getattr(self.backend, "prediction_type", "epsilon") != "v_prediction":
+            return {}
+        return {"modelspec.architecture": f"{v_name}/perfusion"}
 
     # ---- one optimisation step -------------------------------------------------------------
     def train_step(self) -> float:

@@ -131,6 +131,10 @@ class WebuiLdmBackend(Backend):
     def add_noise(self, latents, noise, t):
         return self.sd_model.q_sample(latents, t, noise=noise)
 
+    @property
+    def prediction_type(self) -> str:
+        return "v_prediction" if getattr(self.sd_model, "parameterization", "eps") == "v" else "epsilon"
+
     def target(self, latents, noise, t):
         if getattr(self.sd_model, "parameterization", "eps") == "v":
             return self.sd_model.get_v(latents, noise, t)
