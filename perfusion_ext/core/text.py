@@ -171,6 +171,7 @@ class MultiPromptEncoder:
         self.encoders = list(encoders)
         self.tokenizer = self.encoders[0].tokenizer  # every encoder of a family tokenizes alike (CLIP's BPE)
         self.text_encoder = self.encoders[0].text_encoder
+        self.vocab_size = self.encoders[0].vocab_size  # concept ids start here in every encoder
 
     @property
     def parts(self) -> list[PromptEncoder]:
