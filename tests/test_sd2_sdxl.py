@@ -442,3 +442,15 @@ def test_superclass_encodings_cached_once_per_caption(sdxl, images):
     assert torch.allclose(first.hidden, plain.hidden, atol=1e-5) and torch.allclose(first.pooled, plain.pooled, atol=1e-5)
     assert torch.equal(again.hidden, first.hidden.flip(0)) and first.concept_positions == plain.concept_positions
     trainer.train_step()
+
+
+def test_gate_inspector_and_auto_beta_read_sdxl_2048_wide_context(sdxl):
+    from perfusion_ext.pipelines.auto_beta import gate_curve
+    from perfusion_ext.pipelines.inspect import inspect_prompt
+
+    concept = sdxl_concept(sdxl.unet)
+    report = inspect_prompt(sdxl, "a <perfusion:teddy> on a white background", loaded={"teddy": concept})
+    assert [t["text"] for t in report["tokens"][:3]] == ["<start>", "a", "<perfusion:teddy>"]
+    assert all(0.0 <= t["gate"]["teddy"] <= 1.0 for t in report["tokens"])
+    curve = gate_curve(sdxl, concept, betas=(0.5, 0.9))
+    assert curve[0]["leak"] >= curve[1]["leak"]

@@ -68,14 +68,10 @@ def cmd_train(args) -> int:
 
 def _auto_beta(pipe, concept_path) -> None:
     """Store as the concept's default the lowest β whose gate stays shut on other words (pipelines.auto_beta)."""
-    from ..core import families
     from ..core.concept import load_concept, save_concept
     from ..pipelines.auto_beta import MAX_LEAK, choose_by_gate, gate_curve, with_default_beta
 
     concept = load_concept(concept_path)
-    if len(families.get(concept.base_family).encoder_names) > 1:
-        print(f"auto-β: not available for {families.label(concept.base_family)} yet; default β {concept.beta:g} kept")
-        return
     curve = gate_curve(pipe, concept)
     beta = choose_by_gate(curve)
     save_concept(with_default_beta(concept, beta, curve, "gate"), concept_path)

@@ -8,10 +8,9 @@ from __future__ import annotations
 
 import torch
 
-from ..core import families
 from ..core.concept import Concept
 from ..core.gate_report import gate_report
-from ..core.text import PromptEncoder
+from .encoding import prompt_encoder
 from .generate import concept_entries, prepare_prompt
 
 
@@ -22,9 +21,8 @@ def inspect_prompt(pipe, prompt: str, concepts_dir=None, loaded: dict[str, Conce
     prepared = prepare_prompt(prompt, concepts_dir, loaded)
     concepts = [(concept.name, concept, concept.beta if beta is None else beta, concept.tau if tau is None else tau)
                 for concept, _, beta, tau in concept_entries(prepared)]
-    encoder = PromptEncoder(pipe.tokenizer, pipe.text_encoder)
-    embeddings = {tag.name: concept.embeddings[families.get(concept.base_family).encoder_names[0]]
-                  for tag, concept in prepared.concepts}
+    encoder = prompt_encoder(pipe)  # SDXL: both encoders, the 2048-wide context the UNet reads
+    embeddings = {tag.name: concept.embeddings for tag, concept in prepared.concepts}
     encoded = encoder.encode([prepared.segments], embeddings)
     texts = pipe.tokenizer.convert_ids_to_tokens([min(i, encoder.vocab_size - 1) for i in encoded.input_ids[0].tolist()])
     report = gate_report(encoded.hidden[0], concepts, texts, encoded.concept_positions[0])
