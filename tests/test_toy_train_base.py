@@ -65,3 +65,16 @@ def test_fresh_clone_resumes_from_the_committed_fp16_model(tmp_path, monkeypatch
         for name, value in module.state_dict().items():
             assert torch.equal(value, committed[f"{prefix}.{name}"].float()), name
     assert trainer.state["warmup_origin"] == trainer.state["step"] > 0
+
+
+def test_a_killed_run_still_counts_in_the_hardware_log(tmp_path):
+    args = train_base.parse_args(["--work", str(tmp_path), "--device", "cpu", "--batch", "4", "--minutes", "0"])
+    first = train_base.Trainer(args)
+    assert first.load()
+    first.hardware_log()
+    killed = {"hardware": "2 CPU threads (x86_64)", "seconds": 60.0, "images": 640, "batch": 64}
+    first.state["hardware_current"] = killed  # what a checkpoint holds while a run is in progress
+    first.save()
+    resumed = train_base.Trainer(args)
+    resumed.run()  # zero minutes: nothing trained, the killed run's segment is accounted for
+    assert resumed.state["hardware"][-1] == killed and "hardware_current" not in resumed.state

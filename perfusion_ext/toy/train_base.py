@@ -151,7 +151,7 @@ class Trainer:
                 tensors[f"{prefix}.{k}"] = v.detach().cpu().contiguous()
         RESUME_FILE.parent.mkdir(parents=True, exist_ok=True)
         atomic_save_safetensors(tensors, RESUME_FILE)
-        atomic_write_json({k: self.state[k] for k in ("phase", "vae_step", "step", "images_seen",
+        atomic_write_json({k: self.state[k] for k in ("world", "phase", "vae_step", "vae_v2_step", "step", "images_seen",
                                                       "train_seconds", "vae_scaling_factor", "hardware")
                            if k in self.state},
                           RESUME_FILE.with_suffix(".json"))
@@ -336,11 +336,15 @@ class Trainer:
     def run(self):
         resumed = self.load()
         self.hardware_log()  # attribute earlier (pre-log) training before this call adds its own
+        interrupted = self.state.pop("hardware_current", None)  # a run stopped after its last checkpoint
+        if interrupted:
+            self.hardware_log().append(interrupted)
         print(f"{'resumed' if resumed else 'started'}: {self.state}", flush=True)
         started = time.time()
         deadline = started + self.args.minutes * 60
         progress_at_start = (self.state["vae_step"], self.state.get("vae_v2_step"), self.state["step"])
         segment = {"hardware": self.hardware_name(), "seconds": 0.0, "images": 0, "batch": self.args.batch}
+        self.state["hardware_current"] = segment  # checkpointed with the state, so a killed run still counts
         images_at_start = self.state["images_seen"]
         last_ckpt = last_eval = time.time()
         losses = []
@@ -358,6 +362,7 @@ class Trainer:
                 losses.append(self.train_diffusion_step((t0 - started) / max(1.0, deadline - started)))
             self.state["train_seconds"] += time.time() - t0
             segment["seconds"] += time.time() - t0
+            segment["images"] = self.state["images_seen"] - images_at_start
             n = {"diffusion": self.state["step"], "vae": self.state["vae_step"]}.get(self.state["phase"],
                                                                                     self.state.get("vae_v2_step", 0))
             if n % 100 == 0:
@@ -371,9 +376,9 @@ class Trainer:
             if self.state["phase"] == "diffusion" and time.time() - last_eval > self.args.eval_minutes * 60:
                 self.evaluate()
                 last_eval = time.time()
+        self.state.pop("hardware_current")
         # Never rewrite an unchanged state.
         if (self.state["vae_step"], self.state.get("vae_v2_step"), self.state["step"]) != progress_at_start:
-            segment["images"] = self.state["images_seen"] - images_at_start
             self.hardware_log().append(segment)
             if self.args.eval_at_end and self.state["phase"] == "diffusion":
                 self.evaluate()
