@@ -158,15 +158,19 @@ class Trainer:
         pipe = self.pipeline(ema=True)
         pipe.to(torch.float16).save_pretrained(toy_model.MODEL_DIR, safe_serialization=True)
         pipe.to(torch.float32)
-        evals = []
+        record = toy_model.MODEL_DIR.parent / "model_training.json"
+        # The committed curve plus this work folder's evaluations (a new work folder starts a new eval.jsonl).
+        evals = json.loads(record.read_text()).get("evaluations", []) if record.is_file() else []
         if (self.work / "eval.jsonl").is_file():
-            evals = [json.loads(line) for line in (self.work / "eval.jsonl").read_text().splitlines() if line]
+            seen = {e["images_seen"] for e in evals}
+            evals += [e for e in (json.loads(line) for line in (self.work / "eval.jsonl").read_text().splitlines() if line)
+                      if e["images_seen"] not in seen]
         summary = f"{self.state['images_seen']:,} images ({self.state['step']:,} steps) in " + "; ".join(
             f"{seg['seconds'] / 60:.0f} min on {seg['hardware']} ({seg['images']:,} images, batch {seg['batch']})"
             for seg in self.hardware_log())
         atomic_write_json({"summary": summary, "state": {k: v for k, v in self.state.items()},
                            "args": vars(self.args), "evaluations": evals},
-                          toy_model.MODEL_DIR.parent / "model_training.json")
+                          record)
 
     def pipeline(self, ema: bool):
         self.vae.register_to_config(scaling_factor=self.state["vae_scaling_factor"])  # saved with the model
