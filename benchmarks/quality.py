@@ -45,7 +45,7 @@ ROWS: dict[str, dict] = {
                      "varied_captions": False},
     "no_varied_captions": {"varied_captions": False},
     "no_caption_init": {"init_from_captions": False},
-    "no_background_distill": {"background_distill": 0.0},
+    "with_background_distill": {"background_distill": 1.0},
     "with_embedding_pull": {"embedding_pull": 1.0},
     "always_flip": {"flip": True},
     "textual_inversion": {"mode": "textual_inversion", "steps_factor": 2, "lr_embedding": 0.02},

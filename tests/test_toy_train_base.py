@@ -32,7 +32,9 @@ def test_world_v2_starts_with_an_anchored_vae_and_resumes(tmp_path):
     args = train_base.parse_args(["--work", str(tmp_path), "--device", "cpu", "--batch", "4", "--world", "v2",
                                   "--vae-v2-steps", "2"])
     first = train_base.Trainer(args)
-    assert first.load() and first.state["phase"] == "vae_v2" and first.state["world"] == "v2"
+    assert first.load() and first.state["world"] == "v2"
+    first._start_world_v2()  # what loading a one-object (world v1) model does
+    assert first.state["phase"] == "vae_v2" and first.state["vae_v2_step"] == 0
     for a, b in zip(first.vae_anchor.parameters(), first.vae.parameters()):
         assert torch.equal(a, b) and not a.requires_grad
     first.train_vae_v2_step()
@@ -78,3 +80,11 @@ def test_a_killed_run_still_counts_in_the_hardware_log(tmp_path):
     resumed = train_base.Trainer(args)
     resumed.run()  # zero minutes: nothing trained, the killed run's segment is accounted for
     assert resumed.state["hardware"][-1] == killed and "hardware_current" not in resumed.state
+
+
+def test_the_committed_world_v2_model_resumes_without_redoing_its_vae(tmp_path):
+    args = train_base.parse_args(["--work", str(tmp_path), "--device", "cpu", "--batch", "4", "--world", "v2"])
+    trainer = train_base.Trainer(args)
+    assert trainer.load()
+    assert trainer.state["world"] == "v2" and trainer.state["phase"] == "diffusion"
+    assert trainer.state["vae_v2_step"] >= args.vae_v2_steps
