@@ -43,3 +43,16 @@ def atomic_write_json(obj, target) -> None:
 def atomic_write_bytes(data: bytes, target) -> None:
     with atomic_path(target) as tmp:
         tmp.write_bytes(data)
+
+
+def file_restorer(path: Path):
+    """An undo step that puts `path` back as it is now: absent, or with these bytes."""
+    saved = path.read_bytes() if path.is_file() else None
+
+    def restore() -> None:
+        if saved is None:
+            path.unlink(missing_ok=True)
+        else:
+            atomic_write_bytes(saved, path)
+
+    return restore

@@ -17,7 +17,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from .atomic import atomic_write_bytes, atomic_write_json
+from .atomic import atomic_write_json, file_restorer
 from .concept import Concept, load_concept, update_metadata
 from .errors import PerfusionError
 from .tags import NAME_RE
@@ -98,16 +98,7 @@ def _write_aliases(folder: Path, aliases: dict[str, str]) -> None:
 
 def _aliases_restorer(folder: Path) -> Callable[[], None]:
     """Puts the alias file back as it is now (absent, or with these bytes)."""
-    path = folder / ALIASES_FILE
-    saved = path.read_bytes() if path.is_file() else None
-
-    def restore() -> None:
-        if saved is None:
-            path.unlink(missing_ok=True)
-        else:
-            atomic_write_bytes(saved, path)
-
-    return restore
+    return file_restorer(folder / ALIASES_FILE)
 
 
 # ---- companions and undo -------------------------------------------------------------------------
@@ -254,9 +245,7 @@ def rename_concept(folder: str | Path, name: str, new: str) -> Path:
     undo = _Undo()
 
     def body() -> Path:
-        target = directory / f"{new}.safetensors"
-        update_metadata(path, _named(new, _file_metadata(path)), target)
-        undo.add(lambda: target.unlink(missing_ok=True))
+        target = _renamed_copy(path, new, undo)
         for item in companions(path):
             _move(item, directory / (new + item.name[len(name):]), undo)
         run = directory / f"{new}{RUN_SUFFIX}"
@@ -278,6 +267,14 @@ def rename_concept(folder: str | Path, name: str, new: str) -> Path:
     return _run(undo, f"renaming {name!r} to {new!r}", body)
 
 
+def _renamed_copy(path: Path, new: str, undo) -> Path:
+    """NEW.safetensors beside `path`: the same tensors, the metadata renamed; removed again on undo."""
+    target = path.parent / f"{new}.safetensors"
+    update_metadata(path, _named(new, _file_metadata(path)), target)
+    undo.add(lambda: target.unlink(missing_ok=True))
+    return target
+
+
 def duplicate_concept(folder: str | Path, name: str, new: str) -> Path:
     """A copy named NEW (metadata renamed, same tensors) with copies of its previews and descriptions; the
     run folder stays with the original."""
@@ -287,9 +284,7 @@ def duplicate_concept(folder: str | Path, name: str, new: str) -> Path:
     undo = _Undo()
 
     def body() -> Path:
-        target = directory / f"{new}.safetensors"
-        update_metadata(path, _named(new, _file_metadata(path)), target)
-        undo.add(lambda: target.unlink(missing_ok=True))
+        target = _renamed_copy(path, new, undo)
         for item in companions(path):
             if item.is_file():
                 copy = directory / (new + item.name[len(name):])

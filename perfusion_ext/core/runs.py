@@ -19,7 +19,7 @@ import shutil
 import struct
 from pathlib import Path
 
-from .atomic import atomic_write_bytes
+from .atomic import atomic_write_bytes, file_restorer
 from .concept import tensor_hash, update_metadata
 from .errors import PerfusionError
 from .library import RUN_SUFFIX, _record, _run, _Undo, check_name, concept_path, trash_entry
@@ -125,18 +125,6 @@ def list_steps(folder: str | Path, name: str) -> list[StepInfo]:
     return out
 
 
-def _restorer(path: Path):
-    saved = path.read_bytes() if path.is_file() else None
-
-    def restore() -> None:
-        if saved is None:
-            path.unlink(missing_ok=True)
-        else:
-            atomic_write_bytes(saved, path)
-
-    return restore
-
-
 def promote_step(folder: str | Path, name: str, step: int) -> dict:
     """Make checkpoint `step` the concept NAME.safetensors (and its preview NAME.png), atomically. The file
     and preview it replaces are kept, copied first into a trash entry ("replaced by step N"). Returns
@@ -161,7 +149,7 @@ def promote_step(folder: str | Path, name: str, step: int) -> dict:
                     shutil.copy2(item, entry / item.name)
                     _record(entry, root, item)
         for item in (run.concept, run.preview):  # put back exactly what was there, should a later step fail
-            undo.add(_restorer(item))
+            undo.add(file_restorer(item))
         update_metadata(checkpoint, {"perfusion.name": name, "perfusion.token": name, PROMOTED_KEY: str(int(step))},
                         run.concept)
         if preview.is_file():

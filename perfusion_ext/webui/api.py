@@ -57,6 +57,14 @@ def _error(exc: ApiError) -> JSONResponse:
     return JSONResponse(status_code=exc.status, content={"error": exc.message, "detail": exc.message})
 
 
+async def _json_body(request: Request, empty: bytes):
+    """The request's JSON body (`empty` parsed when there is none); 400 when it is not JSON."""
+    try:
+        return json.loads(await request.body() or empty)
+    except ValueError as exc:
+        raise ApiError(400, f"the body is not valid JSON: {exc}") from None
+
+
 def register(_demo, app: FastAPI) -> None:
     deps = _auth_dependency()
 
@@ -65,11 +73,7 @@ def register(_demo, app: FastAPI) -> None:
 
     async def start_training(request: Request):
         try:
-            raw = await request.body()
-            try:
-                body = json.loads(raw or b"null")
-            except ValueError as exc:
-                raise ApiError(400, f"the body is not valid JSON: {exc}") from None
+            body = await _json_body(request, b"null")
             family = current_family()
             family = family if family and families.get(family).webui_trainable else WEBUI_FAMILY
             steps = getattr(shared.opts, "perfusion_default_steps", None)  # the setting, else the family's
@@ -99,21 +103,13 @@ def register(_demo, app: FastAPI) -> None:
 
     async def export(request: Request):
         try:
-            body = json.loads(await request.body() or b"null")
-        except ValueError as exc:
-            return _error(ApiError(400, f"the body is not valid JSON: {exc}"))
-        try:
-            return export_from_body(body, state.store())
+            return export_from_body(await _json_body(request, b"null"), state.store())
         except ApiError as exc:
             return _error(exc)
 
     async def concept_action(name: str, action: str, request: Request):
         try:
-            raw = await request.body()
-            try:
-                body = json.loads(raw or b"{}")
-            except ValueError as exc:
-                raise ApiError(400, f"the body is not valid JSON: {exc}") from None
+            body = await _json_body(request, b"{}")
             return library_actions.handle(state.library(), action, name, body)
         except ApiError as exc:
             return _error(exc)
