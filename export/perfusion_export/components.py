@@ -158,8 +158,13 @@ def export_vae(vae, opset: int, folder: Path) -> None:
     cfg = vae.config
     f = vae_factor(vae)
     enc = layouts.vae_encoder_contract(cfg.in_channels, cfg.latent_channels)
-    dec = layouts.vae_decoder_contract(cfg.out_channels, cfg.latent_channels)
     onnx_io.export_module(VaeEncoderForExport(vae).eval(), (torch.randn(2, cfg.in_channels, 8 * f, 12 * f),), enc,
                           opset, folder / "vae_encoder" / "model.onnx")
+    export_vae_decoder(vae, opset, folder / "vae_decoder" / "model.onnx")
+
+
+def export_vae_decoder(vae, opset: int, path: Path) -> None:
+    cfg = vae.config
+    dec = layouts.vae_decoder_contract(cfg.out_channels, cfg.latent_channels)
     onnx_io.export_module(VaeDecoderForExport(vae).eval(), (torch.randn(2, cfg.latent_channels, 8, 12),), dec,
-                          opset, folder / "vae_decoder" / "model.onnx")
+                          opset, path)

@@ -17,16 +17,15 @@ from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
-import torch
 from PIL import Image
 
 from perfusion_ext.core import families
 from perfusion_ext.core.errors import PerfusionError
 from perfusion_ext.core.tags import parse_prompt
+from perfusion_ext.core.text import CHUNK, TokenWindows
 
 from . import manifest as manifest_io
-
-CHUNK = 75
+from .sampling import denoise, initial_latents, to_uint8
 
 
 def is_export(folder) -> bool:
@@ -90,18 +89,7 @@ class OrtStableDiffusion:
         self.vae_config = json.loads((self.folder / "vae_decoder" / "config.json").read_text())
 
     def token_ids(self, prompts: list[str]) -> np.ndarray:
-        tok = self.tokenizer
-        words = [tok(p, add_special_tokens=False).input_ids if p.strip() else [] for p in prompts]
-        n_chunks = max(1, max((len(w) + CHUNK - 1) // CHUNK for w in words))
-        pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
-        rows = []
-        for ids in words:
-            row = []
-            for c in range(n_chunks):
-                body = ids[c * CHUNK:(c + 1) * CHUNK]
-                row += [tok.bos_token_id] + body + [tok.eos_token_id] + [pad] * (CHUNK - len(body))
-            rows.append(row)
-        return np.array(rows, dtype=np.int32)
+        return TokenWindows(self.tokenizer).windows(prompts, {})[0].numpy().astype(np.int32)
 
     def encode(self, prompts: list[str]) -> np.ndarray:
         return self.encode_with_pooled(prompts)[0]
@@ -153,8 +141,6 @@ def generate_onnx(folder, prompt: str | list[str], *, negative_prompt: str = "",
                   width: int | None = None, execution_providers: list[str] | None = None,
                   pipeline: OrtStableDiffusion | None = None) -> list[Image.Image]:
     """Images for `prompt` (tags allowed) from the exported folder, `n` per prompt, seeded like diffusers."""
-    from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion import rescale_noise_cfg
-
     pipe = pipeline or OrtStableDiffusion(folder, execution_providers)
     prompts = [prompt] if isinstance(prompt, str) else list(prompt)
     prompts = [replace_tags(p, pipe.info) for p in prompts for _ in range(n)]
@@ -171,22 +157,9 @@ def generate_onnx(folder, prompt: str | list[str], *, negative_prompt: str = "",
             pooled[:len(prompts)] = 0
         ids = np.array([[h * factor, w * factor, 0, 0, h * factor, w * factor]] * len(context), dtype=np.float32)
         added = (pooled, ids)
-    scheduler = pipe.scheduler
-    scheduler.set_timesteps(steps)
-    generator = torch.Generator().manual_seed(seed)
-    latents = torch.randn((len(prompts), pipe.unet_config["in_channels"], h, w), generator=generator)
-    latents = latents * scheduler.init_noise_sigma
-    for t in scheduler.timesteps:
-        model_in = torch.cat([latents] * 2) if cfg else latents
-        model_in = scheduler.scale_model_input(model_in, t)
-        noise = torch.from_numpy(pipe.unet(model_in.numpy(), t, context, added))
-        if cfg:
-            uncond, text = noise.chunk(2)
-            noise = uncond + guidance_scale * (text - uncond)
-            if guidance_rescale > 0:
-                noise = rescale_noise_cfg(noise, text, guidance_rescale=guidance_rescale)
-        latents = scheduler.step(noise, t, latents).prev_sample
+    latents = initial_latents(pipe.scheduler, steps, seed, (len(prompts), pipe.unet_config["in_channels"], h, w))
+    latents = denoise(pipe.scheduler, latents, lambda x, t, _: pipe.unet(x, t, context, added),
+                      guidance_scale, guidance_rescale)
     decoded = pipe.sessions["vae_decoder"].run(
         None, {"latent_sample": (latents / pipe.vae_config["scaling_factor"]).numpy().astype(np.float32)})[0]
-    images = np.clip(decoded / 2 + 0.5, 0.0, 1.0).transpose(0, 2, 3, 1)
-    return [Image.fromarray((img * 255).round().astype(np.uint8)) for img in images]
+    return [Image.fromarray(img) for img in to_uint8(decoded)]

@@ -36,24 +36,20 @@ class EncodedPrompts:
 LAYERS = ("last", "penultimate")
 
 
-class PromptEncoder:
-    """One text encoder. `layer`: the hidden state the UNet reads ("last": after the final LayerNorm;
-    "penultimate": the second-to-last layer's output, as SDXL uses). `name`: the family's name for this
-    encoder (`clip_l`, …): embeddings given per encoder pick theirs by it. `pooled`: also return the
-    projected pooled output."""
+class TokenWindows:
+    """A prompt's token ids in CLIP windows (BOS + 75 + EOS, padded), concept tags as their placeholder ids.
 
-    def __init__(self, tokenizer, text_encoder, layer: str = "last", name: str | None = None, pooled: bool = False):
-        if layer not in LAYERS:
-            raise ValueError(f"layer must be one of {LAYERS}, got {layer!r}")
+    Needs only the tokenizer: the PyTorch encoders run their text encoder on these windows, and the serving
+    pipeline sends them to an exported one, so both read the same ids.
+    """
+
+    def __init__(self, tokenizer):
         self.tokenizer = tokenizer
-        self.text_encoder = text_encoder
-        self.layer, self.name, self.pooled = layer, name, pooled
-        self.vocab_size = text_encoder.get_input_embeddings().num_embeddings
         self.bos = tokenizer.bos_token_id
         self.eos = tokenizer.eos_token_id
         self.pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else self.eos
 
-    def _words(self, text: str) -> list[int]:
+    def words(self, text: str) -> list[int]:
         return self.tokenizer(text, add_special_tokens=False, verbose=False).input_ids if text.strip() else []
 
     def tokenize(self, segments, slots: dict[str, list[int]]) -> tuple[list[int], dict[str, list[int]]]:
@@ -67,10 +63,10 @@ class PromptEncoder:
                 where.setdefault(seg.name, []).extend(range(len(ids), len(ids) + len(slot)))
                 ids.extend(slot)
             else:
-                ids.extend(self._words(seg))
+                ids.extend(self.words(seg))
         return ids, where
 
-    def _chunk(self, ids: list[int], n_chunks: int) -> list[int]:
+    def chunked(self, ids: list[int], n_chunks: int) -> list[int]:
         out = []
         for c in range(n_chunks):
             body = ids[c * CHUNK:(c + 1) * CHUNK]
@@ -78,9 +74,36 @@ class PromptEncoder:
         return out
 
     @staticmethod
-    def _position_in_chunks(p: int) -> int:
+    def position_in_chunks(p: int) -> int:
         chunk, offset = divmod(p, CHUNK)
         return chunk * (CHUNK + 2) + 1 + offset
+
+    def windows(self, prompts: list, slots: dict[str, list[int]], min_tokens: int = 0
+                ) -> tuple[torch.Tensor, list[dict[str, list[int]]]]:
+        """([B, 77 * chunks] ids, per prompt: concept name -> token positions); at least `min_tokens` tokens."""
+        tokenized = [self.tokenize(p if isinstance(p, list) else [p], slots) for p in prompts]
+        n_chunks = max(1, -(-min_tokens // (CHUNK + 2)), max((len(ids) + CHUNK - 1) // CHUNK for ids, _ in tokenized))
+        input_ids = torch.tensor([self.chunked(ids, n_chunks) for ids, _ in tokenized])
+        positions = [{name: [self.position_in_chunks(p) for p in ps] for name, ps in where.items()}
+                     for _, where in tokenized]
+        return input_ids, positions
+
+
+class PromptEncoder:
+    """One text encoder. `layer`: the hidden state the UNet reads ("last": after the final LayerNorm;
+    "penultimate": the second-to-last layer's output, as SDXL uses). `name`: the family's name for this
+    encoder (`clip_l`, …): embeddings given per encoder pick theirs by it. `pooled`: also return the
+    projected pooled output."""
+
+    def __init__(self, tokenizer, text_encoder, layer: str = "last", name: str | None = None, pooled: bool = False):
+        if layer not in LAYERS:
+            raise ValueError(f"layer must be one of {LAYERS}, got {layer!r}")
+        self.tokenizer = tokenizer
+        self.text_encoder = text_encoder
+        self.layer, self.name, self.pooled = layer, name, pooled
+        self.vocab_size = text_encoder.get_input_embeddings().num_embeddings
+        self.token_windows = TokenWindows(tokenizer)
+        self.eos = self.token_windows.eos
 
     @property
     def parts(self) -> list[PromptEncoder]:
@@ -109,11 +132,8 @@ class PromptEncoder:
         `min_tokens` pads to at least that many output tokens (so cond and uncond chunk counts match).
         """
         slots, table = self.slots_for(embeddings or {})
-        tokenized = [self.tokenize(p if isinstance(p, list) else [p], slots) for p in prompts]
-        n_chunks = max(1, -(-min_tokens // (CHUNK + 2)), max((len(ids) + CHUNK - 1) // CHUNK for ids, _ in tokenized))
-        input_ids = torch.tensor([self._chunk(ids, n_chunks) for ids, _ in tokenized])
-        positions = [{name: [self._position_in_chunks(p) for p in ps] for name, ps in where.items()}
-                     for _, where in tokenized]
+        input_ids, positions = self.token_windows.windows(prompts, slots, min_tokens)
+        n_chunks = input_ids.shape[1] // (CHUNK + 2)
         device = self.text_encoder.device
         chunks, pooled = [], None
         with self.placeholder_embeddings(table):

@@ -65,7 +65,7 @@ class Trainer:
     def sampler(self) -> SceneSampler | WorldV2Sampler:
         """Built on first use: tokenizing every training caption is wasted on VAE-only or export-only calls."""
         if self.args.world == "v2":
-            return WorldV2Sampler(self.tokenizer, self.device, seed=self.args.seed)
+            return WorldV2Sampler(self.tokenizer, self.device, seed=self.args.seed, pair_share=self.args.pair_share)
         return SceneSampler(self.tokenizer, self.device, seed=self.args.seed)
 
     def _make_optimizer(self):
@@ -454,6 +454,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--vae-v2-lr", type=float, default=3e-4, help="world v2: VAE fine-tuning learning rate")
     p.add_argument("--anchor-weight", type=float, default=1.0,
                    help="world v2: weight of the one-object latent anchor while fine-tuning the VAE")
+    p.add_argument("--pair-share", type=float, default=0.5,
+                   help="world v2: share of two-object scenes in each batch (the rest are one-object scenes)")
     p.add_argument("--pair-eval-prompts", type=int, default=120, help="world v2: held-out two-object prompts")
     return p.parse_args(argv)
 
