@@ -34,34 +34,14 @@ def refit(folder, concept_file, slot: int, strength: float = 1.0, beta: float | 
     if not info["slots"]["fixed"]:
         raise PerfusionError(f"{folder} was exported without --slots; only slot exports can be refitted.")
     count = info["slots"]["count"]
-    if not 0 <= slot < count:
-        raise PerfusionError(f"slot {slot} does not exist; this export has slots 0..{count - 1}.")
-    concept = load_concept(concept_file)
-    layers = slot_store.base_layers(folder)
-    check_fits(concept, layers, info["base_family"])
-    others = [c for c in info["concepts"] if c["slot"] != slot]
-    if concept.name in {c["name"] for c in others}:
-        raise PerfusionError(f"concept {concept.name!r} already occupies another slot of this export.")
-    (resolved,) = resolve([(concept, strength)], beta=beta, tau=tau)
-    entry = SlotEntry(slot, concept, resolved.strength, resolved.beta, resolved.tau)
-    entries = sorted(slot_store.load_entries(folder, others) + [entry], key=lambda e: e.slot)
+    entry, entries, layers = place(folder, info["concepts"], count, info["base_family"], concept_file, slot,
+                                   strength, beta, tau)
     dtype = components.DTYPES[info["precision"]]
-    scratch = folder / ".refit"
-    shutil.rmtree(scratch, ignore_errors=True)
-    try:
-        writes = {info["files"]["unet"]: components.unet_tensors(layers, entries, count, dtype)}
-        if "tokens" in info:  # every text encoder's table (SDXL: clip_l rows in text_encoder/, clip_g in _2/)
-            for part, encoder in (info["tokens"].get("encoders") or {"text_encoder": None}).items():
-                writes[info["files"][part]] = _token_rows(folder, info, entry, part, encoder)
-        for rel, tensors in writes.items():
-            onnx_io.replace_initializers(folder / rel, tensors, scratch / rel)
-        slot_store.store_concept(scratch, entry)
-        for rel in writes:
-            for name in (Path(rel).name, onnx_io.data_name(Path(rel))):
-                os.replace(scratch / Path(rel).parent / name, folder / Path(rel).parent / name)
-        os.replace(slot_store.slot_file(scratch, slot), slot_store.slot_file(folder, slot))
-    finally:
-        shutil.rmtree(scratch, ignore_errors=True)
+    writes = {info["files"]["unet"]: components.unet_tensors(layers, entries, count, dtype)}
+    if "tokens" in info:  # every text encoder's table (SDXL: clip_l rows in text_encoder/, clip_g in _2/)
+        for part, encoder in (info["tokens"].get("encoders") or {"text_encoder": None}).items():
+            writes[info["files"][part]] = token_rows(folder, info, entry, part, encoder)
+    rewrite(folder, writes, entry, folder)
     info["concepts"] = sorted([c for c in info["concepts"] if c["slot"] != slot] + [_concept_info(entry)],
                               key=lambda c: c["slot"])
     if "tokens" in info:
@@ -72,11 +52,45 @@ def refit(folder, concept_file, slot: int, strength: float = 1.0, beta: float | 
     return info
 
 
+def place(slot_root: Path, concepts_info: list[dict], count: int, family: str, concept_file, slot: int,
+          strength: float, beta: float | None, tau: float | None) -> tuple[SlotEntry, list[SlotEntry], dict]:
+    """Check that the concept can go into `slot` (range, family and layers, a name no other slot has); returns
+    its entry, every slot's entry with it in place, and the base K/V layers kept under `slot_root`."""
+    if not 0 <= slot < count:
+        raise PerfusionError(f"slot {slot} does not exist; this export has slots 0..{count - 1}.")
+    concept = load_concept(concept_file)
+    layers = slot_store.base_layers(slot_root)
+    check_fits(concept, layers, family)
+    others = [c for c in concepts_info if c["slot"] != slot]
+    if concept.name in {c["name"] for c in others}:
+        raise PerfusionError(f"concept {concept.name!r} already occupies another slot of this export.")
+    (resolved,) = resolve([(concept, strength)], beta=beta, tau=tau)
+    entry = SlotEntry(slot, concept, resolved.strength, resolved.beta, resolved.tau)
+    return entry, sorted(slot_store.load_entries(slot_root, others) + [entry], key=lambda e: e.slot), layers
+
+
+def rewrite(folder: Path, writes: dict[str, dict[str, torch.Tensor]], entry: SlotEntry, slot_root: Path) -> None:
+    """Write each changed ONNX file (`writes`: path relative to `folder` -> initializers) and the slot's concept
+    file (kept under `slot_root`) beside the originals, then rename them over them: a failure changes nothing."""
+    scratch = folder / ".refit"
+    shutil.rmtree(scratch, ignore_errors=True)
+    try:
+        for rel, tensors in writes.items():
+            onnx_io.replace_initializers(folder / rel, tensors, scratch / rel)
+        slot_store.store_concept(scratch, entry)
+        for rel in writes:
+            for name in (Path(rel).name, onnx_io.data_name(Path(rel))):
+                os.replace(scratch / Path(rel).parent / name, folder / Path(rel).parent / name)
+        os.replace(slot_store.slot_file(scratch, entry.slot), slot_store.slot_file(slot_root, entry.slot))
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+
+
 def _slot_tokens(info: dict, slot: int) -> dict:
     return next(s for s in info["tokens"]["slots"] if s["slot"] == slot)
 
 
-def _token_rows(folder: Path, info: dict, entry: SlotEntry, part: str = "text_encoder",
+def token_rows(folder: Path, info: dict, entry: SlotEntry, part: str = "text_encoder",
                 encoder: str | None = None) -> dict[str, torch.Tensor]:
     """The token table of text encoder `part` with the slot's rows replaced (zeros past the concept's vectors)."""
     path = folder / info["files"][part]

@@ -69,5 +69,6 @@ def base_layers(folder: Path) -> dict[str, CrossAttentionLayer]:
 
 
 def load_entries(folder: Path, concepts_info: list[dict]) -> list[SlotEntry]:
-    return [SlotEntry(c["slot"], load_concept(slot_file(folder, c["slot"])), c["strength"], c["beta"], c["tau"])
+    return [SlotEntry(c["slot"], load_concept(slot_file(folder, c["slot"])), c.get("strength", 1.0), c["beta"],
+                      c["tau"])
             for c in concepts_info]

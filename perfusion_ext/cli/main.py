@@ -1,4 +1,4 @@
-"""`perfusion` command line: train, generate, inspect, steps, library (and export, from perfusion_export)."""
+"""`perfusion` command line: train, generate, inspect, steps, library (and export and serve, from perfusion_export)."""
 from __future__ import annotations
 
 import argparse
@@ -81,13 +81,23 @@ def _auto_beta(pipe, concept_path) -> None:
 
 
 def _generate_exported(args) -> tuple[list, list[str]]:
-    """An exported ONNX folder: sample it with ONNX Runtime (concepts are baked in)."""
+    """An exported ONNX folder: sample it with ONNX Runtime (concepts are baked in; a Triton library repository
+    runs its serving pipeline locally, one seed per image)."""
     import warnings as py_warnings
 
+    from PIL import Image
+
+    from perfusion_export import manifest
     from perfusion_export.ort_pipeline import OrtStableDiffusion, generate_onnx
 
     from ..core.families import sampling_defaults
 
+    if manifest.read(args.model).get("layout") == "triton":
+        from perfusion_export.serving.runtime import local_pipeline
+
+        library = local_pipeline(args.model)
+        return [Image.fromarray(library.generate(args.prompt, args.negative, seed=args.seed + i, steps=args.steps,
+                                                 guidance=args.guidance)) for i in range(args.n)], []
     pipe = OrtStableDiffusion(args.model)
     defaults = sampling_defaults(pipe.info["base_family"])
     with py_warnings.catch_warnings(record=True) as caught:
@@ -282,8 +292,10 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--tau", type=float, default=None)
     p.set_defaults(func=cmd_library)
     from perfusion_export.cli import add_parser as add_export_parser  # light: heavy imports happen on use
+    from perfusion_export.cli import add_serve_parser
 
     add_export_parser(sub)
+    add_serve_parser(sub)
     return parser
 
 

@@ -14,13 +14,13 @@ such as the one in the `nvidia-pytriton` wheel).
 """
 from __future__ import annotations
 
-import json
 import logging
 from pathlib import Path
 
 import torch
 
 from perfusion_ext.core import families
+from perfusion_ext.core.atomic import atomic_write_json
 from perfusion_ext.core.errors import PerfusionError
 from perfusion_ext.core.layers import cross_attention_layers, model_family
 from perfusion_ext.pipelines.generate import sampling_defaults
@@ -140,6 +140,7 @@ def _write(pipe, entries, n_slots, backend, opset, instances, tmp: Path, family:
             "base_family": family, "opset": opset, "precision": "fp32",
             "library": {"slots": n_slots, "rows_per_slot": rows_per_slot, "unet_initializers": initializers},
             "files": {name: f"{name}/1/model.onnx" for name in NETWORKS},
+            "tokens": {"slots": lib_info["token_slots"]},
             "io": {"unet": unet_contract(unet, n_slots).as_table()},
             "concepts": lib_info["concepts"], "tools": manifest.tool_versions()}
 
@@ -152,7 +153,7 @@ def slot_concept(entry: SlotEntry, token_slot: tokens.TokenSlot) -> dict:
 
 def write_json(path: Path, data: dict) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+    atomic_write_json(data, path)  # a refit's library.json is read by a live server
 
 
 def library_unet_parity(unet, entries: list[SlotEntry], n_slots: int, path: Path) -> dict:

@@ -19,11 +19,19 @@ PIPELINE_INPUTS = (("prompt", "TYPE_STRING", False), ("negative_prompt", "TYPE_S
                    ("seed", "TYPE_INT64", True), ("steps", "TYPE_INT32", True), ("guidance", "TYPE_FP32", True),
                    ("width", "TYPE_INT32", True), ("height", "TYPE_INT32", True))
 
-STUB = '''"""Triton Python-backend model written by `perfusion export --layout triton` (see perfusion_export.serving)."""
+STUB = '''"""Triton Python-backend model written by `perfusion export --layout triton` (perfusion_export.serving)."""
 import os
+import site
 import sys
 
-sys.path[:0] = [p for p in os.environ.get("{variable}", "").split(os.pathsep) if p and p not in sys.path]
+# The stub ignores PYTHONPATH: take the paths `perfusion serve` sets, in order (numpy<2 first), running the
+# .pth files of site-packages folders (editable installs); the stub's own defaults come after them.
+_paths = [p for p in os.environ.get("{variable}", "").split(os.pathsep) if p]
+_before = [p for p in sys.path if p not in _paths]
+for _p in _paths:
+    if os.path.basename(_p) == "site-packages":
+        site.addsitedir(_p)
+sys.path[:] = _paths + [p for p in sys.path if p not in _paths and p not in _before] + _before
 
 from perfusion_export.serving.triton_models import {cls} as TritonPythonModel  # noqa: E402,F401
 '''
