@@ -4,6 +4,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
+import torch
 from PIL import Image, ImageDraw
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -53,3 +54,21 @@ def scatter(points: list[tuple[float, float, str, tuple[int, int, int]]], path: 
         if len(items) > 1:
             d.line([p for p, _ in items], fill=items[0][1], width=1)
     img.save(path)
+
+
+def random_concept(unet, seed: int = 1, name: str = "bench", family: str = "sd1", encoder: str = "clip_l"):
+    """A concept with random targets for `unet` (its own text width): for timing, not for looks."""
+    from perfusion_ext.core.concept import Concept
+    from perfusion_ext.core.layers import cross_attention_layers
+
+    g = torch.Generator().manual_seed(seed)
+    layers = cross_attention_layers(unet)
+    d = next(iter(layers.values())).in_dim
+    a = torch.randn(d, d, generator=g, dtype=torch.float64)
+    cov = a @ a.T / d + 0.1 * torch.eye(d, dtype=torch.float64)
+    i_star, i_super = torch.randn(d, generator=g, dtype=torch.float64), torch.randn(d, generator=g, dtype=torch.float64)
+    keys = {n: (layer.to_k.weight.detach().double() @ i_super).float() for n, layer in layers.items()}
+    values = {n: torch.randn(layer.out_dim, generator=g) for n, layer in layers.items()}
+    return Concept(name=name, token=name, superclass="thing", base_family=family,
+                   embeddings={encoder: torch.randn(1, d, generator=g)}, target_input=i_star.float(),
+                   target_input_cinv=torch.linalg.solve(cov, i_star).float(), key_targets=keys, value_targets=values)

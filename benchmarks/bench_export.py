@@ -1,8 +1,8 @@
 """Exporter benchmark: ORT latency of the baked UNet vs the base UNet export, ORT vs PyTorch
 eager (with the concept hooks) per denoising step, and export time and peak RSS, side by side.
 
-    OMP_NUM_THREADS=1 python benchmarks/bench_export.py            # tiny SD1.5-topology UNet (~3 min)
-    OMP_NUM_THREADS=1 python benchmarks/bench_export.py --full     # + SD1.5-size random UNet (~25 min, ~4 GB)
+    OMP_NUM_THREADS=1 python -m benchmarks.bench_export            # tiny SD1.5-topology UNet (~3 min)
+    OMP_NUM_THREADS=1 python -m benchmarks.bench_export --full     # + SD1.5-size random UNet (~25 min, ~4 GB)
 
 Random weights (no downloads). Each export runs in its own child process so its peak RSS is its own.
 Latencies are medians over interleaved runs (base, baked, torch alternate) on one thread.
@@ -20,6 +20,8 @@ import types
 from pathlib import Path
 
 import torch
+
+from benchmarks._common import random_concept
 
 SIZES = {
     # SD1.5 topology (4 levels, 2 layers per block, 16 attn2) at toy widths, as in the tests
@@ -39,23 +41,6 @@ def build_unet(size: str):
         sample_size=latent, in_channels=4, out_channels=4, layers_per_block=2, cross_attention_dim=768,
         down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
         up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3, **cfg).eval()
-
-
-def random_concept(unet, seed=1):
-    from perfusion_ext.core.concept import Concept
-    from perfusion_ext.core.layers import cross_attention_layers
-
-    g = torch.Generator().manual_seed(seed)
-    layers = cross_attention_layers(unet)
-    d = 768
-    a = torch.randn(d, d, generator=g, dtype=torch.float64)
-    cov = a @ a.T / d + 0.1 * torch.eye(d, dtype=torch.float64)
-    i_star, i_super = torch.randn(d, generator=g, dtype=torch.float64), torch.randn(d, generator=g, dtype=torch.float64)
-    keys = {n: (layer.to_k.weight.detach().double() @ i_super).float() for n, layer in layers.items()}
-    values = {n: torch.randn(layer.out_dim, generator=g) for n, layer in layers.items()}
-    return Concept(name="bench", token="bench", superclass="thing", base_family="sd1",
-                   embeddings={"clip_l": torch.randn(1, d, generator=g)}, target_input=i_star.float(),
-                   target_input_cinv=torch.linalg.solve(cov, i_star).float(), key_targets=keys, value_targets=values)
 
 
 def _export_child(size: str, baked: bool, out: str, queue) -> None:

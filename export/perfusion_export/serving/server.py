@@ -14,6 +14,7 @@ environment's site-packages.
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import shutil
 import signal
@@ -98,7 +99,8 @@ def command(install: TritonInstall, repository: Path, ports: Ports, models: list
     return [str(install.binary), f"--model-repository={repository}", f"--backend-directory={install.backends}",
             f"--http-port={ports.http}", f"--grpc-port={ports.grpc}", f"--metrics-port={ports.metrics}",
             "--model-control-mode=explicit", *[f"--load-model={m}" for m in models],
-            "--backend-config=python,shm-default-byte-size=16777216", "--exit-timeout-secs=15",
+            "--disable-auto-complete-config",  # the configs are complete; auto-completion starts an extra stub each
+            "--backend-config=python,shm-default-byte-size=16777216", "--exit-timeout-secs=30",
             "--log-verbose=0"]
 
 
@@ -147,6 +149,13 @@ def wait_ready(process: subprocess.Popen, url: str, timeout: float = 180.0) -> N
             pass
         time.sleep(0.5)
     raise PerfusionError(f"tritonserver was not ready after {timeout:.0f} s.")
+
+
+def model_statistics(url: str, model: str) -> dict[str, int]:
+    """Rows inferred (`inference_count`) and batched executions (`execution_count`) of a model so far."""
+    with urllib.request.urlopen(f"{url}/v2/models/{model}/stats", timeout=10) as response:
+        stats = json.loads(response.read())["model_stats"][0]
+    return {key: int(stats[key]) for key in ("inference_count", "execution_count")}
 
 
 def stop(process: subprocess.Popen, timeout: float = 30.0) -> int:

@@ -23,8 +23,10 @@ THREADS_VARIABLE = "PERFUSION_TRITON_THREADS"  # ONNX Runtime intra-op threads p
 
 
 def error_response(exc: Exception) -> pb_utils.InferenceResponse:
-    message = str(exc) if isinstance(exc, PerfusionError) else f"{type(exc).__name__}: {exc}"
-    return pb_utils.InferenceResponse(error=pb_utils.TritonError(message))
+    """Our own errors are the client's (HTTP 400, the message says what to change); anything else is a 500."""
+    if isinstance(exc, PerfusionError):
+        return pb_utils.InferenceResponse(error=pb_utils.TritonError(str(exc), pb_utils.TritonError.INVALID_ARG))
+    return pb_utils.InferenceResponse(error=pb_utils.TritonError(f"{type(exc).__name__}: {exc}"))
 
 
 class OnnxModel:
