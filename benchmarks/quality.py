@@ -202,38 +202,40 @@ def run_concept(pipe, backend, name: str, rows, seeds: int, steps, work: Path, s
 
 
 def two_concepts(pipe, results: dict, work: Path, seeds: int) -> dict:
-    """"<a> on the left, <b> on the right": each concept judged in its half, against its fidelity alone."""
+    """"<a> on the left, <b> on the right": each concept judged in its half, against its fidelity alone; for our
+    recipe and, beside it, two textual inversions in one prompt (their words alone: strength 0)."""
     from perfusion_ext.pipelines.generate import generate
     from perfusion_ext.toy.checkers import read_background
     from perfusion_ext.toy.concepts import CONCEPTS, fidelity
 
     out = {}
-    for a, b in TWO_CONCEPT_PAIRS:
-        if not all(n in results and "perfusion" in results[n] for n in (a, b)):
-            continue
-        folder = work / f"two-{a}-{b}"
-        folder.mkdir(exist_ok=True)
-        for n in (a, b):
-            (folder / f"{n}.safetensors").write_bytes((work / f"{n}-perfusion" / f"{n}.safetensors").read_bytes())
-        backgrounds = [c for c in CONCEPTS[a].readable_backgrounds() if c in CONCEPTS[b].readable_backgrounds()]
-        hits = {a: 0, b: 0}
-        total = 0
-        for bg in backgrounds:
-            for template in ("a <perfusion:{a}> on the left, a <perfusion:{b}> on the right, {bg} background",
-                             "{bg} background, <perfusion:{a}> at the left and <perfusion:{b}> at the right"):
-                images, _ = generate(pipe, template.format(a=a, b=b, bg=bg), concepts_dir=folder, n=seeds)
-                for image in images:
-                    image = np.asarray(image).copy()
-                    _, rgb = read_background(image)
-                    left, right = image.copy(), image.copy()
-                    left[:, 16:] = rgb.round().astype(np.uint8)
-                    right[:, :16] = rgb.round().astype(np.uint8)
-                    hits[a] += fidelity(left, a).is_concept
-                    hits[b] += fidelity(right, b).is_concept
-                    total += 1
-        out[f"{a}+{b}"] = {n: {"fidelity_together": hits[n] / total, "fidelity_alone": results[n]["perfusion"]["fidelity"]}
-                           for n in (a, b)}
-        print("two concepts", out[f"{a}+{b}"], flush=True)
+    for row, option in (("perfusion", ""), ("textual_inversion", ":0")):
+        for a, b in TWO_CONCEPT_PAIRS:
+            if not all(n in results and row in results[n] for n in (a, b)):
+                continue
+            folder = work / f"two-{row}-{a}-{b}"
+            folder.mkdir(exist_ok=True)
+            for n in (a, b):
+                (folder / f"{n}.safetensors").write_bytes((work / f"{n}-{row}" / f"{n}.safetensors").read_bytes())
+            backgrounds = [c for c in CONCEPTS[a].readable_backgrounds() if c in CONCEPTS[b].readable_backgrounds()]
+            hits = {a: 0, b: 0}
+            total = 0
+            for bg in backgrounds:
+                for template in ("a <perfusion:{a}{o}> on the left, a <perfusion:{b}{o}> on the right, {bg} background",
+                                 "{bg} background, <perfusion:{a}{o}> at the left and <perfusion:{b}{o}> at the right"):
+                    images, _ = generate(pipe, template.format(a=a, b=b, bg=bg, o=option), concepts_dir=folder, n=seeds)
+                    for image in images:
+                        image = np.asarray(image).copy()
+                        _, rgb = read_background(image)
+                        left, right = image.copy(), image.copy()
+                        left[:, 16:] = rgb.round().astype(np.uint8)
+                        right[:, :16] = rgb.round().astype(np.uint8)
+                        hits[a] += fidelity(left, a).is_concept
+                        hits[b] += fidelity(right, b).is_concept
+                        total += 1
+            out.setdefault(row, {})[f"{a}+{b}"] = {
+                n: {"fidelity_together": hits[n] / total, "fidelity_alone": results[n][row]["fidelity"]} for n in (a, b)}
+            print("two concepts", row, out[row][f"{a}+{b}"], flush=True)
     return out
 
 
@@ -303,6 +305,12 @@ def main(argv=None) -> int:
                        for m in ("fidelity", "alignment", "leak")] for k in ("base",) + tuple(args.rows)]
         splice_readme("quality", markdown_table(
             ["row", "fidelity (in range)", "alignment", "leak", "fidelity (out of range)", "alignment", "leak"], rows))
+        pairs = [[row, pair, name, cell(v["fidelity_alone"]), cell(v["fidelity_together"]),
+                  "—" if not v["fidelity_alone"] else f"{v['fidelity_together'] / v['fidelity_alone']:.2f}×"]
+                 for row, by_pair in report["two_concepts"].items() for pair, names in by_pair.items()
+                 for name, v in names.items()]
+        splice_readme("quality-two", markdown_table(
+            ["method", "prompt pair", "concept", "fidelity alone", "fidelity together", "together / alone"], pairs))
     return 0
 
 

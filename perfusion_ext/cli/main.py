@@ -132,6 +132,23 @@ def cmd_generate(args) -> int:
     return 0
 
 
+def cmd_compose(args) -> int:
+    from pathlib import Path
+
+    from ..core.library import default_concepts_dir
+    from ..pipelines.compose import compose
+
+    image, warnings = compose(_load(args), args.prompt, args.concepts or default_concepts_dir(), seed=args.seed,
+                              negative=args.negative, num_inference_steps=args.steps, guidance_scale=args.guidance)
+    for w in warnings:
+        print(f"warning: {w}", file=sys.stderr)
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    image.save(out)
+    print(out)
+    return 0
+
+
 def cmd_steps(args) -> int:
     from ..core.library import default_concepts_dir
     from ..core.runs import list_steps, promote_step
@@ -256,6 +273,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="cpu")
     p.add_argument("--prediction-type", choices=["epsilon", "v_prediction"], default=None, help=PREDICTION_HELP)
     p.set_defaults(func=cmd_generate)
+    p = sub.add_parser("compose", help="preview several concepts in one prompt: each alone (the others replaced by "
+                                       "their superclass word) and all together, side by side at one seed")
+    p.add_argument("--model", default="toy", help="toy, a diffusers folder or a .safetensors checkpoint")
+    p.add_argument("--concepts", default=None,
+                   help="concepts folder (default: $PERFUSION_CONCEPTS, else ./models/perfusion)")
+    p.add_argument("--prompt", required=True, help="a prompt with two or more <perfusion:NAME> tags")
+    p.add_argument("--negative", default="")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--steps", type=int, default=None)
+    p.add_argument("--guidance", type=float, default=None)
+    p.add_argument("--out", default="outputs/compose.png")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--prediction-type", choices=["epsilon", "v_prediction"], default=None, help=PREDICTION_HELP)
+    p.set_defaults(func=cmd_compose)
     p = sub.add_parser("inspect", help="a concept file's metadata, layers, shapes, dtypes and size; or, with "
                                        "--prompt, every token's similarity and gate for the prompt's concepts")
     p.add_argument("file", nargs="?", help="a concept file to describe")
