@@ -176,3 +176,41 @@ def test_mismatched_concept_raises_and_leaves_model_untouched(unet):
         with pf.activate(unet, [concept]):
             pass
     assert all(not m._forward_hooks for m in unet.modules())
+
+
+def test_inference_computes_the_coefficients_once_per_text_and_matches_the_training_path(unet, monkeypatch):
+    """The fast path shares [w g | w α] across all 32 projections and keeps [O* ; −(W I*)ᵀ] until W changes; it
+    gives the same output as the uncached autograd path, and follows in-place changes of the text and of W."""
+    from perfusion_ext.core.gated_edit import ProjectionEdit
+
+    concepts = [make_concept(unet, name="teddy", seed=1), make_concept(unet, name="robot", seed=2)]
+    x, t, ctx = unet_inputs(unet)
+    ctx[:, 3] = concepts[0].target_input
+    calls = []
+    original = ProjectionEdit.coefficients
+    monkeypatch.setattr(ProjectionEdit, "coefficients", lambda self, e: calls.append(1) or original(self, e))
+    with pf.activate(unet, [(concepts[0], 0.8), concepts[1]]):
+        fast = run_unet(unet, x, t, ctx)
+        assert len(calls) == 1  # once for 32 projections
+        run_unet(unet, x, t, ctx)
+        assert len(calls) == 1  # the same text at the next step: nothing recomputed
+        with torch.enable_grad():
+            slow = unet(x, t, encoder_hidden_states=ctx).sample if hasattr(unet, "down_blocks") else \
+                unet(x, timesteps=t, context=ctx)
+        assert len(calls) == 1 + 32  # the autograd path caches nothing
+        # fp32 summation order differs (one MatMul vs two); this random UNet amplifies it to ~1e-4 in both paths
+        torch.testing.assert_close(fast, slow.detach(), rtol=1e-3, atol=5e-4)
+        ctx.mul_(1.0001)  # changed in place: recomputed
+        run_unet(unet, x, t, ctx)
+        assert len(calls) == 1 + 32 + 1
+        layer = next(iter(cross_attention_layers(unet).values()))
+        with torch.no_grad():
+            layer.to_v.weight.mul_(1.5)  # a Lora-style in-place weight patch
+        patched = run_unet(unet, x, t, ctx)
+    with torch.enable_grad(), pf.activate(unet, [(concepts[0], 0.8), concepts[1]]):
+        reference = (unet(x, t, encoder_hidden_states=ctx).sample if hasattr(unet, "down_blocks")
+                     else unet(x, timesteps=t, context=ctx)).detach()
+    with torch.no_grad():
+        layer.to_v.weight.div_(1.5)
+    torch.testing.assert_close(patched, reference, rtol=1e-3, atol=5e-4)
+    assert (patched - fast).abs().max() > 4 * 5e-4  # the patch changed the output well beyond the tolerance

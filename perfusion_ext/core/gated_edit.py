@@ -11,12 +11,51 @@ target output o*_k, strength w_k, gate (β_k, τ_k):
 For one concept α = s, the paper's formula. Gate and projection run in fp32 even for fp16/bf16
 models (an fp16 gate measurably blurs the concept boundary), in fp64 for fp64 inputs (tests);
 only the final delta is cast to the model's dtype.
+
+The fast path (inference): α and g depend only on the text and the concepts, not on the layer, so the
+edits of one activation share them through a `CoefficientCache` (computed once per text tensor, not
+once per projection, and once per prompt where a pipeline passes the same text at every step); each
+projection then adds [w g | w α] @ [O* ; −(W I*)ᵀ], one MatMul with a weight kept until W changes.
+Under autograd (training) nothing is cached.
 """
 from __future__ import annotations
 
 import dataclasses
 
 import torch
+
+
+class CoefficientCache:
+    """The last text's [w g | w α] for one concept set, shared by the edits of one activation (inference only)."""
+
+    def __init__(self):
+        self.clear()
+
+    def clear(self) -> None:
+        self.text: torch.Tensor | None = None
+        self.version = -1
+        self.values: dict[tuple, torch.Tensor] = {}
+
+    def lookup(self, e: torch.Tensor, key: tuple) -> torch.Tensor | None:
+        if self.text is not e or self.version != version_of(e):
+            return None
+        return self.values.get(key)
+
+    def store(self, e: torch.Tensor, key: tuple, value: torch.Tensor) -> None:
+        version = version_of(e)
+        if version is None:  # an inference-mode tensor has no version counter: nothing proves it unchanged
+            return
+        if self.text is not e or self.version != version:
+            self.text, self.version, self.values = e, version, {}
+        self.values[key] = value
+
+
+def version_of(t: torch.Tensor) -> int | None:
+    """The in-place modification counter of `t`, None for inference-mode tensors (they have none)."""
+    try:
+        return t._version
+    except RuntimeError:
+        return None
 
 
 @dataclasses.dataclass
@@ -30,14 +69,18 @@ class ProjectionEdit:
     betas: torch.Tensor  # [n]
     taus: torch.Tensor  # [n]
     linear_gate: bool = False  # g = s: the ungated ROME update (tests, ablations)
+    cache: CoefficientCache | None = None  # shared with the other edits of the same concepts (hooks)
+    concept_key: tuple = ()  # which concepts, in which order: edits with equal keys share coefficients
 
     def __post_init__(self):
-        tensors = {f.name: getattr(self, f.name).double() for f in dataclasses.fields(self) if f.name != "linear_gate"}
+        tensors = {f.name: getattr(self, f.name).double() for f in dataclasses.fields(self)
+                   if isinstance(getattr(self, f.name), torch.Tensor)}
         gram = tensors["target_inputs_cinv"] @ tensors["target_inputs"].T  # G_jk = u_j · i*_k
         tensors["gram_inverse"] = torch.linalg.inv(gram)
         tensors["energies"] = torch.diagonal(gram).clone()  # E_k = u_k · i*_k
         self._master = tensors
         self._cast: dict[tuple, dict[str, torch.Tensor]] = {}
+        self._combined: tuple | None = None  # (W, its version, dtype, device, [O* ; −(W I*)ᵀ])
 
     def _tensors(self, dtype: torch.dtype, device) -> dict[str, torch.Tensor]:
         key = (dtype, device)
@@ -57,6 +100,8 @@ class ProjectionEdit:
         self._master["betas"], self._master["taus"] = betas, taus
         for (dtype, device), cast in self._cast.items():
             cast["betas"], cast["taus"] = betas.to(device=device, dtype=dtype), taus.to(device=device, dtype=dtype)
+        if self.cache is not None:
+            self.cache.clear()
 
     @staticmethod
     def compute_dtype(e: torch.Tensor) -> torch.dtype:
@@ -89,21 +134,47 @@ class ProjectionEdit:
 
     def delta(self, e: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         """Σ_k w_k (g_k o*_k − α_k W i*_k), shape [..., out], in the compute dtype."""
-        alpha, gate = self.coefficients(e)
-        t = self._tensors(alpha.dtype, e.device)
-        w_target_inputs = t["target_inputs"] @ weight.to(alpha.dtype).T  # rows W i*_k, [n, out]
-        strengths = t["strengths"]
-        return (strengths * gate) @ t["target_outputs"] - (strengths * alpha) @ w_target_inputs
+        if torch.is_grad_enabled():  # training: every tensor stays in the autograd graph
+            alpha, gate = self.coefficients(e)
+            t = self._tensors(alpha.dtype, e.device)
+            w_target_inputs = t["target_inputs"] @ weight.to(alpha.dtype).T  # rows W i*_k, [n, out]
+            strengths = t["strengths"]
+            return (strengths * gate) @ t["target_outputs"] - (strengths * alpha) @ w_target_inputs
+        return self.scaled_coefficients(e) @ self._combined_weight(weight, self.compute_dtype(e), e.device)
+
+    def scaled_coefficients(self, e: torch.Tensor) -> torch.Tensor:
+        """[w g | w α], [..., 2n]; from the shared cache when another edit of these concepts computed it."""
+        key = (self.concept_key, e.dtype, e.device)
+        cached = self.cache.lookup(e, key) if self.cache is not None else None
+        if cached is None:
+            alpha, gate = self.coefficients(e)
+            strengths = self._tensors(alpha.dtype, e.device)["strengths"]
+            cached = torch.cat([strengths * gate, strengths * alpha], dim=-1)
+            if self.cache is not None:
+                self.cache.store(e, key, cached)
+        return cached
+
+    def _combined_weight(self, weight: torch.Tensor, dtype: torch.dtype, device) -> torch.Tensor:
+        """[O* ; −(W I*)ᵀ], [2n, out], rebuilt only when W is another tensor or was changed in place."""
+        key = (version_of(weight), dtype, device)
+        held = self._combined
+        if held is None or held[0] is not weight or held[1:-1] != key or key[0] is None:
+            t = self._tensors(dtype, device)
+            combined = torch.cat([t["target_outputs"], -(t["target_inputs"] @ weight.to(dtype).T)])
+            self._combined = (weight, *key, combined)
+        return self._combined[-1]
 
     def apply(self, e: torch.Tensor, base_output: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         """The edited projection output, given the unedited one (W e, plus whatever patches made it)."""
         return base_output + self.delta(e, weight).to(base_output.dtype)
 
 
-def stack_edit(concepts, kind: str, layer: str, linear_gate: bool = False) -> ProjectionEdit:
+def stack_edit(concepts, kind: str, layer: str, linear_gate: bool = False, cache: CoefficientCache | None = None,
+               concept_key: tuple = ()) -> ProjectionEdit:
     """Build the ProjectionEdit of `layer` for `kind` ('key' or 'value').
 
-    `concepts` holds (Concept, strength, beta, tau) tuples; every concept must carry the layer.
+    `concepts` holds (Concept, strength, beta, tau) tuples; every concept must carry the layer. Edits given
+    one `cache` and equal `concept_key`s share their coefficients (the same concepts in the same order).
     """
     def stack(values):
         return torch.stack([v.double() for v in values])
@@ -115,7 +186,7 @@ def stack_edit(concepts, kind: str, layer: str, linear_gate: bool = False) -> Pr
         strengths=torch.tensor([float(w) for _, w, _, _ in concepts], dtype=torch.float64),
         betas=torch.tensor([float(b) for _, _, b, _ in concepts], dtype=torch.float64),
         taus=torch.tensor([float(t) for _, _, _, t in concepts], dtype=torch.float64),
-        linear_gate=linear_gate,
+        linear_gate=linear_gate, cache=cache, concept_key=concept_key,
     )
 
 

@@ -17,7 +17,7 @@ import torch
 from . import families
 from .concept import Concept
 from .errors import PerfusionError
-from .gated_edit import ProjectionEdit, stack_edit
+from .gated_edit import CoefficientCache, ProjectionEdit, stack_edit
 from .layers import CrossAttentionLayer, cross_attention_layers, model_family
 from .tags import Schedule, value_at
 
@@ -147,14 +147,15 @@ def prepare_edits(unet: torch.nn.Module, entries: list[ResolvedConcept]) -> Edit
     for entry in entries:
         check_fits(entry.concept, layers, family)
     edits, members = {}, {}
+    cache = CoefficientCache()  # the text-side coefficients, computed once for every layer
     start = [entry.gate_at(0.0) for entry in entries]
     for name, layer in layers.items():
         indices = [i for i, e in enumerate(entries) if name in e.concept.key_targets]
         if not indices:
             continue
         present = [(entries[i].concept, entries[i].strength, *start[i]) for i in indices]
-        edits[layer.to_k] = stack_edit(present, "key", name)
-        edits[layer.to_v] = stack_edit(present, "value", name)
+        edits[layer.to_k] = stack_edit(present, "key", name, cache=cache, concept_key=tuple(indices))
+        edits[layer.to_v] = stack_edit(present, "value", name, cache=cache, concept_key=tuple(indices))
         members[layer.to_k] = members[layer.to_v] = indices
     return Edits(edits, list(entries), members, start)
 
