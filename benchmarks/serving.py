@@ -105,13 +105,13 @@ def library_engine(pipe, concepts: list[Path], jobs, folder: Path, instances: in
                     client.infer("pipeline", inputs).as_numpy("image")
                 finally:
                     client.close()
-                return time.perf_counter() - start
+                return time.perf_counter()
 
             send(jobs[0])  # warm-up
             before = triton.model_statistics(f"http://localhost:{ports.http}", "unet")
             with concurrent.futures.ThreadPoolExecutor(len(jobs)) as pool:
                 start = time.perf_counter()
-                finished = list(pool.map(send, jobs))
+                finished = [done - start for done in pool.map(send, jobs)]
             after = triton.model_statistics(f"http://localhost:{ports.http}", "unet")
         finally:
             triton.stop(process)
