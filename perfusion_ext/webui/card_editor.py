@@ -31,8 +31,19 @@ class PerfusionMetadataEditor(ui_extra_networks_user_metadata.UserMetadataEditor
         except Exception:  # noqa: BLE001 - an unusable file still opens its editor, with the defaults
             return None
 
+    def get_user_metadata(self, name):
+        """The user's own metadata only. The WebUI's version pre-fills the card's description, which here holds
+        the facts line with β/τ: saved as the user's text, the card would show the old β/τ after this editor
+        changed them."""
+        item = self.page.items.get(name, {})
+        item["user_metadata"] = item.get("user_metadata") or {}
+        return item["user_metadata"]
+
     def put_values_into_components(self, name):
         values = super().put_values_into_components(name)
+        user_metadata = self.get_user_metadata(name)
+        if "description" not in user_metadata:  # none written: show the card's own (live β/τ)
+            values = [values[0], self.page.generated_description(name) or "", *values[2:]]
         concept = self._concept(name)
         images = ""
         try:
@@ -44,7 +55,11 @@ class PerfusionMetadataEditor(ui_extra_networks_user_metadata.UserMetadataEditor
 
     def save_perfusion_metadata(self, name, description, notes, beta, tau):
         user_metadata = self.get_user_metadata(name)
-        user_metadata["description"] = description
+        generated = self.page.generated_description(name)  # before β/τ change below
+        if generated is not None and (description or "").strip() == generated.strip():
+            user_metadata.pop("description", None)  # not the user's words: the card keeps its live facts line
+        else:
+            user_metadata["description"] = description
         user_metadata["notes"] = notes
         self.write_user_metadata(name, user_metadata)
         concept = self._concept(name)

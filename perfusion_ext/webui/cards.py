@@ -45,6 +45,15 @@ def facts(entry: Entry) -> str:
     return " · ".join(parts)
 
 
+def generated_description(entry: Entry, reason: str | None) -> str:
+    """The card's description when the user wrote none: the facts line (live β/τ), the file's description and
+    the reason it does not fit the loaded model."""
+    c = entry.concept
+    description = (c.metadata.get("modelspec.description", "") if c else "") or ""
+    description = f"{facts(entry)}\n{description}".strip()
+    return f"⚠ {reason}\n{description}" if reason else description
+
+
 def concept_json(entry: Entry, family: str | None = "unset") -> dict:
     family = current_family() if family == "unset" else family
     c = entry.concept
@@ -71,6 +80,14 @@ class ExtraNetworksPagePerfusion(ui_extra_networks.ExtraNetworksPage):
 
         return PerfusionMetadataEditor(ui, tabname, self)
 
+    def generated_description(self, name) -> str | None:
+        """What the card of `name` shows when the user wrote no description (None: no such concept)."""
+        entry = next((e for e in self.store.entries() if e.name == name), None)
+        if entry is None:
+            return None
+        c = entry.concept
+        return generated_description(entry, mismatch_reason(c.base_family, current_family()) if c else entry.error)
+
     def refresh(self):
         pass  # entries() rescans the folder on every listing (cached per file by mtime/size)
 
@@ -87,10 +104,7 @@ class ExtraNetworksPagePerfusion(ui_extra_networks.ExtraNetworksPage):
             file_meta.update({"perfusion.name": c.name, "perfusion.superclass": c.superclass,
                               "perfusion.base_family": c.base_family, "perfusion.beta": str(c.beta),
                               "perfusion.tau": str(c.tau), "tensor sha256": entry.sha256})
-        description = (c.metadata.get("modelspec.description", "") if c else "") or ""
-        description = f"{facts(entry)}\n{description}".strip()
-        if reason:
-            description = f"⚠ {reason}\n{description}"
+        description = generated_description(entry, reason)
         strength = float(getattr(shared.opts, "perfusion_default_strength", 1.0) or 1.0)
         item = {
             "name": entry.name,
