@@ -79,10 +79,10 @@ def python_backend(server: Path, backends: Path) -> Path:
 
 def python_path(install: TritonInstall) -> list[str]:
     """What the Python-backend models import from: numpy<2 first, then this project and this environment."""
-    import perfusion_export
-    import perfusion_ext
+    from perfusion_ext.core import errors
 
-    roots = [str(Path(m.__file__).resolve().parents[1]) for m in (perfusion_ext, perfusion_export)]
+    # the folders holding the perfusion_ext and perfusion_export packages
+    roots = [str(Path(errors.__file__).resolve().parents[2]), str(Path(__file__).resolve().parents[2])]
     site = [sysconfig.get_paths()[k] for k in ("purelib", "platlib")]
     paths = ([str(install.numpy1)] if install.numpy1 else []) + roots + site
     return list(dict.fromkeys(paths))
