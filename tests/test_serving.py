@@ -116,7 +116,8 @@ def test_every_config_parses_with_tritons_schema(backend, tmp_path):
 
     from perfusion_export.serving.triton_config import write_repository
 
-    write_repository(tmp_path, backend, {"text": 128, "context": 160, "latent": 4, "image": 3}, 3)
+    write_repository(tmp_path, backend, {"text": 128, "context": 160, "latent": 4, "image": 3}, 3,
+                     tensorrt=backend == "onnxruntime")
     model_config = model_config_parser()
     configs = {m: text_format.Parse((tmp_path / m / "config.pbtxt").read_text(), model_config())
                for m in ("text_encoder", "unet", "vae_decoder", "pipeline")}
@@ -127,6 +128,9 @@ def test_every_config_parses_with_tritons_schema(backend, tmp_path):
         assert (tmp_path / name / "1" / "model.py").is_file() == (backend == "python")
     assert [i.name for i in configs["unet"].input] == ["sample", "timestep", "encoder_hidden_states"]
     assert list(configs["unet"].input[2].dims) == [-1, 160]
+    accelerators = [[a.name for a in configs[m].optimization.execution_accelerators.gpu_execution_accelerator]
+                    for m in ("text_encoder", "unet", "vae_decoder")]
+    assert accelerators == ([["tensorrt"], ["tensorrt"], []] if backend == "onnxruntime" else [[], [], []])
     timestep = configs["unet"].input[1]
     assert list(timestep.dims) == [1] and timestep.HasField("reshape") and list(timestep.reshape.shape) == []
     pipeline = configs["pipeline"]

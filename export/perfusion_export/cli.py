@@ -27,6 +27,9 @@ def add_parser(sub) -> None:
     p.add_argument("--triton-backend", default="onnxruntime", choices=["onnxruntime", "python"],
                    help="(triton) run the networks on Triton's onnxruntime backend (NGC containers) or through "
                         "ONNX Runtime inside Python-backend models (servers without it, e.g. nvidia-pytriton's)")
+    p.add_argument("--triton-tensorrt", action="store_true",
+                   help="(triton, onnxruntime backend, GPU servers) run the UNet and text encoder through TensorRT "
+                        "(ONNX Runtime's TensorRT provider, fp16, engines cached)")
     p.add_argument("--pipeline-instances", type=int, default=4,
                    help="(triton) concurrent pipeline executions whose UNet calls are batched together")
     p.add_argument("--server", help="(refit of a Triton library) reload the changed models on this running "
@@ -70,7 +73,8 @@ def run(args) -> int:
 
         info = export_library(args.model, args.concept, args.out, n_slots=args.library, backend=args.triton_backend,
                               opset=args.opset, pipeline_instances=args.pipeline_instances,
-                              overwrite=args.overwrite, verify_export=not args.no_verify)
+                              overwrite=args.overwrite, verify_export=not args.no_verify,
+                              tensorrt=args.triton_tensorrt)
         print(json.dumps({"out": str(args.out), "library": args.library, "concepts": [c["name"] for c in info["concepts"]],
                           "unet_max_rel": info.get("verification", {}).get("unet", {}).get("max_rel")}, indent=2))
         return 0

@@ -76,11 +76,14 @@ def check_options(n_slots: int, backend: str, n_concepts: int) -> None:
 
 def export_library(model, concepts=(), out="triton_repo", *, n_slots: int = 16, backend: str = "onnxruntime",
                    opset: int = 18, pipeline_instances: int = 4, overwrite: bool = False,
-                   verify_export: bool = True) -> dict:
+                   verify_export: bool = True, tensorrt: bool = False) -> dict:
     """Write a Triton model repository for `model` with a library of `n_slots` concept slots, the first filled
     with `concepts` (paths or Concept objects). Returns the manifest."""
     check_export_options("optimum", "fp32", opset, None, 0)
     check_options(n_slots, backend, len(concepts))
+    if tensorrt and backend != "onnxruntime":
+        raise PerfusionError("--triton-tensorrt needs --triton-backend onnxruntime (TensorRT runs inside Triton's "
+                             "onnxruntime backend).")
     out = Path(out)
     check_destination(out, overwrite)
     loaded = [c for c, _ in _concepts(concepts)]
@@ -97,7 +100,7 @@ def export_library(model, concepts=(), out="triton_repo", *, n_slots: int = 16, 
                              "(SDXL's two text encoders and added conditioning are not in the serving pipeline).")
     entries = slot_entries(pipe.unet, [(c, 1.0) for c in loaded], None, None)
     with staged(out, overwrite) as tmp:
-        info = _write(pipe, entries, n_slots, backend, opset, pipeline_instances, tmp, family)
+        info = _write(pipe, entries, n_slots, backend, opset, pipeline_instances, tmp, family, tensorrt)
         info["base_hash"] = _base_hash(pipe)
         if verify_export:
             info["verification"] = {"unet": library_unet_parity(pipe.unet, entries, n_slots,
@@ -106,7 +109,7 @@ def export_library(model, concepts=(), out="triton_repo", *, n_slots: int = 16, 
     return info
 
 
-def _write(pipe, entries, n_slots, backend, opset, instances, tmp: Path, family: str) -> dict:
+def _write(pipe, entries, n_slots, backend, opset, instances, tmp: Path, family: str, tensorrt: bool) -> dict:
     te, unet, vae = pipe.text_encoder, pipe.unet, pipe.vae
     lib = tmp / "pipeline" / "library"
     vocab = te.get_input_embeddings().num_embeddings
@@ -135,8 +138,9 @@ def _write(pipe, entries, n_slots, backend, opset, instances, tmp: Path, family:
     write_json(lib / LIBRARY_JSON, lib_info)
     dims = {"text": te.config.hidden_size, "context": components.text_dim(unet) + 2 * n_slots,
             "latent": unet.config.in_channels, "image": vae.config.out_channels}
-    triton_config.write_repository(tmp, backend, dims, instances)
+    triton_config.write_repository(tmp, backend, dims, instances, tensorrt)
     return {"format_version": manifest.FORMAT_VERSION, "layout": "triton", "triton_backend": backend,
+            "tensorrt": tensorrt,
             "base_family": family, "opset": opset, "precision": "fp32",
             "library": {"slots": n_slots, "rows_per_slot": rows_per_slot, "unet_initializers": initializers},
             "files": {name: f"{name}/1/model.onnx" for name in NETWORKS},

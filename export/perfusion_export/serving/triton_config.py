@@ -46,8 +46,13 @@ def tensor(name: str, dtype: str, dims: list[int], optional: bool = False, resha
     return text + "  }"
 
 
+TENSORRT = ('optimization { execution_accelerators { gpu_execution_accelerator: [ { name: "tensorrt"\n'
+            '  parameters { key: "precision_mode" value: "FP16" }\n'
+            '  parameters { key: "trt_engine_cache_enable" value: "1" } } ] } }')
+
+
 def config(name: str, runtime: str, max_batch: int, inputs: list[str], outputs: list[str],
-           instances: int | None = None, batching: bool = False) -> str:
+           instances: int | None = None, batching: bool = False, tensorrt: bool = False) -> str:
     """One config.pbtxt. runtime: 'python' (backend) or 'onnxruntime_onnx' (platform)."""
     lines = [f'name: "{name}"',
              'backend: "python"' if runtime == "python" else f'platform: "{runtime}"',
@@ -58,6 +63,8 @@ def config(name: str, runtime: str, max_batch: int, inputs: list[str], outputs: 
         lines.append(f"dynamic_batching {{ max_queue_delay_microseconds: {QUEUE_DELAY_US[name]} }}")
     if instances is not None:
         lines.append(f"instance_group [ {{ count: {instances} kind: KIND_CPU }} ]")
+    if tensorrt:  # ONNX Runtime's TensorRT execution provider builds (and caches) the engine on first load
+        lines.append(TENSORRT)
     return "\n".join(lines) + "\n"
 
 
@@ -76,12 +83,14 @@ def network_configs(dims: dict) -> dict[str, tuple[list[str], list[str]]]:
     }
 
 
-def write_repository(folder: Path, backend: str, dims: dict, pipeline_instances: int) -> None:
-    """config.pbtxt (and model.py where the backend is Python) for the three networks and the pipeline."""
+def write_repository(folder: Path, backend: str, dims: dict, pipeline_instances: int, tensorrt: bool = False) -> None:
+    """config.pbtxt (and model.py where the backend is Python) for the three networks and the pipeline.
+    `tensorrt` (onnxruntime flavour, GPU servers): the UNet and text encoder run through TensorRT."""
     for name, (inputs, outputs) in network_configs(dims).items():
         runtime = "python" if backend == "python" else "onnxruntime_onnx"
         write(folder / name / "config.pbtxt",
-              config(name, runtime, MAX_BATCH[name], inputs, outputs, 1 if backend == "python" else None, True))
+              config(name, runtime, MAX_BATCH[name], inputs, outputs, 1 if backend == "python" else None, True,
+                     tensorrt and backend == "onnxruntime" and name != "vae_decoder"))
         if backend == "python":
             write(folder / name / "1" / "model.py", STUB.format(variable=PATH_VARIABLE, cls="OnnxModel"))
     inputs = [tensor(n, t, [1], optional=o) for n, t, o in PIPELINE_INPUTS]
