@@ -13,7 +13,7 @@ import argparse
 import json
 
 from benchmarks import hooks, serving, training
-from benchmarks._common import ROOT, markdown_table
+from benchmarks._common import ROOT, markdown_table, splice_readme
 
 RESULTS = ROOT / "benchmarks" / "results"
 
@@ -43,6 +43,7 @@ def summary() -> list[list[str]]:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="smoke pass of every benchmark (writes no results)")
+    parser.add_argument("--update-readme", action="store_true", help="write the summary into README.md")
     args = parser.parse_args(argv)
     flags = ["--quick"] if args.quick else []
     for module in (hooks, training, serving):
@@ -50,7 +51,11 @@ def main(argv=None) -> int:
         module.main(flags)
     if not args.quick:
         print("\n== summary ==")
-        print(markdown_table(["what", "measured", "goal"], summary()))
+        table = markdown_table(["what", "measured", "goal"], summary())
+        print(table)
+        if args.update_readme:
+            machine = json.loads((RESULTS / "hooks.json").read_text())["machine"]
+            splice_readme("performance", f"Measured on {machine} by `python -m benchmarks`:\n\n{table}")
     return 0
 
 
