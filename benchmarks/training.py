@@ -75,9 +75,10 @@ def concept_bytes(family: str, folder: Path) -> int:
         unet = UNet2DConditionModel.from_config(config)
     layers = cross_attention_layers(unet)
     d = next(iter(layers.values())).in_dim
+    i_star = torch.randn(d)
     concept = Concept(name="size", token="size", superclass="thing", base_family=family,
                       embeddings={name: torch.randn(1, width) for name, width in fam.encoders},
-                      target_input=torch.randn(d), target_input_cinv=torch.randn(d),
+                      target_input=i_star, target_input_cinv=i_star.clone(),  # any u with u · i* > 0
                       key_targets={n: torch.randn(layer.out_dim) for n, layer in layers.items()},
                       value_targets={n: torch.randn(layer.out_dim) for n, layer in layers.items()})
     return save_concept(concept, folder / f"{family}.safetensors").stat().st_size
