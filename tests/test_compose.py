@@ -5,9 +5,10 @@ import numpy as np
 import pytest
 from conftest import make_concept
 
+from perfusion_ext.core.composition import compose_prompts
 from perfusion_ext.core.concept import save_concept
 from perfusion_ext.core.errors import PerfusionError
-from perfusion_ext.pipelines.compose import compose, compose_prompts
+from perfusion_ext.pipelines.compose import compose
 
 
 @pytest.fixture(scope="module")

@@ -1,34 +1,12 @@
-"""Composition preview: a prompt with several concepts rendered as each concept alone and all together.
-
-"Alone" keeps the prompt and replaces every other concept's tag by that concept's superclass word, so
-the only difference between the panels is which edits are active; all panels share one seed. Put side by
-side, they show whether a concept keeps its look next to another (the joint projection at work) or
-bleeds into it.
-"""
+"""Composition preview with a diffusers pipeline: the panels of `core.composition`, side by side at one seed."""
 from __future__ import annotations
 
 from PIL import Image, ImageDraw
 
-from ..core.concept import Concept
-from ..core.errors import PerfusionError
-from ..core.tags import parse_prompt
+from ..core.composition import compose_prompts
 from .generate import generate, prepare_prompt
 
 LABEL_HEIGHT = 14
-
-
-def compose_prompts(prompt: str, concepts: dict[str, Concept]) -> list[tuple[str, str]]:
-    """(label, prompt) per concept alone, then ("together", prompt); `concepts` maps tag names to their files."""
-    parsed = parse_prompt(prompt)
-    names = list(dict.fromkeys(t.name for t in parsed.tags if t.name in concepts))
-    if len(names) < 2:
-        raise PerfusionError("a composition preview needs at least two known concepts in the prompt, got "
-                             f"{names or 'none'}.")
-
-    def alone(keep: str) -> str:
-        return parsed.text_with(lambda tag: prompt[tag.start:tag.end] if tag.name == keep else concepts[tag.name].superclass)
-
-    return [(name, alone(name)) for name in names] + [("together", prompt)]
 
 
 def compose(pipe, prompt: str, concepts_dir, seed: int = 0, **settings) -> tuple[Image.Image, list[str]]:
