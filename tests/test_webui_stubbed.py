@@ -14,6 +14,7 @@ from test_webui_fidelity import LayoutEnv
 from test_webui_glue import FakeP
 
 from perfusion_ext.core.concept import save_concept
+from perfusion_ext.core.errors import PerfusionError
 from perfusion_ext.webui.activation import Activator
 from perfusion_ext.webui.concepts import ConceptStore
 
@@ -115,3 +116,39 @@ def test_before_ui_registers_the_axes_once(webui, monkeypatch):
     wiring.before_ui()
     wiring.before_ui()  # the UI can be rebuilt; the axes are added once
     assert [o.label for o in xyz_module.axis_options] == ["Perfusion β", "Perfusion τ", "Perfusion strength"]
+
+
+def test_compose_preview_renders_each_concept_alone_then_together(tmp_path, monkeypatch):
+    """The tab's composition preview: one txt2img per panel at the same seed, tags kept for the extra network."""
+    unet = tiny_ldm_unet()
+    for seed, (name, superclass) in enumerate((("teddy", "bear"), ("robot", "toy")), start=1):
+        save_concept(make_concept(unet, name, seed=seed, superclass=superclass), tmp_path / f"{name}.safetensors")
+    runs = []
+
+    class Txt2Img:
+        def __init__(self, **kwargs):
+            self.kwargs = kwargs
+
+        def close(self):
+            runs.append(self.kwargs)
+
+    processing = types.SimpleNamespace(
+        StableDiffusionProcessingTxt2Img=Txt2Img,
+        process_images=lambda p: types.SimpleNamespace(images=[f"image of {p.kwargs['prompt']}"]))
+    store = ConceptStore(lambda: tmp_path)
+    for name, module in {"modules": types.ModuleType("modules"), "modules.processing": processing,
+                         "modules.shared": types.SimpleNamespace(sd_model="model"),
+                         "perfusion_ext.webui.state": types.SimpleNamespace(store=lambda: store)}.items():
+        monkeypatch.setitem(sys.modules, name, module)
+    monkeypatch.delitem(sys.modules, "perfusion_ext.webui.compose", raising=False)
+    compose = importlib.import_module("perfusion_ext.webui.compose")
+    try:
+        panels = compose.render("a <perfusion:teddy:0.8> left of a <perfusion:robot>", "blurry", 7, 20, 64, 64)
+        assert [label for _, label in panels] == ["teddy", "robot", "together"]
+        assert [r["prompt"] for r in runs] == ["a <perfusion:teddy:0.8> left of a toy", "a bear left of a <perfusion:robot>",
+                                              "a <perfusion:teddy:0.8> left of a <perfusion:robot>"]
+        assert {r["seed"] for r in runs} == {7} and all(r["negative_prompt"] == "blurry" for r in runs)
+        with pytest.raises(PerfusionError, match="unknown concept 'ghost'"):
+            compose.render("a <perfusion:teddy> and <perfusion:ghost>", "", 1, 20, 64, 64)
+    finally:
+        sys.modules.pop("perfusion_ext.webui.compose", None)
