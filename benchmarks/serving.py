@@ -29,7 +29,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from benchmarks._common import ROOT, markdown_table, random_concept
+from benchmarks._common import ROOT, markdown_table, random_concept, splice_readme
 
 SIZES = (0, 16, 256, 1024)
 RESULTS = ROOT / "benchmarks" / "results" / "serving.json"
@@ -150,6 +150,7 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="8 requests over 4 concepts, N up to 256, few repeats")
     parser.add_argument("--instances", type=int, default=4, help="pipeline instances of the library engine")
+    parser.add_argument("--update-readme", action="store_true", help="write the tables into README.md")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
     from perfusion_ext.core.concept import save_concept
@@ -173,14 +174,21 @@ def main(argv=None) -> int:
               "library_size_cost": cost, "engines": engines, "quick": args.quick}
     if not args.quick:
         RESULTS.write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
-    print(f"machine: {machine}")
-    print(markdown_table(["library size N", "UNet call (ms)", "vs N = 0"],
-                         [[n, f"{c['ms']:.2f}", f"{c['ratio']:.2f}×"] for n, c in cost.items()]))
-    print()
     base = engines["one baked export per concept, one after another"]
-    print(markdown_table(["engine", "requests/s", "p50 (s)", "p95 (s)", "throughput vs baked"],
-                         [[name, f"{e['throughput_per_s']:.2f}", f"{e['p50_s']:.1f}", f"{e['p95_s']:.1f}",
-                           f"{e['throughput_per_s'] / base['throughput_per_s']:.2f}×"] for name, e in engines.items()]))
+    tables = (markdown_table(["library size N", "UNet call (ms)", "vs N = 0"],
+                             [[n, f"{c['ms']:.2f}", f"{c['ratio']:.2f}×"] for n, c in cost.items()]),
+              markdown_table(["engine", "requests/s", "p50 (s)", "p95 (s)", "throughput vs baked", "UNet rows per call"],
+                             [[name, f"{e['throughput_per_s']:.2f}", f"{e['p50_s']:.1f}", f"{e['p95_s']:.1f}",
+                               f"{e['throughput_per_s'] / base['throughput_per_s']:.2f}×",
+                               f"{e['unet_rows_per_call']:.1f}" if "unet_rows_per_call" in e else "2 (one request)"]
+                              for name, e in engines.items()]))
+    print(f"machine: {machine}")
+    print(tables[0] + "\n\n" + tables[1])
+    if args.update_readme and not args.quick:
+        splice_readme("serving", f"Measured by `python -m benchmarks.serving` on {machine}, toy model, "
+                                 f"{n_requests} requests over {n_concepts} concepts arriving at once:\n\n"
+                                 + tables[1] + "\n\nThe cost of library size per UNet call (batch 2, 77 tokens, "
+                                 "ONNX Runtime, one thread):\n\n" + tables[0])
     return 0
 
 
