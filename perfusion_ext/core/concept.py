@@ -97,11 +97,30 @@ def save_concept(concept: Concept, path: str | os.PathLike) -> Path:
     return path
 
 
+MAX_HEADER_BYTES = 100 << 20  # safetensors' own limit on the JSON header
+
+
+def _header_length(f, path: Path) -> int:
+    """The safetensors header length at the start of the open file `f`, checked against the file's size, so
+    a truncated or foreign file is a PerfusionError here and never a huge read or seek."""
+    size = os.fstat(f.fileno()).st_size
+    raw = f.read(8)
+    if len(raw) < 8:
+        raise PerfusionError(f"{path.name} is not a readable safetensors file (only {size} bytes: truncated or corrupt). "
+                             "Copy it again from its source or retrain the concept.")
+    (header_len,) = struct.unpack("<Q", raw)
+    if header_len > min(size - 8, MAX_HEADER_BYTES):
+        raise PerfusionError(f"{path.name} is not a readable safetensors file (its header claims {header_len} bytes, "
+                             f"the file has {size}: truncated or corrupt, or not a safetensors file). "
+                             "Copy it again from its source or retrain the concept.")
+    return header_len
+
+
 def tensor_hash(path: str | os.PathLike) -> str:
     """sha256 over the tensor bytes only (not the header), so editing metadata never changes it."""
     path = Path(path)
     with open(path, "rb") as f:
-        (header_len,) = struct.unpack("<Q", f.read(8))
+        header_len = _header_length(f, path)
         f.seek(8 + header_len)
         digest = hashlib.sha256()
         for chunk in iter(lambda: f.read(1 << 20), b""):
@@ -117,8 +136,14 @@ def update_metadata(path: str | os.PathLike, updates: dict[str, str | None],
     path = Path(path)
     target = Path(target) if target is not None else path
     with open(path, "rb") as f:
-        (header_len,) = struct.unpack("<Q", f.read(8))
-        header = json.loads(f.read(header_len))
+        header_len = _header_length(f, path)
+        try:
+            header = json.loads(f.read(header_len))
+        except ValueError as exc:
+            raise PerfusionError(f"{path.name} is not a readable safetensors file (its header is not JSON: {exc}). "
+                                 "Copy it again from its source or retrain the concept.") from None
+        if not isinstance(header, dict):
+            raise PerfusionError(f"{path.name} is not a readable safetensors file (its header is not a JSON object).")
         data = f.read()
     metadata = dict(header.get("__metadata__") or {})
     for key, value in updates.items():
@@ -141,6 +166,11 @@ def update_metadata(path: str | os.PathLike, updates: dict[str, str | None],
 def _read_file(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     if not path.is_file():
         raise PerfusionError(f"Concept file {path} does not exist. Check the name and the concepts folder.")
+    try:
+        with open(path, "rb") as f:
+            _header_length(f, path)  # the same message as tensor_hash for a truncated or foreign file
+    except OSError as exc:
+        raise PerfusionError(f"cannot read {path.name}: {exc.strerror or exc}.") from exc
     try:
         with safe_open(str(path), framework="pt") as f:
             metadata = dict(f.metadata() or {})

@@ -60,7 +60,7 @@ def concept_path(folder: str | Path, name: str, aliases: bool = True) -> Path:
         return direct
     for found in sorted(folder.rglob(f"{name}.safetensors")):
         resolved = found.resolve()
-        if resolved.is_relative_to(folder) and is_library_file(found, folder):
+        if resolved.is_relative_to(folder) and resolved.is_file() and is_library_file(found, folder):
             return resolved
     target = read_aliases(folder).get(name) if aliases else None
     if target and target != name:

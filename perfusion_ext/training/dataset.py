@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import io
 from pathlib import Path
 
 import numpy as np
@@ -18,6 +19,9 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 from ..core.errors import PerfusionError
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff")  # every front end uses this list
+# Larger images are refused from their header, before any pixel is decoded (a decompression bomb: a small file that
+# decodes to gigabytes). 100 megapixels passes every camera photo up to 12000×8000 px.
+MAX_PIXELS = 100_000_000
 
 
 @dataclasses.dataclass
@@ -34,6 +38,61 @@ class TrainingImage:
 class Dataset:
     images: list[TrainingImage]
     notes: list[str]  # conversions and skips, one line per file
+
+
+def minimum_side(resolution: int) -> int:
+    """The shortest side an image needs to train at `resolution`: smaller ones are skipped."""
+    return max(16, resolution // 2)
+
+
+def _too_large(size: tuple[int, int]) -> str | None:
+    if size[0] * size[1] <= MAX_PIXELS:
+        return None
+    return (f"{size[0]}×{size[1]} px is over {MAX_PIXELS // 1_000_000} megapixels, refused as a possible "
+            "decompression bomb; downscale it")
+
+
+def image_problem(source: str | Path | bytes, resolution: int) -> str | None:
+    """Why an image (a file or its bytes) cannot be trained at `resolution`, read from its header only (no pixel
+    is decoded); None when it looks usable. What `load_images` would skip it for, checked up front."""
+    try:
+        with Image.open(io.BytesIO(source) if isinstance(source, bytes) else source) as img:
+            size = img.size  # an EXIF rotation changes neither its shorter side nor its pixel count
+    except Image.DecompressionBombError:
+        return f"over {MAX_PIXELS // 1_000_000} megapixels, refused as a possible decompression bomb; downscale it"
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as exc:
+        return f"unreadable or corrupt image: {exc}"
+    too_large = _too_large(size)
+    if too_large:
+        return too_large
+    need = minimum_side(resolution)
+    if min(size) < need:
+        return f"{size[0]}×{size[1]} px is below {need} px; use images of at least {resolution} px"
+    return None
+
+
+def _load_mask(path: Path, size: tuple[int, int], name: str, notes: list[str]) -> Image.Image | None:
+    """The subject mask for an image of `size` (w, h) in mode L, or None with a note when it cannot be used."""
+    try:
+        with Image.open(path) as raw:
+            problem = _too_large(raw.size)
+            if problem:
+                notes.append(f"{name}: mask {path.name} skipped ({problem}); trained unmasked")
+                return None
+            raw.load()
+            mask = ImageOps.exif_transpose(raw).convert("L")
+    except (Image.DecompressionBombError, UnidentifiedImageError, OSError, ValueError, SyntaxError) as exc:
+        notes.append(f"{name}: mask {path.name} is unreadable ({exc}); trained unmasked")
+        return None
+    if mask.size != size:
+        (mw, mh), (w, h) = mask.size, size
+        if abs(mw * h - mh * w) > 0.01 * mh * w:  # another shape: it cannot line up with the image
+            notes.append(f"{name}: mask {path.name} is {mw}×{mh} px, the image {w}×{h} px (another shape); "
+                         "trained unmasked")
+            return None
+        notes.append(f"{name}: mask {path.name} resized from {mw}×{mh} to the image's {w}×{h} px")
+        mask = mask.resize(size, Image.BILINEAR)
+    return mask
 
 
 def _square(img: Image.Image, size: int, resample) -> Image.Image:
@@ -77,8 +136,10 @@ def load_images(folder: str | Path, resolution: int, masks_dir: str | Path | Non
     files = sorted(p for p in folder.iterdir() if p.is_file() and not p.name.startswith("."))
     if not files:
         raise PerfusionError(f"images folder {folder} is empty: add 4–8 photos of your concept.")
+    if masks_dir is not None and not Path(masks_dir).is_dir():
+        raise PerfusionError(f"masks folder {masks_dir} does not exist or is not a folder.")
     notes, images, seen = [], [], {}
-    min_side = max(16, resolution // 2)
+    min_side = minimum_side(resolution)
     for path in files:
         if path.suffix.lower() == ".txt":
             continue
@@ -87,12 +148,22 @@ def load_images(folder: str | Path, resolution: int, masks_dir: str | Path | Non
             continue
         try:
             with Image.open(path) as raw:
+                too_large = _too_large(raw.size)
+                if too_large:
+                    notes.append(f"{path.name}: skipped ({too_large})")
+                    continue
                 raw.load()
+                if getattr(raw, "n_frames", 1) > 1:
+                    notes.append(f"{path.name}: {raw.n_frames} frames (animated or multi-page); the first is used")
                 rotated = ImageOps.exif_transpose(raw)
                 if rotated is not raw and raw.getexif().get(0x0112, 1) != 1:
                     notes.append(f"{path.name}: rotated upright from its EXIF orientation")
                 img, alpha = _to_rgb(rotated, path.name, notes)
-        except (UnidentifiedImageError, OSError, ValueError) as exc:
+        except Image.DecompressionBombError:
+            notes.append(f"{path.name}: skipped (over {MAX_PIXELS // 1_000_000} megapixels, refused as a possible "
+                         "decompression bomb; downscale it)")
+            continue
+        except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as exc:
             notes.append(f"{path.name}: skipped (unreadable or corrupt image: {exc})")
             continue
         if min(img.size) < min_side:
@@ -111,7 +182,7 @@ def load_images(folder: str | Path, resolution: int, masks_dir: str | Path | Non
                 notes.append(f"{path.name}: no mask in {masks_dir}; trained unmasked")
                 mask_img = None
             else:
-                mask_img = ImageOps.exif_transpose(Image.open(candidates[0])).convert("L")
+                mask_img = _load_mask(candidates[0], img.size, path.name, notes)
         pixels = np.asarray(_square(img, resolution, Image.LANCZOS), dtype=np.float32) / 127.5 - 1.0
         mask = None
         if mask_img is not None:

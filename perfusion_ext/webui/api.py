@@ -18,7 +18,7 @@ from ..core import families
 from . import library_actions, state
 from .cards import concept_json, current_family
 from .export import export_from_body
-from .train_request import WEBUI_FAMILY, ApiError, parse_train_request
+from .train_request import WEBUI_FAMILY, ApiError, check_images, parse_train_request
 
 PREFIX = "/perfusion/v1"
 
@@ -78,6 +78,7 @@ def register(_demo, app: FastAPI) -> None:
             family = family if family and families.get(family).webui_trainable else WEBUI_FAMILY
             steps = getattr(shared.opts, "perfusion_default_steps", None)  # the setting, else the family's
             req = parse_train_request(body, state.images_dirs(), {"steps": int(steps)} if steps else None, family)
+            check_images(req)  # 422 now, naming each file, rather than a job that fails later
             if shared.sd_model is None:
                 raise ApiError(409, "no Stable Diffusion checkpoint is loaded")
             job = state.jobs().submit(req)

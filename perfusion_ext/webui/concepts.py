@@ -89,13 +89,16 @@ class ConceptStore:
 
     def entry(self, path: Path) -> Entry:
         path = Path(path)
-        st = path.stat()
-        key = (st.st_mtime_ns, st.st_size)
-        with self._lock:
-            cached = self._cache.get(path)
-            if cached and cached[0] == key:
-                return cached[1]
-        sha = tensor_hash(path)
+        try:
+            st = path.stat()
+            key = (st.st_mtime_ns, st.st_size)
+            with self._lock:
+                cached = self._cache.get(path)
+                if cached and cached[0] == key:
+                    return cached[1]
+            sha = tensor_hash(path)  # PerfusionError for a truncated or foreign file
+        except OSError as exc:  # removed meanwhile, unreadable, a folder: the tag is skipped, never a crash
+            raise PerfusionError(f"cannot read {path.name}: {exc.strerror or exc}.") from exc
         try:
             concept, error = load_concept(path), None
         except PerfusionError as exc:
@@ -119,6 +122,10 @@ class ConceptStore:
         out = []
         for path in sorted(root.rglob("*.safetensors")):
             try:
+                if not path.resolve().is_relative_to(resolved):  # a link that leads out: never read, said why
+                    out.append(Entry(path.stem, path, "", None, "a link to a file outside the concepts folder; "
+                                                                "not loaded (copy the file into the folder instead)"))
+                    continue
                 if not path.is_file() or _is_run_file(path.resolve(), resolved):
                     continue
                 out.append(self.entry(path))

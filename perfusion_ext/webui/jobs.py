@@ -110,6 +110,8 @@ class JobManager:
 
     def interrupt(self, job_id: str) -> Job:
         job = self.get(job_id)
+        if not job.active:
+            raise ApiError(409, f"training job {job_id!r} has already ended ({job.state}); there is nothing to interrupt")
         job.stop.set()
         if job.state == "queued":
             job.message = "interrupt requested; it will not start"

@@ -16,7 +16,7 @@ from pathlib import Path
 from ..core import families
 from ..core.tags import NAME_RE
 from ..training.config import LIMITS, TrainConfig, field_defaults
-from ..training.dataset import IMAGE_SUFFIXES
+from ..training.dataset import IMAGE_SUFFIXES, image_problem
 
 SUPERCLASS_RE = re.compile(r"^[A-Za-z][A-Za-z'\-]{0,39}$")
 WEBUI_FAMILY = families.DEFAULT_FAMILY  # defaults for requests before a model is known
@@ -85,15 +85,22 @@ def _inside(path: Path, roots: list[Path]) -> bool:
 
 
 def _server_path(text: str, roots: list[Path] | None, what: str) -> Path:
-    path = Path(text).expanduser()
-    if roots is not None:
-        if not path.is_absolute():
-            path = roots[0] / path
-        if not _inside(path, roots):
-            allowed = ", ".join(str(r) for r in roots)
-            raise ApiError(403, f"{what} {text!r} is outside the folders the API may read ({allowed}); "
-                                "copy the images there or send them as base64")
-    if not path.exists():
+    if "\x00" in text:
+        raise ApiError(422, f"{what} contains a NUL character; it is not a path")
+    try:
+        path = Path(text).expanduser()
+        if roots is not None:
+            if not path.is_absolute():
+                path = roots[0] / path
+            inside = _inside(path, roots)
+        exists = path.exists()
+    except (OSError, RuntimeError, ValueError) as exc:  # a name too long, ~unknownuser, a loop of links
+        raise ApiError(422, f"{what} {text[:200]!r} is not a usable path: {exc}") from None
+    if roots is not None and not inside:
+        allowed = ", ".join(str(r) for r in roots)
+        raise ApiError(403, f"{what} {text!r} is outside the folders the API may read ({allowed}); "
+                            "copy the images there or send them as base64")
+    if not exists:
         raise ApiError(422, f"{what} {text!r} does not exist on the server")
     return path
 
@@ -108,6 +115,8 @@ def _looks_like_base64(text: str) -> bool:
 
 def decode_image(text: str, index: int) -> bytes:
     payload = text.split(",", 1)[1] if text.startswith("data:") else text
+    if len(payload) // 4 * 3 > MAX_IMAGE_BYTES + 3:  # refused before decoding anything
+        raise ApiError(413, f"images[{index}] is larger than {MAX_IMAGE_BYTES >> 20} MiB")
     try:
         data = base64.b64decode(payload, validate=True)
     except (binascii.Error, ValueError):
@@ -119,9 +128,37 @@ def decode_image(text: str, index: int) -> bytes:
     try:
         with Image.open(io.BytesIO(data)) as img:
             img.verify()
-    except (UnidentifiedImageError, OSError, SyntaxError):
+    except Image.DecompressionBombError:
+        raise ApiError(422, f"images[{index}] is too large in pixels (refused as a possible decompression bomb)") from None
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError):
         raise ApiError(422, f"images[{index}] is base64 but not an image PIL can read") from None
     return data
+
+
+def check_images(req: TrainRequest) -> None:
+    """Refuse (422) images that cannot be trained at the request's resolution, naming each file and why, so an
+    API client learns it when it sends the request, not from a job that fails later. Files listed one by one
+    (and uploads) must each be usable; a folder needs at least one usable image (the trainer skips the rest, as
+    the CLI does). Only headers are read: a file corrupt beyond its header is still skipped by the trainer."""
+    resolution = req.resolution
+    listed = [(p.name, p) for p in req.image_paths if not p.is_dir()]
+    listed += [(f"images upload {i}", data) for i, data in enumerate(req.image_bytes)]
+    bad = [(label, why) for label, source in listed if (why := image_problem(source, resolution))]
+    for folder in (p for p in req.image_paths if p.is_dir()):
+        try:
+            files = sorted(f for f in folder.iterdir()
+                           if f.is_file() and not f.name.startswith(".") and f.suffix.lower() in IMAGE_SUFFIXES)
+        except OSError as exc:
+            raise ApiError(422, f"the images folder {folder.name!r} cannot be read: {exc.strerror or exc}") from None
+        if not files:
+            raise ApiError(422, f"the images folder {folder.name!r} holds no image files ({', '.join(IMAGE_SUFFIXES)})")
+        problems = [(f.name, image_problem(f, resolution)) for f in files]
+        if all(why for _, why in problems):
+            bad += problems
+    if bad:
+        raise ApiError(422, f"{len(bad)} image(s) cannot be used at resolution {resolution}: "
+                            + "; ".join(f"{label}: {why}" for label, why in bad)
+                            + f". Send images of at least {resolution} px on their shorter side, or a lower resolution.")
 
 
 def parse_train_request(body, allowed_roots: list[Path] | None, defaults: dict | None = None,

@@ -19,7 +19,7 @@ from ..core.tags import format_tag
 from ..training.config import field_defaults
 from . import state
 from .export import ExportRequest, export_from_body
-from .train_request import WEBUI_FAMILY, ApiError, parse_train_request
+from .train_request import WEBUI_FAMILY, ApiError, check_images, parse_train_request
 
 
 def _fmt_eta(seconds):
@@ -67,7 +67,9 @@ def start(name, superclass, images_dir, uploads, masks_dir, steps, batch_size, m
     try:
         if shared.sd_model is None:
             raise ApiError(409, "no Stable Diffusion checkpoint is loaded: load one first")
-        job = state.jobs().submit(parse_train_request(body, allowed_roots=None))
+        req = parse_train_request(body, allowed_roots=None)
+        check_images(req)  # images too small for the resolution: said now, not by a job that fails later
+        job = state.jobs().submit(req)
     except ApiError as exc:
         return f"<div class='perfusion-status perfusion-error'>{html.escape(exc.message)}</div>"
     return f"<div class='perfusion-status'>Job {job.id} queued: training {html.escape(job.request.name)}…</div>"
