@@ -6,3 +6,8 @@ class PerfusionError(ValueError):
 
     The message says what is wrong and what to do. Raised before anything is modified.
     """
+
+
+class WriteError(PerfusionError, OSError):
+    """A file could not be written (a read-only folder, a full disk). Still an OSError, so code that cleans up
+    after failed file operations keeps working; the previous file, if any, is intact (see core.atomic)."""

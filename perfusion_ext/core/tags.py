@@ -137,10 +137,10 @@ def parse_tag_body(body: str) -> ConceptTag:
         key = key.strip().lower()
         try:
             if not eq:
-                strength = float(part)
+                strength = _finite(part, "strength")
                 continue
             if key in ("strength", "w"):
-                strength = float(value)
+                strength = _finite(value, "strength")
                 continue
             if key not in GATE_OPTIONS:
                 raise ValueError(f"unknown option {key!r} (use beta=, tau=, hr_beta=, hr_tau=)")
@@ -177,7 +177,17 @@ def parse_prompt(prompt: str) -> ParsedPrompt:
             tags.append(tag)
         pos = match.end()
     segments.append(prompt[pos:])
-    return ParsedPrompt([s for s in segments if s != ""], tags, warnings)
+    return ParsedPrompt([s for s in segments if s != ""], tags, warnings + unclosed_warnings(prompt))
+
+
+_OPEN_RE = re.compile(r"<perfusion:", re.IGNORECASE)
+
+
+def unclosed_warnings(prompt: str) -> list[str]:
+    """A warning for a `<perfusion:` that no `>` closes (it stays plain text in the prompt)."""
+    rest = TAG_RE.sub("", prompt or "")
+    return [f"unclosed tag {rest[m.start():m.start() + 40]!r}: no '>' ends it, so it is plain text in the prompt"
+            for m in _OPEN_RE.finditer(rest)]
 
 
 def format_tag(name: str, strength: float = 1.0, beta: float | Schedule | None = None,

@@ -13,7 +13,7 @@ from ..core.errors import PerfusionError
 from ..core.hooks import activation
 from ..core.layers import unet_family
 from ..core.library import load_named
-from ..core.tags import ConceptTag, parse_prompt
+from ..core.tags import ConceptTag, parse_prompt, tag_text
 from .encoding import model_hash, prompt_encoder
 
 log = logging.getLogger(__name__)
@@ -41,6 +41,12 @@ def prepare_prompt(prompt: str, concepts_dir: str | Path | None, loaded: dict[st
             except PerfusionError as exc:
                 warnings.append(f"ignored <perfusion:{tag.name}>: {exc}")
                 continue
+        first = next((t for t, _ in found if t.name == tag.name), None)
+        if first is not None and first.options() != tag.options():
+            warning = (f"<perfusion:{tag.name}> appears with different options; one set of edits serves the whole "
+                       f"prompt, so the first ({tag_text(first)}) is used")
+            if warning not in warnings:
+                warnings.append(warning)
         found.append((tag, loaded[tag.name]))
     names = {t.name for t, _ in found}
     segments = [s for s in parsed.segments if isinstance(s, str) or s.name in names]

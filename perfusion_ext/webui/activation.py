@@ -38,7 +38,7 @@ import re
 from ..core.errors import PerfusionError
 from ..core.hooks import Edits, ResolvedConcept, attach, detach, gate_settings, prepare_edits
 from ..core.layers import unet_family
-from ..core.tags import TAG_RE, ConceptTag, format_schedule, parse_tag_body
+from ..core.tags import TAG_RE, ConceptTag, format_schedule, parse_tag_body, unclosed_warnings
 from .concepts import ConceptStore, mismatch_reason
 
 log = logging.getLogger("perfusion")
@@ -78,7 +78,7 @@ def scan(prompt: str) -> tuple[list[ConceptTag], list[str]]:
             tags.append(dataclasses.replace(parse_tag_body(match.group(1)), start=match.start(), end=match.end()))
         except ValueError as exc:
             warnings.append(f"ignored {match.group(0)}: {exc}")
-    return tags, warnings
+    return tags, warnings + unclosed_warnings(prompt)
 
 
 def collect(prompt_lists: dict[str, list[str]]) -> Collected:

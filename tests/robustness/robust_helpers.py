@@ -3,6 +3,7 @@ for the WebUI and FastAPI so the REST routes of `perfusion_ext.webui.api` run wi
 from __future__ import annotations
 
 import asyncio
+import functools
 import importlib
 import struct
 import sys
@@ -138,3 +139,22 @@ class ApiHarness:
         if isinstance(result, JSONResponse):
             return result.status_code, result.content
         return 200, result
+
+
+@functools.cache
+def toy_pipeline():
+    """One tiny random toy pipeline for the whole run (building one takes seconds). Tests leave it as they found it."""
+    from perfusion_ext.toy.plugin import tiny_random_pipeline
+
+    pipe = tiny_random_pipeline()
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def toy_concept(pipe, name: str, seed: int):
+    """A random concept that fits the toy pipeline (family toy, superclass circle)."""
+    from conftest import make_concept
+
+    concept = make_concept(pipe.unet, name=name, seed=seed, family="toy", superclass="circle")
+    concept.embeddings = {"clip_l": torch.randn(1, 128, generator=torch.Generator().manual_seed(seed))}
+    return concept
