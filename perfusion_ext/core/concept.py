@@ -19,7 +19,7 @@ import struct
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
+from safetensors.torch import load as load_safetensors
 
 from . import families
 from .atomic import atomic_path, atomic_save_safetensors
@@ -98,6 +98,7 @@ def save_concept(concept: Concept, path: str | os.PathLike) -> Path:
 
 
 MAX_HEADER_BYTES = 100 << 20  # safetensors' own limit on the JSON header
+MAX_CONCEPT_BYTES = 64 << 20  # an SDXL concept is about 0.2 MiB; a larger file is something else
 
 
 def _header_length(f, path: Path) -> int:
@@ -139,7 +140,7 @@ def update_metadata(path: str | os.PathLike, updates: dict[str, str | None],
         header_len = _header_length(f, path)
         try:
             header = json.loads(f.read(header_len))
-        except ValueError as exc:
+        except (ValueError, RecursionError) as exc:
             raise PerfusionError(f"{path.name} is not a readable safetensors file (its header is not JSON: {exc}). "
                                  "Copy it again from its source or retrain the concept.") from None
         if not isinstance(header, dict):
@@ -166,15 +167,31 @@ def update_metadata(path: str | os.PathLike, updates: dict[str, str | None],
 def _read_file(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     if not path.is_file():
         raise PerfusionError(f"Concept file {path} does not exist. Check the name and the concepts folder.")
+    # Read into memory, not memory-mapped: a file truncated by another process while mapped would crash the
+    # process (SIGBUS), and safetensors' mapped loads keep ~2 KB each (measured: +2 MiB per 1000 loads).
     try:
         with open(path, "rb") as f:
-            _header_length(f, path)  # the same message as tensor_hash for a truncated or foreign file
+            header_len = _header_length(f, path)  # the same message as tensor_hash for a truncated or foreign file
+            try:
+                header = json.loads(f.read(header_len))
+                metadata = header.get("__metadata__") or {}
+            except (ValueError, AttributeError, RecursionError):
+                header, metadata = None, None
+            if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
+                raise PerfusionError(f"{path.name} is not a readable safetensors file (its header is not a safetensors "
+                                     "header: truncated or corrupt). Copy it again from its source or retrain the concept.")
+            if not any(k.startswith("perfusion.") for k in metadata):
+                return {}, metadata  # not a concept (load_concept says so): its tensors are never read
+            size = os.fstat(f.fileno()).st_size
+            if size > MAX_CONCEPT_BYTES:
+                raise PerfusionError(f"{path.name} is {size >> 20} MiB, too large for a concept (they are under 1 MiB); "
+                                     "it is not loaded.")
+            f.seek(0)
+            data = f.read()
     except OSError as exc:
         raise PerfusionError(f"cannot read {path.name}: {exc.strerror or exc}.") from exc
     try:
-        with safe_open(str(path), framework="pt") as f:
-            metadata = dict(f.metadata() or {})
-            tensors = {k: f.get_tensor(k) for k in f.keys()}
+        tensors = load_safetensors(data)
     except Exception as exc:  # safetensors raises its own error types for every corruption
         raise PerfusionError(
             f"{path.name} is not a readable safetensors file (truncated or corrupt: {exc}). "

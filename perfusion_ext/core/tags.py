@@ -105,12 +105,19 @@ def value_at(schedule: Schedule, fraction: float, default: float) -> float:
     return out
 
 
+def _number(value: float) -> str:
+    """Short (`0.7`, not `0.69999999999999996`) but exact: the text parses back to the same float, so a rewritten
+    tag never changes its meaning (`0.9999999` must not become `1`, which is no fraction)."""
+    short = f"{value:g}"
+    return short if float(short) == value else repr(float(value))
+
+
 def format_schedule(value: float | Schedule) -> str:
     if isinstance(value, tuple):
         if len(value) == 1 and value[0][0] == 0.0:
-            return f"{value[0][1]:g}"
-        return ",".join(f"{v:g}@{f:g}" for f, v in value)
-    return f"{value:g}"
+            return _number(value[0][1])
+        return ",".join(f"{_number(v)}@{_number(f)}" for f, v in value)
+    return _number(value)
 
 
 @dataclasses.dataclass
@@ -196,7 +203,7 @@ def format_tag(name: str, strength: float = 1.0, beta: float | Schedule | None =
     """The tag text; β/τ (and the hires ones) as numbers or schedules. Parses back to the same options."""
     gates = {"beta": beta, "tau": tau, "hr_beta": hr_beta, "hr_tau": hr_tau}
     given = {k: v for k, v in gates.items() if v is not None and v != ()}
-    parts = [name] + ([f"{strength:g}"] if strength != 1.0 or given else [])
+    parts = [name] + ([_number(strength)] if strength != 1.0 or given else [])
     parts += [f"{k}={format_schedule(v)}" for k, v in given.items()]
     return "<perfusion:" + ":".join(parts) + ">"
 

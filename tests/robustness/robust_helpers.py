@@ -158,3 +158,22 @@ def toy_concept(pipe, name: str, seed: int):
     concept = make_concept(pipe.unet, name=name, seed=seed, family="toy", superclass="circle")
     concept.embeddings = {"clip_l": torch.randn(1, 128, generator=torch.Generator().manual_seed(seed))}
     return concept
+
+
+def rss_mib() -> float | None:
+    """This process's resident memory now, in MiB (None where /proc is not there)."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        return None
+    return None
+
+
+def peak_rss_mib() -> float:
+    """The most resident memory this process has used so far, in MiB."""
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024

@@ -16,6 +16,7 @@ from robust_helpers import snapshot
 from safetensors.torch import save as save_bytes
 from test_webui_glue import FakeEnv, FakeP
 
+from perfusion_ext.core import concept as concept_module
 from perfusion_ext.core import library
 from perfusion_ext.core.concept import load_concept, save_concept, tensor_hash
 from perfusion_ext.core.errors import PerfusionError
@@ -128,6 +129,9 @@ CASES = {
                                r"not a readable safetensors file"),
     "file-header-not-utf8": (lambda g, t: g[:8] + g[8:20].replace(b'"', b"\xff", 1) + g[20:],
                              r"not a readable safetensors file"),
+    "file-header-deeply-nested": (lambda g, t: struct.pack("<Q", 200_000) + b"[" * 200_000 + bytes(8),
+                                  r"not a readable safetensors file"),
+    "file-too-large-for-a-concept": (lambda g, t: g + bytes(2 << 20), r"is 2 MiB, too large for a concept"),
     "file-pickle-renamed": (_pickle, r"not a readable safetensors file"),
     "file-lora-not-a-concept": (lambda g, t: save_bytes({"lora_up.weight": torch.zeros(2, 2)}, metadata={"ss_x": "1"}),
                                 r"not a Perfusion concept \(no perfusion.\* metadata\)\. Is it a Lora"),
@@ -151,8 +155,9 @@ CASES = {
 
 
 @pytest.mark.parametrize("case", list(CASES))
-def test_bad_concept_file_is_refused_everywhere_and_nothing_is_lost(case, good, unet, tmp_path):
+def test_bad_concept_file_is_refused_everywhere_and_nothing_is_lost(case, good, unet, tmp_path, monkeypatch):
     make, message = CASES[case]
+    monkeypatch.setattr(concept_module, "MAX_CONCEPT_BYTES", 1 << 20)  # 64 MiB in use; 1 MiB keeps the test light
     folder = tmp_path / "concepts"
     folder.mkdir()
     (folder / "teddy.safetensors").write_bytes(good)
