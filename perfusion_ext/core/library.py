@@ -324,10 +324,14 @@ def restore_concept(folder: str | Path, entry_name: str) -> Path:
     entry = (root / TRASH_DIR / entry_name).resolve()
     if not entry.is_relative_to((root / TRASH_DIR).resolve()) or not (entry / TRASH_MANIFEST).is_file():
         raise PerfusionError(f"no trash entry {entry_name!r} in {root / TRASH_DIR}")
-    manifest = json.loads((entry / TRASH_MANIFEST).read_text(encoding="utf-8"))
-    moves = [(entry / f["name"], (root / f["from"]).resolve()) for f in manifest["files"]]
-    for _, dst in moves:
-        if not dst.is_relative_to(root):
+    try:
+        manifest = json.loads((entry / TRASH_MANIFEST).read_text(encoding="utf-8"))
+        moves = [(entry / f["name"], (root / f["from"]).resolve()) for f in manifest["files"]]
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise PerfusionError(f"trash entry {entry_name!r} has an unreadable {TRASH_MANIFEST} ({exc}); its files are "
+                             f"still in {entry}") from exc
+    for src, dst in moves:
+        if not dst.is_relative_to(root) or src.parent != entry or src.name in ("", ".", ".."):
             raise PerfusionError(f"trash entry {entry_name!r} names a place outside {root}")
     clash = [str(dst.relative_to(root)) for _, dst in moves if dst.exists()]
     if clash:
