@@ -35,7 +35,17 @@ def pipeline_class(folder: Path):
 def _load_folder(path: Path):
     cls = pipeline_class(path)
     extra = {"safety_checker": None, "requires_safety_checker": False} if cls is StableDiffusionPipeline else {}
-    pipe = cls.from_pretrained(path, local_files_only=True, **extra)
+    try:  # without use_safetensors, diffusers falls back to a component's pickled .bin weights
+        pipe = cls.from_pretrained(path, local_files_only=True, use_safetensors=True, **extra)
+    except OSError as exc:
+        pickles = sorted(str(p.relative_to(path)) for p in path.rglob("*") if p.suffix.lower() in PICKLE_SUFFIXES)
+        if not pickles:
+            raise
+        raise PerfusionError(
+            f"{path.name} stores weights as pickles ({', '.join(pickles[:3])}); this tool never loads pickles (they "
+            "can run code). Convert them to .safetensors first (diffusers: save_pretrained(..., "
+            "safe_serialization=True) in a trusted environment)."
+        ) from exc
     unet_family(pipe.unet)  # refuses a model it names (the SDXL refiner) or one of no known family
     return pipe
 

@@ -158,3 +158,16 @@ def test_trash_entries_cannot_reach_outside(world):
         library.restore_concept(concepts, entry.name)
     manifest_path.write_text(json.dumps(manifest))
     assert library.restore_concept(concepts, entry.name).name == "teddy.safetensors"
+
+
+def test_a_diffusers_folder_with_pickled_weights_is_refused(tmp_path):
+    """diffusers falls back to a component's .bin (a pickle) when it has no .safetensors; we never let it."""
+    from robust_helpers import toy_pipeline
+
+    from perfusion_ext.pipelines.loading import load_pipeline
+
+    toy_pipeline().save_pretrained(tmp_path / "model", safe_serialization=False)
+    assert (tmp_path / "model" / "unet" / "diffusion_pytorch_model.bin").is_file()
+    with pytest.raises(PerfusionError, match=r"model stores weights as pickles \(unet/diffusion_pytorch_model.bin"
+                                             r".*; this tool never loads pickles"):
+        load_pipeline(tmp_path / "model")
