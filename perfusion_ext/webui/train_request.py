@@ -183,8 +183,8 @@ def parse_train_request(body, allowed_roots: list[Path] | None, defaults: dict |
             raise ApiError(422, f"{flag} must be true or false")
     resume = bool(body.get("resume", False))
     images = body.get("images") or []
-    if body.get("images_dir"):
-        images = list(images) + [body["images_dir"]]
+    if body.get("images_dir") and isinstance(images, list):
+        images = images + [body["images_dir"]]
     if not isinstance(images, list) or not all(isinstance(x, str) and x for x in images):
         raise ApiError(422, "images must be a list of server paths or base64-encoded images")
     if not images:
