@@ -22,6 +22,7 @@ NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9 _.\-]{0,99}$")
 # A per-step schedule: ((fraction, value), ...), fractions ascending in [0, 1). Empty: no value given.
 Schedule = tuple[tuple[float, float], ...]
 GATE_OPTIONS = ("beta", "tau", "hr_beta", "hr_tau")
+MAX_STRENGTH = 100.0  # far past any useful strength; around 1e30 the edit overflows and the image turns black
 
 
 @dataclasses.dataclass(frozen=True)
@@ -89,6 +90,13 @@ def _finite(text: str, key: str) -> float:
     return value
 
 
+def _strength(text: str) -> float:
+    value = _finite(text, "strength")
+    if abs(value) > MAX_STRENGTH:
+        raise ValueError(f"strength: {value:g} is outside [-{MAX_STRENGTH:g}, {MAX_STRENGTH:g}]")
+    return value
+
+
 def _check_value(value: float, key: str) -> None:
     if key.endswith("tau") and value <= 0:
         raise ValueError("tau must be > 0")
@@ -144,10 +152,10 @@ def parse_tag_body(body: str) -> ConceptTag:
         key = key.strip().lower()
         try:
             if not eq:
-                strength = _finite(part, "strength")
+                strength = _strength(part)
                 continue
             if key in ("strength", "w"):
-                strength = _finite(value, "strength")
+                strength = _strength(value)
                 continue
             if key not in GATE_OPTIONS:
                 raise ValueError(f"unknown option {key!r} (use beta=, tau=, hr_beta=, hr_tau=)")

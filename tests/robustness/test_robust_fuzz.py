@@ -217,7 +217,7 @@ def test_fuzz_tag_parser(measured):
         measured["examples"] += 1
         parsed = parse_prompt(prompt)  # never raises: bad tags are warnings
         for tag in parsed.tags:
-            assert tag.strength == tag.strength and abs(tag.strength) != float("inf")
+            assert abs(tag.strength) <= 100  # finite and bounded (a NaN fails this too)
             for key in ("tau", "hr_tau"):
                 assert all(value > 0 for _, value in tag.schedule("tau", hires=key == "hr_tau"))
             again = parse_tag_body(tag_text(tag)[len("<perfusion:"):-1])  # our own text parses back, exactly

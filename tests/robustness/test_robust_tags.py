@@ -49,6 +49,7 @@ BAD_TAGS = [  # (id, tag, what the user is told)
     ("tag-bad-strength", "<perfusion:teddy:abc>", r"bad option 'abc' .*strength: 'abc' is not a number"),
     ("tag-nan-strength", "<perfusion:teddy:nan>", r"strength: 'nan' is not a finite number"),
     ("tag-inf-strength", "<perfusion:teddy:1e400>", r"strength: '1e400' is not a finite number"),
+    ("tag-huge-strength", "<perfusion:teddy:1e30>", r"strength: 1e\+30 is outside \[-100, 100\]"),
     ("tag-bad-beta", "<perfusion:teddy:beta=oops>", r"beta: 'oops' is not a number"),
     ("tag-nan-beta", "<perfusion:teddy:beta=nan>", r"beta: 'nan' is not a finite number"),
     ("tag-tau-zero", "<perfusion:teddy:tau=0>", r"tau must be > 0"),
