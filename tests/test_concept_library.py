@@ -129,12 +129,14 @@ def test_delete_goes_to_the_trash_and_restores(folder):
     assert snapshot(folder, trash=False) == old and list_trash(folder) == []
 
 
-def test_delete_drops_aliases_to_the_deleted_concept(folder):
+def test_delete_drops_aliases_to_the_deleted_concept_and_restore_brings_them_back(folder):
     rename_concept(folder, "teddy", "bear")
-    delete_concept(folder, "bear")
+    entry = delete_concept(folder, "bear")
     assert read_aliases(folder) == {}
     with pytest.raises(PerfusionError, match="unknown concept"):
         load_named(folder, "teddy")
+    restore_concept(folder, entry.name)
+    assert read_aliases(folder) == {"teddy": "bear"} and load_named(folder, "teddy").name == "bear"
 
 
 class FailAt:

@@ -11,7 +11,7 @@ import perfusion_ext as pf
 from perfusion_ext.cli import main as cli_main
 from perfusion_ext.core.concept import tensor_hash
 from perfusion_ext.core.errors import PerfusionError
-from perfusion_ext.core.library import TRASH_DIR, list_trash
+from perfusion_ext.core.library import TRASH_DIR, list_trash, set_gate_defaults
 from perfusion_ext.core.runs import LOSS_KEY, PROMOTED_KEY, list_steps, promote_step, read_metadata
 
 
@@ -75,6 +75,7 @@ def test_list_steps(trained):
 
 
 def test_promote_replaces_atomically_and_keeps_the_old_file(run):
+    set_gate_defaults(run, "teddy", beta=0.61, tau=0.2)  # the user's (or auto-β's) choice survives a promote
     old_bytes = (run / "teddy.safetensors").read_bytes()
     old_png = (run / "teddy.png").read_bytes()
     result = promote_step(run, "teddy", 2)
@@ -82,6 +83,7 @@ def test_promote_replaces_atomically_and_keeps_the_old_file(run):
     assert tensor_hash(run / "teddy.safetensors") == tensor_hash(step2)
     concept = pf.load_concept(run / "teddy.safetensors")
     assert concept.name == "teddy" and concept.metadata[PROMOTED_KEY] == "2" and concept.metadata["perfusion.steps"] == "2"
+    assert (concept.beta, concept.tau) == (0.61, 0.2)
     assert (run / "teddy.png").read_bytes() == (run / "teddy.run" / "checkpoints" / "teddy-step000002.png").read_bytes()
     assert (result["trash"] / "teddy.safetensors").read_bytes() == old_bytes  # recoverable
     assert (result["trash"] / "teddy.png").read_bytes() == old_png

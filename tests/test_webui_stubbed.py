@@ -135,11 +135,14 @@ def test_compose_preview_renders_each_concept_alone_then_together(tmp_path, monk
     processing = types.SimpleNamespace(
         StableDiffusionProcessingTxt2Img=Txt2Img,
         process_images=lambda p: types.SimpleNamespace(images=[f"image of {p.kwargs['prompt']}"]))
-    store = ConceptStore(lambda: tmp_path)
+    import perfusion_ext.webui
+
+    state = types.SimpleNamespace(store=lambda: ConceptStore(lambda: tmp_path))
     for name, module in {"modules": types.ModuleType("modules"), "modules.processing": processing,
                          "modules.shared": types.SimpleNamespace(sd_model="model"),
-                         "perfusion_ext.webui.state": types.SimpleNamespace(store=lambda: store)}.items():
+                         "perfusion_ext.webui.state": state}.items():
         monkeypatch.setitem(sys.modules, name, module)
+    monkeypatch.setattr(perfusion_ext.webui, "state", state, raising=False)  # `from . import state` reads this first
     monkeypatch.delitem(sys.modules, "perfusion_ext.webui.compose", raising=False)
     compose = importlib.import_module("perfusion_ext.webui.compose")
     try:

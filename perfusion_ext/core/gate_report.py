@@ -63,7 +63,7 @@ def leak_warnings(report: dict, positions: dict[str, list[int]]) -> list[str]:
         worst = max(others, key=lambda t: t["gate"][name])
         if worst["gate"][name] > own:
             out.append(f"<perfusion:{name}>'s gate is higher on token {worst['index']} ({worst['text']!r}, "
-                       f"g={worst['gate'][name]:.2f}) than on its own token (g={own:.2f}): the concept leaks there")
+                       f"g={worst['gate'][name]:.3f}) than on its own token (g={own:.3f}): the concept leaks there")
     return out
 
 

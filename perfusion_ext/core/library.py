@@ -297,7 +297,8 @@ def duplicate_concept(folder: str | Path, name: str, new: str) -> Path:
 
 def delete_concept(folder: str | Path, name: str) -> Path:
     """Move the concept, its previews and companions and its run folder into a new trash entry (never a hard
-    delete); returns the entry. Aliases pointing at it are dropped. On any failure everything moves back."""
+    delete); returns the entry. Aliases pointing at it are dropped and kept in the entry's manifest, so a
+    restore brings them back. On any failure everything moves back."""
     root, path = _located(folder, name)
     undo = _Undo()
 
@@ -313,9 +314,20 @@ def delete_concept(folder: str | Path, name: str) -> Path:
             restore_aliases = _aliases_restorer(root)
             _write_aliases(root, kept)
             undo.add(restore_aliases)
+            manifest = json.loads((entry / TRASH_MANIFEST).read_text(encoding="utf-8"))
+            manifest["aliases"] = {old: new for old, new in aliases.items() if new == name}
+            atomic_write_json(manifest, entry / TRASH_MANIFEST)
         return entry
 
     return _run(undo, f"deleting {name!r}", body)
+
+
+def _exists(root: Path, name: str) -> bool:
+    try:
+        concept_path(root, name, aliases=False)
+    except PerfusionError:
+        return False
+    return True
 
 
 def restore_concept(folder: str | Path, entry_name: str) -> Path:
@@ -341,6 +353,12 @@ def restore_concept(folder: str | Path, entry_name: str) -> Path:
     def body() -> Path:
         for src, dst in moves:
             _move(src, dst, undo)
+        aliases = read_aliases(root)
+        returning = {old: new for old, new in (manifest.get("aliases") or {}).items()
+                     if old not in aliases and not _exists(root, old)}
+        if returning:  # the names that pointed at the concept before it was deleted work again
+            undo.add(_aliases_restorer(root))
+            _write_aliases(root, {**aliases, **returning})
         shutil.rmtree(entry)
         concept = next((dst for _, dst in moves if dst.suffix == ".safetensors"), root)
         return concept

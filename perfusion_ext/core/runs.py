@@ -20,7 +20,7 @@ import struct
 from pathlib import Path
 
 from .atomic import atomic_write_bytes, file_restorer
-from .concept import tensor_hash, update_metadata
+from .concept import load_concept, tensor_hash, update_metadata
 from .errors import PerfusionError
 from .library import RUN_SUFFIX, _record, _run, _Undo, check_name, concept_path, trash_entry
 
@@ -125,6 +125,18 @@ def list_steps(folder: str | Path, name: str) -> list[StepInfo]:
     return out
 
 
+def gate_defaults(concept_file: Path) -> dict[str, str]:
+    """The β/τ stored in the concept being replaced (the editor's or auto-β's choice), which a promoted step
+    keeps: the checkpoints carry the training defaults. Empty when there is no readable file."""
+    if not concept_file.is_file():
+        return {}
+    try:
+        concept = load_concept(concept_file)
+    except PerfusionError:
+        return {}
+    return {"perfusion.beta": repr(float(concept.beta)), "perfusion.tau": repr(float(concept.tau))}
+
+
 def promote_step(folder: str | Path, name: str, step: int) -> dict:
     """Make checkpoint `step` the concept NAME.safetensors (and its preview NAME.png), atomically. The file
     and preview it replaces are kept, copied first into a trash entry ("replaced by step N"). Returns
@@ -150,8 +162,8 @@ def promote_step(folder: str | Path, name: str, step: int) -> dict:
                     _record(entry, root, item)
         for item in (run.concept, run.preview):  # put back exactly what was there, should a later step fail
             undo.add(file_restorer(item))
-        update_metadata(checkpoint, {"perfusion.name": name, "perfusion.token": name, PROMOTED_KEY: str(int(step))},
-                        run.concept)
+        update_metadata(checkpoint, {"perfusion.name": name, "perfusion.token": name, PROMOTED_KEY: str(int(step)),
+                                     **gate_defaults(run.concept)}, run.concept)
         if preview.is_file():
             atomic_write_bytes(preview.read_bytes(), run.preview)
         elif run.preview.is_file():

@@ -1,5 +1,5 @@
 """The "Perfusion" tab: start, watch and interrupt training jobs (also from an existing concept); the step
-picker (every checkpoint of a run with its preview; promote one); export.
+picker (every checkpoint of a run with its preview; promote one); the composition preview; export.
 
 Jobs run on the server (jobs.py); the status box and preview poll the job registry every few
 seconds, so a reloaded or reopened page shows the running job again. Field defaults are the trainer's
@@ -15,6 +15,7 @@ from modules import shared
 
 from perfusion_export.layouts import LAYOUTS, PRECISIONS
 
+from ..core.errors import PerfusionError
 from ..core.tags import format_tag
 from ..training.config import field_defaults
 from . import state
@@ -113,7 +114,8 @@ def steps_selected(name):
     if not steps:
         return gr.update(minimum=0, maximum=0, value=0), None, f"<div>{html.escape(name or '')}: no checkpoints</div>"
     current = next((i for i, s in enumerate(steps) if s["current"]), len(steps) - 1)
-    return (gr.update(minimum=0, maximum=len(steps) - 1, value=current, step=1), *step_view(name, current))
+    label = f"Checkpoint ({len(steps)} saved: steps {steps[0]['step']} to {steps[-1]['step']})"
+    return (gr.update(minimum=0, maximum=len(steps) - 1, value=current, step=1, label=label), *step_view(name, current))
 
 
 def step_view(name, index):
@@ -143,6 +145,22 @@ def promote(name, index):
         return f"<div class='perfusion-status perfusion-error'>{html.escape(exc.message)}</div>"
     kept = f" The file it replaced is in .trash/{html.escape(result['trash'])}." if result["trash"] else ""
     return f"<div class='perfusion-status'>Step {step} is now {html.escape(name)}.safetensors.{kept}</div>"
+
+
+# ---- the composition preview -------------------------------------------------------------------------
+def compose_preview(prompt, negative, seed, steps, size):
+    """Each concept of the prompt alone, then together, at one seed (under the WebUI's generation lock)."""
+    from modules import call_queue
+
+    from .compose import render
+
+    try:
+        with call_queue.queue_lock:
+            panels = render(prompt or "", negative or "", int(seed or 0), int(steps or 20), int(size or 512),
+                            int(size or 512))
+    except PerfusionError as exc:
+        return [], f"<div class='perfusion-status perfusion-error'>{html.escape(str(exc))}</div>"
+    return panels, ""
 
 
 def create_tab():
@@ -213,6 +231,21 @@ def create_tab():
                     steps_info = gr.HTML(elem_id="perfusion_steps_info")
                     promote_button = gr.Button("Promote this step", elem_id="perfusion_promote")
                     promote_result = gr.HTML()
+                with gr.Accordion("Composition preview", open=False):
+                    gr.HTML("<p>Several concepts in one prompt: each alone (the others replaced by their superclass "
+                            "word) and all together, at one seed, to see whether each keeps its look.</p>")
+                    compose_prompt = gr.Textbox(label="Prompt", elem_id="perfusion_compose_prompt",
+                                                placeholder="a <perfusion:teddy> on the left, a <perfusion:robot> on "
+                                                            "the right")
+                    compose_negative = gr.Textbox(label="Negative prompt", elem_id="perfusion_compose_negative")
+                    with gr.Row():
+                        compose_seed = gr.Number(label="Seed", value=1, precision=0, elem_id="perfusion_compose_seed")
+                        compose_steps = gr.Number(label="Steps", value=20, precision=0, elem_id="perfusion_compose_steps")
+                        compose_size = gr.Number(label="Size", value=d["resolution"], precision=0,
+                                                 elem_id="perfusion_compose_size")
+                    compose_button = gr.Button("Compose", elem_id="perfusion_compose")
+                    compose_gallery = gr.Gallery(label="Alone and together", columns=3, elem_id="perfusion_compose_gallery")
+                    compose_result = gr.HTML()
             with gr.Column():
                 message = gr.HTML(elem_id="perfusion_message")
                 gr.HTML(value=status_html, every=2, elem_id="perfusion_status")  # polls the job
@@ -227,6 +260,8 @@ def create_tab():
         steps_refresh.click(lambda: gr.update(choices=concept_names()), outputs=[steps_concept])
         promote_button.click(promote, inputs=[steps_concept, steps_slider], outputs=[promote_result])\
             .then(step_view, inputs=[steps_concept, steps_slider], outputs=[steps_image, steps_info])
+        compose_button.click(compose_preview, inputs=[compose_prompt, compose_negative, compose_seed, compose_steps,
+                                                      compose_size], outputs=[compose_gallery, compose_result])
         interrupt_button.click(interrupt, outputs=[message])
         export_button.click(export, inputs=[export_names, export_layout, export_precision], outputs=[export_result])
     return [(tab, "Perfusion", "perfusion")]
