@@ -35,6 +35,43 @@ def test_probe_findings_become_an_install_list():
     assert export_env.problems(found)[0].startswith("onnx: ImportError")
 
 
+def test_probe_resolves_diffusers_pipelines_not_just_the_package(tmp_path):
+    # a diffusers whose pipelines cannot import (in A1111 1.10: 'cannot import name SiglipImageProcessor') passes a
+    # bare `import diffusers`; the probe must report it
+    fake = tmp_path / "env" / "diffusers"
+    fake.mkdir(parents=True)
+    (fake / "__init__.py").write_text("__version__ = '9.9'\n")
+    found = export_env.probe(sys.executable, tmp_path / "env")
+    assert not found["diffusers"]["ok"] and "StableDiffusionPipeline" in found["diffusers"]["error"]
+
+
+def test_ensure_falls_back_to_older_diffusers_until_its_pipelines_import(monkeypatch, tmp_path):
+    # as in a real A1111 1.10.1: the newest diffusers and 0.32-0.36 fail beside its transformers/huggingface_hub
+    ok = {"ok": True, "version": "1"}
+    state = {"diffusers": {"ok": False, "error": "ModuleNotFoundError: No module named 'diffusers'"}}
+    installs = []
+
+    def fake_probe(python, env_dir):
+        return {**{m: dict(ok) for m in ("torch", "google.protobuf", *export_env.MODULES)}, **state}
+
+    def fake_install(requirements, progress, python, env_dir):
+        installs.append(list(requirements))
+        good = requirements == ["diffusers>=0.30,<0.32"]
+        state["diffusers"] = dict(ok) if good else {"ok": False, "error": "ImportError: cannot import name 'x'"}
+
+    monkeypatch.setattr(export_env, "probe", fake_probe)
+    monkeypatch.setattr(export_env, "install", fake_install)
+    lines = []
+    found = export_env.ensure(lines.append, env_dir=tmp_path)
+    assert found["diffusers"]["ok"]
+    assert installs == [["protobuf", "diffusers"], *[[f] for f in export_env.DIFFUSERS_FALLBACKS]]
+    assert sum("trying diffusers" in line for line in lines) == len(export_env.DIFFUSERS_FALLBACKS)
+    state["diffusers"] = {"ok": False, "error": "ModuleNotFoundError: No module named 'diffusers'"}
+    monkeypatch.setattr(export_env, "DIFFUSERS_FALLBACKS", ("diffusers<0",))
+    with pytest.raises(PerfusionError, match="diffusers: ImportError"):  # none imports: the reason is named
+        export_env.ensure(lines.append, env_dir=tmp_path)
+
+
 def test_probe_in_this_python_and_the_child_path(tmp_path):
     found = export_env.probe(sys.executable, tmp_path / "env")
     assert found["torch"]["ok"] and found["onnx"]["ok"]

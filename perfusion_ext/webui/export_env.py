@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from collections.abc import Callable
@@ -31,13 +32,22 @@ MIN_TORCH = (2, 6)  # torch.onnx.export(dynamo=True, optimize=True) with onnxscr
 MODULES = {"onnx": "onnx", "onnxscript": "onnxscript", "onnx_ir": "onnx-ir", "ml_dtypes": "ml_dtypes",
            "onnxruntime": "onnxruntime", "diffusers": "diffusers"}
 ALWAYS = ("protobuf",)  # onnx's generated code needs a protobuf of its own era: installed beside it
+# diffusers declares no transformers requirement and its newest releases want huggingface_hub 1.x, so the newest one
+# `--no-deps` brings may not import beside the WebUI's packages. Found in a real A1111 1.10.1 (transformers 4.30.2,
+# huggingface_hub 0.36.2): 0.42.1 lacks huggingface_hub.resolve_revision; 0.32-0.36 need transformers'
+# SiglipImageProcessor; 0.31.0 imports its pipelines and exports. Tried in turn until the probe imports the pipelines.
+DIFFUSERS_FALLBACKS = ("diffusers>=0.30,<0.37", "diffusers>=0.30,<0.32")
 
 PROBE = r"""
 import importlib, json, sys
+# diffusers imports lazily: `import diffusers` passes where its pipelines cannot import, so those are resolved too
+ATTRS = {"diffusers": ("StableDiffusionPipeline", "StableDiffusionXLPipeline", "UNet2DConditionModel")}
 out = {}
 for name in sys.argv[1:]:
     try:
         module = importlib.import_module(name)
+        for attr in ATTRS.get(name, ()):
+            getattr(module, attr)
         out[name] = {"ok": True, "version": getattr(module, "__version__", ""), "file": getattr(module, "__file__", "")}
     except Exception as exc:  # every failure is reported, whatever its type
         out[name] = {"ok": False, "error": f"{type(exc).__name__}: {exc}"[:300]}
@@ -103,6 +113,15 @@ def ensure(progress: Callable[[str], None], python: str = sys.executable, env_di
     if needed:
         install(needed, progress, python, env_dir)
         found = probe(python, env_dir)
+        for fallback in DIFFUSERS_FALLBACKS if "diffusers" in needed else ():
+            if found.get("diffusers", {}).get("ok"):
+                break
+            reason = " ".join(found["diffusers"].get("error", "").split())
+            progress(f"diffusers does not import beside this WebUI's packages ({reason[:200]}); trying {fallback}")
+            for stale in env_dir.glob("diffusers-*.dist-info"):  # pip --target --upgrade leaves the old one behind
+                shutil.rmtree(stale, ignore_errors=True)
+            install([fallback], progress, python, env_dir)
+            found = probe(python, env_dir)
     bad = problems(found)
     if bad:
         raise PerfusionError("ONNX export cannot run in this WebUI's Python even with its own package folder: "
