@@ -122,9 +122,13 @@ def run_job(job: Job, store: ConceptStore, release_hooks: Callable[[], None]) ->
     st.begin(job=f"perfusion-train-{job.id}")
     st.job_count = 1
     st.sampling_steps = req.steps
-    st.textinfo = f"Perfusion: training {req.name}"
+    # before step 1 the trainer encodes the images and, once per text encoder, estimates its covariance from 4,000
+    # captions (38 min on 2 busy CPU cores for SD2's OpenCLIP-H in a real A1111): say so instead of a bare "step 0"
+    job.message = st.textinfo = (f"Perfusion {req.name}: preparing (the images; on a text encoder's first training "
+                                 "also its covariance, once: minutes on a CPU)")
 
     def on_progress(p):
+        job.message = ""
         job.step, job.total, job.loss, job.eta_seconds = p.step, p.total, p.loss, p.eta_seconds
         st.sampling_step, st.sampling_steps = p.step, p.total
         st.textinfo = f"Perfusion {req.name}: step {p.step}/{p.total}, loss {p.loss:.4f}"
