@@ -25,6 +25,8 @@ def summary() -> list[list[str]]:
         rows.append([f"sampling step, 1 / 8 concepts vs none ({name})",
                      f"{r['steps']['1 concept']['ratio']:.3f}× / {r['steps']['8 concepts']['ratio']:.3f}×",
                      "≤ 1.03× / ≤ 1.10×"])
+        rows.append([f"hook overhead per projection, 1 concept ({name})",
+                     f"{r['steps']['1 concept']['us_per_hooked_projection']:.0f} µs", "—"])
         rows.append([f"load + attach + detach ({name})", f"{r['activate_ms']:.1f} ms", "≤ 50 ms"])
     t = json.loads((RESULTS / "training.json").read_text())
     rows.append(["training step, Perfusion vs textual inversion (toy)", f"{t['step']['ratio']:.2f}×", "≤ 1.15×"])

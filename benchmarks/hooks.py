@@ -84,7 +84,10 @@ def step_times(unet, latent: int, family: str, repeats: int) -> dict:
                     if round_ >= 2:
                         times[name].append(time.perf_counter() - start)
     base = statistics.median(times["none"])
-    return {name: {"ms": 1000 * statistics.median(t), "ratio": statistics.median(t) / base} for name, t in times.items()}
+    out = {name: {"ms": 1000 * statistics.median(t), "ratio": statistics.median(t) / base} for name, t in times.items()}
+    projections = 2 * len(cross_attention_layers(unet))  # one hook per to_k and to_v
+    out["1 concept"]["us_per_hooked_projection"] = 1000 * (out["1 concept"]["ms"] - out["none"]["ms"]) / projections
+    return out
 
 
 def activation_ms(unet, family: str, repeats: int) -> float:
@@ -121,9 +124,11 @@ def main(argv=None) -> int:
     if not args.quick:
         RESULTS.write_text(json.dumps({"machine": machine, "results": results}, indent=2) + "\n", encoding="utf-8")
     print(f"machine: {machine}")
-    print(markdown_table(["UNet", "step, no concept", "1 concept", "8 concepts", "load + attach + detach"],
+    print(markdown_table(["UNet", "step, no concept", "1 concept", "8 concepts", "per hooked projection",
+                          "load + attach + detach"],
                          [[name, f"{r['steps']['none']['ms']:.1f} ms", f"{r['steps']['1 concept']['ratio']:.3f}×",
-                           f"{r['steps']['8 concepts']['ratio']:.3f}×", f"{r['activate_ms']:.1f} ms"]
+                           f"{r['steps']['8 concepts']['ratio']:.3f}×",
+                           f"{r['steps']['1 concept']['us_per_hooked_projection']:.0f} µs", f"{r['activate_ms']:.1f} ms"]
                           for name, r in results.items()]))
     return 0
 
