@@ -63,14 +63,16 @@ def test_embedding_pull_is_zero_at_the_start_and_pulls_after(backend, images):
     pulled = trainer(backend, images, embedding_pull=10.0)
     free = trainer(backend, images, embedding_pull=0.0)
     assert first_loss(pulled) == pytest.approx(first_loss(free), rel=1e-6)  # e = e_super at step 0
-    for _ in range(3):
-        pulled.train_step()
-        free.train_step()
+    assert not any(v.requires_grad for v in pulled.superclass_embedding.values())  # the anchor is a constant
 
     def drift(t):
         return sum(float((e.detach() - t.superclass_embedding[k]).norm()) for k, e in t.embedding.items())
 
-    assert drift(pulled) < drift(free)
+    for _ in range(8):
+        pulled.train_step()
+        free.train_step()
+    # an anchor inside the autograd graph pushed the embedding away (the pull term grew without bound)
+    assert drift(pulled) < 0.25 * drift(free)
 
 
 def test_target_input_starts_from_the_training_captions(backend, images, tmp_path):

@@ -69,7 +69,8 @@ class ConceptTrainer:
                 "one (e.g. 'dog', 'bear', 'toy', 'circle'). Pick a single common word."
             )
         self.embedding = {k: torch.nn.Parameter(v.clone()) for k, v in backend.token_embedding(super_ids[0]).items()}
-        self.superclass_embedding = {k: v.clone() for k, v in self.embedding.items()}
+        # detached: the pull must not differentiate through its own anchor (which pushed the embedding away)
+        self.superclass_embedding = {k: v.detach().clone() for k, v in self.embedding.items()}
         self.cov_cholesky = torch.linalg.cholesky(regularized(backend.text_covariance()))
         self.rng = np.random.default_rng(config.seed)
         self.noise_gen = torch.Generator().manual_seed(config.seed)
