@@ -212,6 +212,16 @@ def _bounded(field: str):
     return parse
 
 
+def _add_sampling_args(p: argparse.ArgumentParser) -> None:
+    """The sampling options `generate` and `compose` share, so both read a prompt the same way."""
+    p.add_argument("--negative", default="")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--steps", type=int, default=None)
+    p.add_argument("--guidance", type=float, default=None)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--prediction-type", choices=["epsilon", "v_prediction"], default=None, help=PREDICTION_HELP)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="perfusion", description="Perfusion concepts for Stable Diffusion.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -264,14 +274,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--concepts", default=None,
                    help="concepts folder (default: $PERFUSION_CONCEPTS, else ./models/perfusion)")
     p.add_argument("--prompt", required=True)
-    p.add_argument("--negative", default="")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--steps", type=int, default=None)
-    p.add_argument("--guidance", type=float, default=None)
+    _add_sampling_args(p)
     p.add_argument("--n", type=int, default=1)
     p.add_argument("--out", default="outputs")
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--prediction-type", choices=["epsilon", "v_prediction"], default=None, help=PREDICTION_HELP)
     p.set_defaults(func=cmd_generate)
     p = sub.add_parser("compose", help="preview several concepts in one prompt: each alone (the others replaced by "
                                        "their superclass word) and all together, side by side at one seed")
@@ -279,13 +284,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--concepts", default=None,
                    help="concepts folder (default: $PERFUSION_CONCEPTS, else ./models/perfusion)")
     p.add_argument("--prompt", required=True, help="a prompt with two or more <perfusion:NAME> tags")
-    p.add_argument("--negative", default="")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--steps", type=int, default=None)
-    p.add_argument("--guidance", type=float, default=None)
+    _add_sampling_args(p)
     p.add_argument("--out", default="outputs/compose.png")
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--prediction-type", choices=["epsilon", "v_prediction"], default=None, help=PREDICTION_HELP)
     p.set_defaults(func=cmd_compose)
     p = sub.add_parser("inspect", help="a concept file's metadata, layers, shapes, dtypes and size; or, with "
                                        "--prompt, every token's similarity and gate for the prompt's concepts")
