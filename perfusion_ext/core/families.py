@@ -38,7 +38,7 @@ class Family:
     train_resolution: int = 512
     resolution_step: int = 64  # training images: a multiple of this many pixels (VAE × UNet downsampling)
     train_whole_batch: bool = False  # micro-batch = the whole batch (tiny models); else 4 on a GPU, 1 on a CPU
-    webui_trainable: bool = False  # the WebUI's ldm training backend supports it
+    webui_trainable: bool = False  # the WebUI's training backends support it (ldm: SD1/SD2, sgm: SDXL)
     reference_covariance: bool = False  # perfusion-pytorch ships a LAION covariance of its text encoder
     exportable: bool = False  # the ONNX exporter supports it
     # how its text conditioning is built (one entry of `encoders` per text encoder, concatenated in order)
@@ -157,7 +157,7 @@ SDXL = Family(  # CLIP-L ‖ OpenCLIP-bigG penultimate layers (768 + 1280), bigG
     architecture="stable-diffusion-xl-v1-base", checkpoint_prefix="conditioner.embedders.1.model.",
     diffusers_configs=_SDXL_CONFIGS, train_resolution=1024, encoder_layer="penultimate", pooled_encoder="clip_g",
     size_conditioning=True, pipeline_class="StableDiffusionXLPipeline", known_layouts=(("SDXL base", 70),),
-    gradient_checkpointing=True, exportable=True,
+    gradient_checkpointing=True, exportable=True, webui_trainable=True,
 )
 TOY = Family(  # the toy world's model; the toy plug-in registers its model folder, sampling and captions
     name="toy", label="the toy model", text_width=128, encoders=(("clip_l", 128),), architecture="perfusion-toy",

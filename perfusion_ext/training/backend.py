@@ -3,9 +3,10 @@
 A backend encodes prompts (with concept vectors at tag positions), encodes images to latents, adds
 noise, gives the training target, predicts with the UNet and exposes the UNet for the attn2 hooks.
 Implementations: `perfusion_ext.pipelines.backend.DiffusersBackend` (CLI, toy model, tests) and
-`perfusion_ext.webui.backend.WebuiLdmBackend` (the model AUTOMATIC1111 has loaded). Prompt encoding,
-token lookup, the family and its encoder names are shared here; a backend provides `prompt_encoder`
-(a PromptEncoder over its tokenizer and text encoder) and the model-specific steps.
+`perfusion_ext.webui.backend.WebuiLdmBackend` / `perfusion_ext.webui.sgm_backend.WebuiSgmBackend` (the SD1/SD2
+or SDXL model AUTOMATIC1111 has loaded). Prompt encoding, token lookup, the family and its encoder names are
+shared here; a backend provides `prompt_encoder` (a PromptEncoder over its tokenizer and text encoder, or a
+MultiPromptEncoder over several) and the model-specific steps.
 """
 from __future__ import annotations
 

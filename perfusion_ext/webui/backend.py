@@ -1,4 +1,5 @@
-"""The trainer's `Backend` over the model AUTOMATIC1111 has loaded (ldm LatentDiffusion, SD1/SD2).
+"""The trainer's `Backend` over the model AUTOMATIC1111 has loaded (ldm LatentDiffusion, SD1/SD2), and what the
+SDXL backend (`sgm_backend.WebuiSgmBackend`) shares with it.
 
 Everything goes through the objects the WebUI already holds, duck-typed so it is testable without
 the WebUI:
@@ -10,7 +11,8 @@ the WebUI:
   EmbeddingsWithFixes, which calls the raw table), so gradients reach them and nothing is modified.
 - Images: `get_first_stage_encoding(encode_first_stage(x))`; noise: `q_sample`; target: ε or
   `get_v` per `parameterization`; prediction: `apply_model`.
-SDXL (sgm) needs a backend of its own (not written yet); this one refuses it with a clear message.
+`WebuiBackend` holds the shared part (refusals: no model, Forge, inpainting/instruct UNets, other families;
+the frozen model; first-stage encoding); SDXL (sgm) is refused here and trained by `WebuiSgmBackend`.
 Prompt encoding, token lookup and the family's encoder names come from the shared `Backend` base.
 """
 from __future__ import annotations
@@ -29,12 +31,13 @@ from ..training.backend import Backend
 def raw_token_embedding(clip) -> torch.nn.Embedding:
     """The vocabulary table of the WebUI's text encoder (unwrapping EmbeddingsWithFixes)."""
     wrapped = clip.wrapped
-    if hasattr(wrapped, "transformer"):  # SD1: ldm FrozenCLIPEmbedder around a transformers CLIPTextModel
+    if hasattr(wrapped, "transformer"):  # SD1, SDXL's CLIP-L: a transformers CLIPTextModel
         module = wrapped.transformer.get_input_embeddings()
-    elif hasattr(wrapped, "model") and hasattr(wrapped.model, "token_embedding"):  # SD2: open_clip
+    elif hasattr(wrapped, "model") and hasattr(wrapped.model, "token_embedding"):  # SD2, SDXL's bigG: open_clip
         module = wrapped.model.token_embedding
     else:
-        raise PerfusionError(f"unsupported text encoder {type(wrapped).__name__}: Perfusion training needs SD1 or SD2")
+        raise PerfusionError(f"unsupported text encoder {type(wrapped).__name__}: Perfusion training needs SD1, SD2 "
+                             "or SDXL")
     module = getattr(module, "wrapped", module)
     if not isinstance(module, torch.nn.Embedding):
         raise PerfusionError(f"the text encoder's token embedding is a {type(module).__name__}, not an Embedding")
@@ -46,7 +49,29 @@ def text_encoder_module(clip) -> torch.nn.Module:
     return wrapped.transformer if hasattr(wrapped, "transformer") else wrapped.model
 
 
-class _Tokenizer:
+def is_sgm(sd_model) -> bool:
+    """An SDXL model in A1111 (sgm's DiffusionEngine, which has a `conditioner` instead of a cond stage)."""
+    return bool(getattr(sd_model, "is_sdxl", False)) or hasattr(sd_model, "conditioner")
+
+
+def trainable_labels() -> str:
+    return ", ".join(f.label for f in families.FAMILIES.values() if f.webui_trainable)
+
+
+def refuse_unusable(sd_model) -> None:
+    """No model loaded, or Forge: neither backend can train (PerfusionError with what to do instead)."""
+    if sd_model is None:
+        raise PerfusionError("No Stable Diffusion checkpoint is loaded: load one in the WebUI first.")
+    if hasattr(sd_model, "forge_objects"):  # Forge: text encoders run under inference mode, no ldm model
+        info = getattr(sd_model, "sd_checkpoint_info", None)
+        cli = (f'perfusion train --model "{getattr(info, "filename", None) or "CHECKPOINT.safetensors"}" '
+               "--images DIR --name NAME --superclass WORD --out models/perfusion --device cuda")
+        raise PerfusionError("Forge cannot train concepts in its own process (its text encoders run under "
+                             "inference mode). Train with the command line tool on the same checkpoint file, "
+                             f"then use the concept here: {cli}")
+
+
+class WebuiTokenizer:
     """The interface PromptEncoder and the covariance code use, over the WebUI's tokenize()."""
 
     model_max_length = 77
@@ -64,7 +89,7 @@ class _Tokenizer:
         return types.SimpleNamespace(input_ids=ids[0] if isinstance(text, str) else ids)
 
 
-class _TextEncoder:
+class WebuiTextEncoder:
     """Looks like a transformers text model to PromptEncoder; runs the WebUI's own encode path."""
 
     def __init__(self, clip):
@@ -82,40 +107,22 @@ class _TextEncoder:
         return types.SimpleNamespace(last_hidden_state=self.clip.encode_with_transformers(ids.to(self.device)))
 
 
-class WebuiLdmBackend(Backend):
-    """Backend over A1111's loaded ldm LatentDiffusion (SD1, SD2)."""
+class WebuiBackend(Backend):
+    """What the ldm and sgm backends share: the refusals, the frozen model, the first stage."""
 
     def __init__(self, sd_model):
-        if sd_model is None:
-            raise PerfusionError("No Stable Diffusion checkpoint is loaded: load one in the WebUI first.")
-        trainable = " or ".join(f.label for f in families.FAMILIES.values() if f.webui_trainable)
-        info = getattr(sd_model, "sd_checkpoint_info", None)
-        cli = (f'perfusion train --model "{getattr(info, "filename", None) or "CHECKPOINT.safetensors"}" '
-               "--images DIR --name NAME --superclass WORD --out models/perfusion --device cuda")
-        if hasattr(sd_model, "forge_objects"):  # Forge: text encoders run under inference mode, no ldm model
-            raise PerfusionError("Forge cannot train concepts in its own process (its text encoders run under "
-                                 "inference mode). Train with the command line tool on the same checkpoint file, "
-                                 f"then use the concept here: {cli}")
-        if getattr(sd_model, "is_sdxl", False) or not hasattr(sd_model, "cond_stage_model"):
-            raise PerfusionError(f"The training tab trains on {trainable} checkpoints; train SDXL concepts with the "
-                                 f"command line tool on the same checkpoint file, then use them here: {cli}")
+        refuse_unusable(sd_model)
         self.sd_model = sd_model
         self.unet = sd_model.model.diffusion_model
         if getattr(self.unet, "in_channels", 4) != 4:
             raise PerfusionError(
                 f"The loaded model's UNet takes {self.unet.in_channels} input channels (an inpainting or "
-                "instruct model); train concepts on a regular SD1/SD2 checkpoint."
+                f"instruct model); train concepts on a regular {trainable_labels()} checkpoint."
             )
         self._family = unet_family(self.unet)
         if not families.get(self._family).webui_trainable:
-            raise PerfusionError(f"the loaded model is {self._family}; this backend trains {trainable.replace(' or ', '/')} "
-                                 "concepts")
-        clip = sd_model.cond_stage_model
-        self.clip = clip
-        self.tokenizer = _Tokenizer(clip)
-        self.text_encoder = _TextEncoder(clip)
-        self.prompt_encoder = PromptEncoder(self.tokenizer, self.text_encoder)
-        self.device = self.text_encoder.device
+            raise PerfusionError(f"the loaded model is {self._family}; the training tab trains "
+                                 f"{trainable_labels()} concepts")
         self.unet_dtype = next(self.unet.parameters()).dtype
 
     def frozen_modules(self):
@@ -128,12 +135,28 @@ class WebuiLdmBackend(Backend):
         x = images.to(self.device, dtype)
         return self.sd_model.get_first_stage_encoding(self.sd_model.encode_first_stage(x)).float()
 
-    def add_noise(self, latents, noise, t):
-        return self.sd_model.q_sample(latents, t, noise=noise)
-
     @property
     def prediction_type(self) -> str:
         return "v_prediction" if getattr(self.sd_model, "parameterization", "eps") == "v" else "epsilon"
+
+
+class WebuiLdmBackend(WebuiBackend):
+    """Backend over A1111's loaded ldm LatentDiffusion (SD1, SD2)."""
+
+    def __init__(self, sd_model):
+        refuse_unusable(sd_model)
+        if is_sgm(sd_model) or not hasattr(sd_model, "cond_stage_model"):
+            raise PerfusionError("the loaded model is SDXL (sgm), not ldm: WebuiSgmBackend trains it")
+        super().__init__(sd_model)
+        clip = sd_model.cond_stage_model
+        self.clip = clip
+        self.tokenizer = WebuiTokenizer(clip)
+        self.text_encoder = WebuiTextEncoder(clip)
+        self.prompt_encoder = PromptEncoder(self.tokenizer, self.text_encoder)
+        self.device = self.text_encoder.device
+
+    def add_noise(self, latents, noise, t):
+        return self.sd_model.q_sample(latents, t, noise=noise)
 
     def target(self, latents, noise, t):
         if getattr(self.sd_model, "parameterization", "eps") == "v":

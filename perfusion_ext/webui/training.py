@@ -1,6 +1,7 @@
 """Training inside the WebUI: the job runner (the loaded model, the WebUI's progress state and its
 queue lock) and previews rendered by the WebUI's own txt2img. The concepts folder and the hook cleanup
 are passed in (state.py assembles the job manager), so this module needs no extension state.
+The backend follows the loaded model: ldm (SD1, SD2) or sgm (SDXL); both refuse Forge and inpainting UNets.
 """
 from __future__ import annotations
 
@@ -21,18 +22,21 @@ from ..core.hooks import ResolvedConcept, attach, build_edits, detach
 from ..core.library import delete_concept
 from ..training import TrainCallbacks, train
 from .activation import concept_word
-from .backend import WebuiLdmBackend
+from .backend import WebuiLdmBackend, is_sgm, refuse_unusable
 from .concepts import ConceptStore, mismatch_reason
 from .extra_network import WebuiEnv
 from .jobs import Job, JobManager
+from .sgm_backend import WebuiSgmBackend
 
 log = logging.getLogger("perfusion")
 
 
-class WebuiTrainingBackend(WebuiLdmBackend):
-    """Adds previews: the WebUI's txt2img with the concept in memory (not yet in the concepts folder)."""
+class _Previews:
+    """Adds previews to a WebUI backend: the WebUI's txt2img with the concept in memory (not yet in the concepts
+    folder)."""
 
     preview_steps = 20
+    unet: torch.nn.Module
 
     def __init__(self, sd_model, resolution: int):
         super().__init__(sd_model)
@@ -62,6 +66,21 @@ class WebuiTrainingBackend(WebuiLdmBackend):
             env.unregister_embedding(word)
             for k, v in saved.items():
                 setattr(shared.state, k, v)
+
+
+class WebuiTrainingBackend(_Previews, WebuiLdmBackend):
+    """SD1/SD2 (ldm) with previews."""
+
+
+class WebuiSgmTrainingBackend(_Previews, WebuiSgmBackend):
+    """SDXL (sgm) with previews."""
+
+
+def training_backend(sd_model, resolution: int) -> WebuiTrainingBackend | WebuiSgmTrainingBackend:
+    """The backend for the model the WebUI has loaded: sgm for SDXL, ldm otherwise (Forge refused first)."""
+    refuse_unusable(sd_model)
+    cls = WebuiSgmTrainingBackend if is_sgm(sd_model) else WebuiTrainingBackend
+    return cls(sd_model, resolution)
 
 
 @contextlib.contextmanager
@@ -100,7 +119,7 @@ def run_job(job: Job, store: ConceptStore, release_hooks: Callable[[], None]) ->
     req = job.request
     release_hooks()
     sd_model = shared.sd_model
-    backend = WebuiTrainingBackend(sd_model, req.resolution)
+    backend = training_backend(sd_model, req.resolution)
     out_dir = store.folder
     if req.resume:
         existing = out_dir / f"{req.name}.safetensors"
