@@ -160,7 +160,8 @@ class ProjectionEdit:
         held = self._combined
         if held is None or held[0] is not weight or held[1:-1] != key or key[0] is None:
             t = self._tensors(dtype, device)
-            combined = torch.cat([t["target_outputs"], -(t["target_inputs"] @ weight.to(dtype).T)])
+            # W may live elsewhere than e (Forge's low-VRAM mode casts CPU weights per call)
+            combined = torch.cat([t["target_outputs"], -(t["target_inputs"] @ weight.to(device=device, dtype=dtype).T)])
             self._combined = (weight, *key, combined)
         return self._combined[-1]
 

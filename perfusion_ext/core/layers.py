@@ -4,6 +4,11 @@ Concept files name layers by their ldm path (`input_blocks.1.1.transformer_block
 names A1111's SD1/SD2 (ldm) and SDXL (sgm) UNets use. diffusers' `UNet2DConditionModel` names the
 same blocks differently; the mapping is derived from the model's own structure (resnets per block,
 downsamplers), so it holds for any topology, not just SD1.5's.
+
+A projection is a `torch.nn.Linear` or a module that computes like one: Forge's UNet (same ldm names) is
+built from `backend.operations.ForgeOperations.Linear`, a plain Module with `in_features`, `out_features`
+and a float `weight` [out, in]. Quantized projections (Forge's GGUF / NF4 layers) are refused: the edit
+needs W.
 """
 from __future__ import annotations
 
@@ -19,8 +24,8 @@ from .errors import PerfusionError
 class CrossAttentionLayer:
     name: str  # canonical ldm path
     module_path: str  # the attn2 module's path inside this UNet
-    to_k: torch.nn.Linear
-    to_v: torch.nn.Linear
+    to_k: torch.nn.Module  # torch.nn.Linear or linear-like (is_projection)
+    to_v: torch.nn.Module
 
     @property
     def in_dim(self) -> int:
@@ -29,6 +34,15 @@ class CrossAttentionLayer:
     @property
     def out_dim(self) -> int:
         return self.to_k.out_features
+
+
+def is_projection(module) -> bool:
+    """A torch.nn.Linear, or a module computing x Wᵀ + b with a float `weight` [out_features, in_features]."""
+    if isinstance(module, torch.nn.Linear):
+        return True
+    weight = getattr(module, "weight", None)
+    return (isinstance(module, torch.nn.Module) and isinstance(weight, torch.Tensor) and weight.is_floating_point()
+            and tuple(weight.shape) == (getattr(module, "out_features", None), getattr(module, "in_features", None)))
 
 
 def is_diffusers_unet(unet: torch.nn.Module) -> bool:
@@ -70,16 +84,22 @@ def canonical_name(unet: torch.nn.Module, module_path: str) -> str:
 
 
 def cross_attention_layers(unet: torch.nn.Module) -> dict[str, CrossAttentionLayer]:
-    """Every attn2 block with its to_k/to_v Linear, keyed by canonical name, in model order."""
-    layers = {}
+    """Every attn2 block with its to_k/to_v projection, keyed by canonical name, in model order."""
+    layers, unusable = {}, set()
     for path, module in unet.named_modules():
         if path.split(".")[-1] != "attn2":
             continue
         to_k, to_v = getattr(module, "to_k", None), getattr(module, "to_v", None)
-        if not isinstance(to_k, torch.nn.Linear) or not isinstance(to_v, torch.nn.Linear):
+        if not is_projection(to_k) or not is_projection(to_v):
+            unusable.update(type(m).__name__ for m in (to_k, to_v) if m is not None and not is_projection(m))
             continue
         name = canonical_name(unet, path)
         layers[name] = CrossAttentionLayer(name, path, to_k, to_v)
+    if not layers and unusable:
+        raise PerfusionError(
+            f"The cross-attention projections of this model are {', '.join(sorted(unusable))} without a float "
+            "weight matrix (a quantized model, e.g. GGUF or NF4?); Perfusion needs fp32/fp16/bf16/fp8 weights."
+        )
     if not layers:
         raise PerfusionError(
             "This model has no cross-attention (attn2) blocks with to_k/to_v; Perfusion needs a Stable "

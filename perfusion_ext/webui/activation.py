@@ -135,6 +135,20 @@ def format_hashes(hashes: dict[str, str]) -> str:
     return ", ".join(f"{name.replace(':', '').replace(',', '')}: {h[:12]}" for name, h in hashes.items())
 
 
+def drop_concept_words_from_ti(params: dict, hashes: dict[str, str]) -> None:
+    """Forge lists every embedding its text engines used as `TI: a, b` in the generation parameters; the
+    concept words are Perfusion's (recorded as `Perfusion hashes`), so they are taken out of that list."""
+    value = params.get("TI")
+    if not isinstance(value, str) or not hashes:
+        return
+    words = {concept_word(name, sha) for name, sha in hashes.items()}
+    kept = [t for t in (x.strip() for x in value.split(",")) if t and t not in words]
+    if kept:
+        params["TI"] = ", ".join(kept)
+    else:
+        del params["TI"]
+
+
 def parse_hashes(text: str) -> dict[str, str]:
     out = {}
     for part in (text or "").split(","):
@@ -285,7 +299,7 @@ class Activator:
         try:
             return unet_family(self.env.unet())
         except Exception as exc:  # noqa: BLE001 - no model, or an unknown architecture
-            warnings.append(f"Perfusion: cannot inspect the loaded model ({exc})")
+            warnings.append(f"cannot inspect the loaded model ({exc})")  # env.warn adds "Perfusion: "
             return None
 
     @staticmethod

@@ -73,8 +73,10 @@ class WebuiEnv:
     def token_layout(self, prompt):
         """(a text per token of the WebUI's conditioning of `prompt`, {embedding word: positions}), from the
         WebUI's own tokenizer: 77-token chunks with start/end tokens, an embedding at offset + 1 of its chunk."""
-        model = shared.sd_model.cond_stage_model
-        if not hasattr(model, "tokenize_line"):  # SDXL's conditioner: no per-token layout to read
+        model = getattr(shared.sd_model, "cond_stage_model", None)
+        if not hasattr(model, "tokenize_line"):  # Forge (cond_stage_model is None): its text engine tokenizes
+            model = next((e for e in forge_text_engines(shared.sd_model) if hasattr(e, "tokenize_line")), None)
+        if model is None:  # A1111's SDXL conditioner: no per-token layout to read
             return [], {}
         chunks, _ = model.tokenize_line(prompt)
         tokenizer = getattr(model, "tokenizer", None) or getattr(getattr(model, "wrapped", None), "tokenizer", None)

@@ -6,7 +6,7 @@ import logging
 from modules import extra_networks, scripts, ui_extra_networks
 
 from . import sampling, state, xyz
-from .activation import INFOTEXT_KEY, parse_hashes, remap_pasted
+from .activation import INFOTEXT_KEY, drop_concept_words_from_ti, parse_hashes, remap_pasted
 
 log = logging.getLogger("perfusion")
 
@@ -58,6 +58,10 @@ class PerfusionScript(scripts.Script):
 
     def before_process(self, p, *args):
         state.release_hooks()
+
+    def postprocess_batch(self, p, *args, **kwargs):
+        # after sampling, before the infotexts are written: Forge's `TI:` entry names no concept word
+        drop_concept_words_from_ti(p.extra_generation_params, getattr(p, "_perfusion_hashes", None) or {})
 
     def postprocess(self, p, processed, *args):
         state.release_hooks()
