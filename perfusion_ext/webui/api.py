@@ -15,7 +15,9 @@ from fastapi.security import HTTPBasic, HTTPBasicCredentials
 from modules import shared
 
 from ..core import families
+from ..core.errors import PerfusionError
 from . import library_actions, state
+from .backend import refuse_unusable
 from .cards import concept_json, current_family
 from .export import export_from_body
 from .train_request import WEBUI_FAMILY, ApiError, check_images, parse_train_request
@@ -81,6 +83,10 @@ def register(_demo, app: FastAPI) -> None:
             check_images(req)  # 422 now, naming each file, rather than a job that fails later
             if shared.sd_model is None:
                 raise ApiError(409, "no Stable Diffusion checkpoint is loaded")
+            try:
+                refuse_unusable(shared.sd_model)  # Forge: refused now, with the command to use, not as a failed job
+            except PerfusionError as exc:
+                raise ApiError(409, str(exc)) from exc
             job = state.jobs().submit(req)
         except ApiError as exc:
             return _error(exc)

@@ -222,6 +222,18 @@ def test_no_checkpoint_loaded_gets_409(api):
     assert code == 409 and "no Stable Diffusion checkpoint is loaded" in answer["detail"]
 
 
+def test_forge_gets_409_with_the_command_at_request_time(api):
+    """Forge cannot train in its process: the request is refused at once (no job that fails a moment later)."""
+    import types
+
+    api.shared.sd_model = types.SimpleNamespace(forge_objects=object(),
+                                                sd_checkpoint_info=types.SimpleNamespace(filename="/m/sd15.safetensors"))
+    code, answer = api.call("POST", "/train", body(images=["big"]))
+    assert code == 409 and "Forge cannot train" in answer["detail"], answer
+    assert 'perfusion train --model "/m/sd15.safetensors"' in answer["detail"]
+    assert api.call("GET", "/jobs")[1] == []
+
+
 # ---- concept routes ------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("method,route,params,raw,status,needle", [
     pytest.param("POST", "/concepts/{name}/{action}", {"name": "nope", "action": "rename"}, b'{"new": "x"}', 404,
