@@ -22,6 +22,7 @@ import numpy as np
 from PIL import Image
 
 from . import checkers, pairs
+from .pairs import MIRROR, Composite
 from .world import COLOURS, IMAGE_SIZE, POSITION_PHRASES, POSITIONS, SHAPES, TRAIN_TEMPLATES, _grid, shape_mask
 
 BROWN = (150, 90, 40)
@@ -59,28 +60,6 @@ def _ring(cx, cy, side):
     return [(ring & (xs < cx), COLOURS["blue"]), (ring & (xs >= cx), COLOURS["yellow"])]
 
 
-@dataclasses.dataclass(frozen=True)
-class Composite:
-    """Two palette shapes: A (colour_a, shape_a, size_a) `relation` B, as a two-object scene draws them."""
-    colour_a: str
-    shape_a: str
-    size_a: float
-    relation: str
-    colour_b: str
-    shape_b: str
-    size_b: float
-
-    def scene(self, position: str, background: str, dx: float = 0.0, dy: float = 0.0, mirrored: bool = False):
-        relation = _MIRROR.get(self.relation, self.relation) if mirrored else self.relation
-        return pairs.PairScene(self.colour_a, self.shape_a, relation, self.colour_b, self.shape_b, position,
-                               background, self.size_a, self.size_b, dx, dy)
-
-    def description(self) -> str:
-        """The concept spelled out in the base model's words ("red triangle on top of a white square")."""
-        return f"{self.colour_a} {self.shape_a} {pairs.RELATION_PHRASES[self.relation][0]} a {self.colour_b} {self.shape_b}"
-
-
-_MIRROR = {"left": "right", "right": "left"}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -231,7 +210,12 @@ def fidelity(img: np.ndarray, name: str) -> Fidelity:
 
 
 def _composite_fidelity(img: np.ndarray, concept: ToyConcept) -> Fidelity:
-    spec = concept.composite
+    return composite_fidelity(img, concept.composite, concept.mirrorable)
+
+
+def composite_fidelity(img: np.ndarray, spec: Composite, mirrorable: bool) -> Fidelity:
+    """Exactly the two parts of `spec`, in its colours and shapes, touching in its arrangement (mirrored
+    only when `mirrorable`), with its relative size; also used for the world's named composites."""
     _, parts = checkers.read_parts(img)
     if len(parts) != 2:
         return Fidelity(False, 0.0, f"{len(parts)} parts")
@@ -239,10 +223,10 @@ def _composite_fidelity(img: np.ndarray, concept: ToyConcept) -> Fidelity:
     a, b = by_colour.get(spec.colour_a), by_colour.get(spec.colour_b)
     if a is None or b is None:
         return Fidelity(False, 0.0, "colours")
-    correlation = _composite_correlation(img, concept, a, b)
+    correlation = _composite_correlation(img, spec, mirrorable, a, b)
     if (a.shape, b.shape) != (spec.shape_a, spec.shape_b):
         return Fidelity(False, correlation, "shapes")
-    allowed = {spec.relation} | ({_MIRROR.get(spec.relation, spec.relation)} if concept.mirrorable else set())
+    allowed = {spec.relation} | ({MIRROR.get(spec.relation, spec.relation)} if mirrorable else set())
     if checkers.relation(a, b) not in allowed or not checkers.touching(a, b):
         return Fidelity(False, correlation, "arrangement")
     difference = _equivalent_side(a) - _equivalent_side(b)
@@ -263,16 +247,17 @@ def _equivalent_side(part: checkers.Part) -> float:
 _SHAPE_AREA = {"circle": np.pi / 4, "square": 1.0, "triangle": 0.5}  # area / side²
 
 
-def _composite_correlation(img: np.ndarray, concept: ToyConcept, a: checkers.Part, b: checkers.Part) -> float:
-    """Pearson correlation with the concept drawn where its two parts were found."""
+def _composite_correlation(img: np.ndarray, spec: Composite, mirrorable: bool, a: checkers.Part,
+                           b: checkers.Part) -> float:
+    """Pearson correlation with the composite drawn where its two parts were found."""
     background, background_rgb = checkers.read_background(img)
     left = min(a.cx - a.width / 2, b.cx - b.width / 2)
     right = max(a.cx + a.width / 2, b.cx + b.width / 2)
     top = min(a.cy - a.height / 2, b.cy - b.height / 2)
     bottom = max(a.cy + a.height / 2, b.cy + b.height / 2)
     cx, cy = (left + right) / 2, (top + bottom) / 2
-    mirrored = concept.mirrorable and checkers.relation(a, b) != concept.composite.relation
-    template, _ = render_concept(concept.name, "centre", background, dx=cx - 16.0, dy=cy - 16.0, mirrored=mirrored)
+    mirrored = mirrorable and checkers.relation(a, b) != spec.relation
+    template = pairs.render(spec.scene("centre", background, dx=cx - 16.0, dy=cy - 16.0, mirrored=mirrored))
     template = template.astype(np.float32)
     template[(template == COLOURS[background]).all(-1)] = background_rgb
     xs, ys = _grid()

@@ -8,8 +8,9 @@ import torch
 from diffusers import StableDiffusionPipeline
 from PIL import Image
 
-from . import checkers, pairs, world
+from . import checkers, named, pairs, world
 from . import model as toy_model
+from .concepts import composite_fidelity
 
 ATTRIBUTES = ("background", "colour", "shape", "position")
 
@@ -100,3 +101,24 @@ def evaluate_pairs(pipe, n_prompts: int = 120, seed: int = 0, grid_path: Path | 
     result = score_pairs(images, [s for s, _ in found], prompts)
     result["pair_n_prompts"] = n_prompts
     return result
+
+
+def score_named(images: np.ndarray, found: list[tuple[str, pairs.PairScene, str]]) -> dict[str, float]:
+    """Share of images the strict composite judge reads as the named object, and background and position."""
+    hits = {"named": 0, "named_background": 0, "named_position": 0}
+    for img, (word, scene, _) in zip(images, found):
+        hits["named"] += composite_fidelity(img, named.NAMED[word], word in named.MIRRORABLE).is_concept
+        background, position = checkers.read_alignment(img)
+        hits["named_background"] += background == scene.background
+        hits["named_position"] += position == scene.position
+    return {k: v / len(found) for k, v in hits.items()}
+
+
+def evaluate_named(pipe, n_prompts: int = 60, seed: int = 0, grid_path: Path | None = None) -> dict:
+    """Named composites ("a rocket on the left, green background") on held-out (word, position, background)
+    combinations in held-out phrasings."""
+    found = named.held_out_prompts(n_prompts, seed=seed)
+    images = generate(pipe, [p for _, _, p in found], seed=seed)
+    if grid_path is not None:
+        save_grid(images[:64], grid_path)
+    return {**score_named(images, found), "named_n_prompts": n_prompts}

@@ -158,3 +158,27 @@ def corpus(n: int, seed: int = 0) -> list[str]:
     """n training-split two-object captions (for the covariance corpus)."""
     rng = np.random.default_rng(seed)
     return [caption(random_scene(rng), rng) for _ in range(n)]
+
+
+@dataclasses.dataclass(frozen=True)
+class Composite:
+    """Two palette shapes: A (colour_a, shape_a, size_a) `relation` B, as a two-object scene draws them."""
+    colour_a: str
+    shape_a: str
+    size_a: float
+    relation: str
+    colour_b: str
+    shape_b: str
+    size_b: float
+
+    def scene(self, position: str, background: str, dx: float = 0.0, dy: float = 0.0, mirrored: bool = False):
+        relation = MIRROR.get(self.relation, self.relation) if mirrored else self.relation
+        return PairScene(self.colour_a, self.shape_a, relation, self.colour_b, self.shape_b, position,
+                         background, self.size_a, self.size_b, dx, dy)
+
+    def description(self) -> str:
+        """Spelled out in the base model's words ("red triangle on top of a white square")."""
+        return f"{self.colour_a} {self.shape_a} {RELATION_PHRASES[self.relation][0]} a {self.colour_b} {self.shape_b}"
+
+
+MIRROR = {"left": "right", "right": "left"}  # what a horizontal flip does to a relation

@@ -23,7 +23,7 @@ from safetensors.torch import load_file
 from ..core.atomic import atomic_save_safetensors, atomic_write_json
 from . import checkers, pairs, world
 from . import model as toy_model
-from .evaluate import evaluate_pairs, evaluate_pipeline, make_pipeline
+from .evaluate import evaluate_named, evaluate_pairs, evaluate_pipeline, make_pipeline
 from .training_data import SceneSampler, WorldV2Sampler
 
 RESUME_FILE = Path(__file__).resolve().parents[2] / "training" / "toy_base_resume.safetensors"
@@ -65,7 +65,8 @@ class Trainer:
     def sampler(self) -> SceneSampler | WorldV2Sampler:
         """Built on first use: tokenizing every training caption is wasted on VAE-only or export-only calls."""
         if self.args.world == "v2":
-            return WorldV2Sampler(self.tokenizer, self.device, seed=self.args.seed, pair_share=self.args.pair_share)
+            return WorldV2Sampler(self.tokenizer, self.device, seed=self.args.seed, pair_share=self.args.pair_share,
+                                  named_share=self.args.named_share)
         return SceneSampler(self.tokenizer, self.device, seed=self.args.seed)
 
     def _make_optimizer(self):
@@ -331,6 +332,8 @@ class Trainer:
         if self.args.world == "v2":
             result.update(evaluate_pairs(pipe, n_prompts=self.args.pair_eval_prompts,
                                          grid_path=self.work / "eval_pairs_grid.png"))
+            result.update(evaluate_named(pipe, n_prompts=self.args.named_eval_prompts,
+                                         grid_path=self.work / "eval_named_grid.png"))
         result.update(step=self.state["step"], images_seen=self.state["images_seen"],
                       train_minutes=round(self.state["train_seconds"] / 60, 1))
         with open(self.work / "eval.jsonl", "a") as f:
@@ -457,6 +460,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--pair-share", type=float, default=0.5,
                    help="world v2: share of two-object scenes in each batch (the rest are one-object scenes)")
     p.add_argument("--pair-eval-prompts", type=int, default=120, help="world v2: held-out two-object prompts")
+    p.add_argument("--named-share", type=float, default=0.0,
+                   help="world v2: share of named two-part objects (\"a rocket\") in each batch, taken before pairs")
+    p.add_argument("--named-eval-prompts", type=int, default=60, help="world v2: held-out named-object prompts")
     return p.parse_args(argv)
 
 

@@ -1,0 +1,82 @@
+"""Named composites: two-part objects the toy world has one word for ("a rocket": a white triangle on top
+of a blue square), in fixed colours, shapes, sizes and arrangement.
+
+Why they exist: a real Stable Diffusion draws thousands of objects from one word each, so your teddy is a
+new direction in a space it already renders from a single token. A toy model that only ever drew two-part
+objects from two noun phrases has no such space: a concept is one token, and one token had never produced
+two parts, so Perfusion, textual inversion and even the spelled-out prompt failed on two-part concepts.
+With named composites in the world, the concepts' superclasses are named composites of the same
+arrangement ("rocket" for the house), as "teddy" is the superclass of your teddy. None of them is a toy
+concept: the concepts stay unnamed.
+"""
+from __future__ import annotations
+
+import zlib
+
+import numpy as np
+
+from . import world
+from .pairs import Composite, PairScene
+
+NAMED: dict[str, Composite] = {
+    "rocket": Composite("white", "triangle", 11.0, "above", "blue", "square", 11.0),
+    "tree": Composite("green", "triangle", 11.0, "above", "black", "square", 9.0),
+    "lantern": Composite("green", "circle", 9.0, "above", "yellow", "square", 11.0),
+    "mushroom": Composite("red", "circle", 11.0, "above", "white", "square", 9.0),
+    "tower": Composite("blue", "square", 11.0, "above", "red", "square", 11.0),
+    "bell": Composite("yellow", "triangle", 11.0, "above", "green", "circle", 9.0),
+    "arrow": Composite("black", "square", 11.0, "left", "white", "triangle", 9.0),
+    "flag": Composite("yellow", "square", 11.0, "left", "blue", "square", 9.0),
+    "domino": Composite("black", "square", 9.0, "left", "white", "square", 9.0),
+    "glasses": Composite("blue", "circle", 9.0, "left", "black", "circle", 9.0),
+}
+MIRRORABLE = frozenset({"rocket", "tree", "lantern", "mushroom", "tower", "bell", "glasses"})
+
+
+def backgrounds(word: str) -> list[str]:
+    """Palette backgrounds that differ from both parts' colours (the checkers could not see a part on its own colour)."""
+    spec = NAMED[word]
+    return [c for c in world.COLOURS if c not in (spec.colour_a, spec.colour_b)]
+
+
+def is_held_out(word: str, position: str, background: str) -> bool:
+    """About one (word, position, background) combination in five never appears in training (stable hash)."""
+    return zlib.crc32(f"named|{word}|{position}|{background}".encode()) % 5 == 0
+
+
+def random_scene(rng: np.random.Generator, held_out: bool = False) -> tuple[str, PairScene]:
+    """(word, scene) of a random named composite from the training split (or the evaluation split)."""
+    words = list(NAMED)
+    while True:
+        word = words[rng.integers(len(words))]
+        options = backgrounds(word)
+        background = options[rng.integers(len(options))]
+        position = list(world.POSITIONS)[rng.integers(len(world.POSITIONS))]
+        if is_held_out(word, position, background) == held_out:
+            break
+    mirrored = word in MIRRORABLE and rng.random() < 0.5
+    dx, dy = rng.uniform(-1.0, 1.0, size=2)
+    return word, NAMED[word].scene(position, background, float(dx), float(dy), mirrored)
+
+
+def caption(word: str, scene: PairScene, rng: np.random.Generator, templates=world.TRAIN_TEMPLATES) -> str:
+    """The one-object templates with the word as the object ("a rocket on the left, green background")."""
+    template = templates[rng.integers(len(templates))]
+    phrases = world.POSITION_PHRASES[scene.position]
+    return template.format(obj=word, pos=phrases[rng.integers(len(phrases))], bg=scene.background)
+
+
+def held_out_prompts(n: int, seed: int = 0) -> list[tuple[str, PairScene, str]]:
+    """n (word, scene, caption): held-out (word, position, background) combinations in held-out phrasings."""
+    rng = np.random.default_rng(seed)
+    out = []
+    for i in range(n):
+        word, scene = random_scene(rng, held_out=True)
+        out.append((word, scene, caption(word, scene, rng, (world.EVAL_TEMPLATES[i % len(world.EVAL_TEMPLATES)],))))
+    return out
+
+
+def corpus(n: int, seed: int = 0) -> list[str]:
+    """n training-split captions of named composites (for the covariance corpus)."""
+    rng = np.random.default_rng(seed)
+    return [caption(*random_scene(rng), rng) for _ in range(n)]
