@@ -290,8 +290,12 @@ def webui_training(monkeypatch, tmp_path):
     for name in glue:
         monkeypatch.delitem(sys.modules, name, raising=False)
     yield shared, importlib.import_module("perfusion_ext.webui.training")
+    import perfusion_ext.webui as package
+
     for name in glue:  # the next importer gets a fresh module, not one bound to these stand-ins
         sys.modules.pop(name, None)
+        if hasattr(package, name.rsplit(".", 1)[1]):
+            delattr(package, name.rsplit(".", 1)[1])
 
 
 def test_the_job_runner_trains_sdxl_on_the_loaded_model(webui_training, engine, tmp_path):
