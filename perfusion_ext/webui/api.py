@@ -6,6 +6,7 @@ with a message. Training requests become server-side jobs that take the WebUI's 
 """
 from __future__ import annotations
 
+import asyncio
 import json
 import secrets
 
@@ -80,7 +81,7 @@ def register(_demo, app: FastAPI) -> None:
             family = family if family and families.get(family).webui_trainable else WEBUI_FAMILY
             steps = getattr(shared.opts, "perfusion_default_steps", None)  # the setting, else the family's
             req = parse_train_request(body, state.images_dirs(), {"steps": int(steps)} if steps else None, family)
-            check_images(req)  # 422 now, naming each file, rather than a job that fails later
+            await asyncio.to_thread(check_images, req)  # 422 now, naming each file, rather than a job that fails later
             if shared.sd_model is None:
                 raise ApiError(409, "no Stable Diffusion checkpoint is loaded")
             try:
@@ -110,7 +111,9 @@ def register(_demo, app: FastAPI) -> None:
 
     async def export(request: Request):
         try:
-            return export_from_body(await _json_body(request, b"null"), state.store())
+            body = await _json_body(request, b"null")
+            # minutes of work under the queue lock: in a worker thread, or every route of the server waits for it
+            return await asyncio.to_thread(export_from_body, body, state.store())
         except ApiError as exc:
             return _error(exc)
 

@@ -222,6 +222,31 @@ def test_no_checkpoint_loaded_gets_409(api):
     assert code == 409 and "no Stable Diffusion checkpoint is loaded" in answer["detail"]
 
 
+def test_an_export_does_not_stop_the_server_answering(api, monkeypatch):
+    """An export holds the queue lock for minutes; run on the event loop it froze every route of the WebUI
+    (found with 20 clients against a real A1111: training requests answered only after their job had ended)."""
+    import asyncio
+
+    from robust_helpers import Request
+
+    release = threading.Event()
+    monkeypatch.setattr(api.api, "export_from_body", lambda body, store: {"released": release.wait(5)})
+    export, _ = api.app.routes[("POST", api.api.PREFIX + "/export")]
+    list_jobs, _ = api.app.routes[("GET", api.api.PREFIX + "/jobs")]
+
+    async def meanwhile():
+        await asyncio.sleep(0.05)
+        listed = await list_jobs()
+        release.set()
+        return listed
+
+    async def both():
+        return await asyncio.gather(export(request=Request(b'{"concepts": ["teddy"]}')), meanwhile())
+
+    exported, listed = asyncio.run(both())
+    assert exported == {"released": True} and listed == []
+
+
 def test_forge_gets_409_with_the_command_at_request_time(api):
     """Forge cannot train in its process: the request is refused at once (no job that fails a moment later)."""
     import types

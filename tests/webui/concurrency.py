@@ -36,10 +36,14 @@ ROOT = Path(os.environ.get("A1111_ROOT", "/tmp/a1111"))
 REPO = Path(__file__).resolve().parents[2]
 CONCEPTS = ROOT / "webui" / "models" / "perfusion"
 TIMEOUT = 1800  # an export holds the queue lock for minutes: every client waits behind it
+# A random-init text encoder's LayerNorm has zero bias, so a prompt's mean can be exactly 0 and the WebUI's
+# default emphasis ("Original") divides by it: NaNs from the checkpoint, not from a concept. No norm avoids it.
+GENERATION = {"override_settings": {"emphasis": "No norm"}}
 
 
 def start_webui(port: int, log: Path) -> subprocess.Popen:
-    env = dict(os.environ, OMP_NUM_THREADS="2", OMP_WAIT_POLICY="PASSIVE")
+    env = dict(os.environ, OMP_WAIT_POLICY="PASSIVE")
+    env.setdefault("OMP_NUM_THREADS", "2")
     proc = subprocess.Popen(["bash", str(ROOT / "run-webui.sh"), "--nowebui", "--port", str(port)],
                             stdout=log.open("ab"), stderr=subprocess.STDOUT, env=env, start_new_session=True)
     for _ in range(600):
@@ -94,12 +98,13 @@ def client(role: str, index: int, rec: Recorder, deadline: float, jobs: list, pr
     rng = random.Random(index)
     while time.time() < deadline:
         if role == "plain":
-            status, _ = rec.call("txt2img", "/sdapi/v1/txt2img", {**W.BASE, "prompt": "a cat", "seed": rng.randint(0, 99)})
+            status, _ = rec.call("txt2img", "/sdapi/v1/txt2img",
+                                 {**W.BASE, **GENERATION, "prompt": "a cat", "seed": rng.randint(0, 99)})
         elif role == "tagged":
             names = concept_names() or ["ghost"]
             tag = rng.choice(names + ["ghost"])
             prompt = f"a photo of a <perfusion:{tag}:{rng.choice([0.5, 1, 1.5])}> on a table"
-            status, _ = rec.call("txt2img", "/sdapi/v1/txt2img", {**W.BASE, "prompt": prompt})
+            status, _ = rec.call("txt2img", "/sdapi/v1/txt2img", {**W.BASE, **GENERATION, "prompt": prompt})
             if status != 200:
                 problems.append(f"tag {tag!r}: generation answered {status}")
         elif role == "trainer":
@@ -172,7 +177,7 @@ def mixed_load(minutes: float, n_clients: int) -> dict:
     W.images_dir()
     W.call("/perfusion/v1/train", {"name": "cc-seed", "superclass": "bear", "images": [W.NAME], "steps": 2,
                                    "batch_size": 1, "resolution": 64, "preview_every": 0, "overwrite": True})
-    reference = W.pixels(W.txt2img("a cat")["images"][0])
+    reference = W.pixels(W.txt2img("a cat", **GENERATION)["images"][0])
     rec, jobs, problems = Recorder(), [], []
     deadline = time.time() + 60 * minutes
     threads = [threading.Thread(target=client, args=(role, i, rec, deadline, jobs, problems), daemon=True)
@@ -182,7 +187,7 @@ def mixed_load(minutes: float, n_clients: int) -> dict:
     for t in threads:
         t.join(max(1.0, deadline + TIMEOUT - time.time()))
     hung = sum(t.is_alive() for t in threads)
-    after = W.pixels(W.txt2img("a cat")["images"][0])
+    after = W.pixels(W.txt2img("a cat", **GENERATION)["images"][0])
     windows = [(j["started"], j["finished"]) for j in jobs if j.get("started") and j.get("finished")]
     inside = [r for r in rec.rows if r["kind"] == "txt2img" and r["status"] == 200
               and any(s + 1 < r["end"] < f - 1 for s, f in windows)]
