@@ -33,6 +33,9 @@ def test_each_panel_replaces_the_other_tags_by_their_superclass(toy_and_concepts
         ("together", prompt)]
     with pytest.raises(PerfusionError, match="at least two known concepts"):
         compose_prompts("a <perfusion:house> and a <perfusion:ghost>", concepts)
+    # a malformed tag counts as no concept; the message says why (seen in the WebUI tab: "got ['kite']" alone)
+    with pytest.raises(PerfusionError, match=r"got \['kite'\]\. \(ignored <perfusion:house:abc>: "):
+        compose_prompts("a <perfusion:house:abc> and a <perfusion:kite>", concepts)
 
 
 def test_compose_renders_three_panels_at_one_seed(toy_and_concepts):

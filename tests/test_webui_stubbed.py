@@ -118,12 +118,13 @@ def test_before_ui_registers_the_axes_once(webui, monkeypatch):
     assert [o.label for o in xyz_module.axis_options] == ["Perfusion β", "Perfusion τ", "Perfusion strength"]
 
 
-def test_compose_preview_renders_each_concept_alone_then_together(tmp_path, monkeypatch):
-    """The tab's composition preview: one txt2img per panel at the same seed, tags kept for the extra network."""
+@pytest.fixture()
+def compose_glue(tmp_path, monkeypatch):
+    """perfusion_ext.webui.compose against stand-ins of processing/shared: (module, runs, events, folder)."""
     unet = tiny_ldm_unet()
     for seed, (name, superclass) in enumerate((("teddy", "bear"), ("robot", "toy")), start=1):
         save_concept(make_concept(unet, name, seed=seed, superclass=superclass), tmp_path / f"{name}.safetensors")
-    runs = []
+    runs, events = [], []
 
     class Txt2Img:
         def __init__(self, **kwargs):
@@ -132,26 +133,55 @@ def test_compose_preview_renders_each_concept_alone_then_together(tmp_path, monk
         def close(self):
             runs.append(self.kwargs)
 
-    processing = types.SimpleNamespace(
-        StableDiffusionProcessingTxt2Img=Txt2Img,
-        process_images=lambda p: types.SimpleNamespace(images=[f"image of {p.kwargs['prompt']}"]))
+    def process_images(p):
+        events.append(("panel", webui_state.job_count))
+        return types.SimpleNamespace(images=[f"image of {p.kwargs['prompt']}"])
+
+    webui_state = types.SimpleNamespace(job_count=0, interrupted=False, begin=lambda job: events.append(("begin", job)),
+                                        end=lambda: events.append(("end",)))
+    processing = types.SimpleNamespace(StableDiffusionProcessingTxt2Img=Txt2Img, process_images=process_images,
+                                       get_fixed_seed=lambda s: 4242 if s == -1 else s)
     import perfusion_ext.webui
 
     state = types.SimpleNamespace(store=lambda: ConceptStore(lambda: tmp_path))
     for name, module in {"modules": types.ModuleType("modules"), "modules.processing": processing,
-                         "modules.shared": types.SimpleNamespace(sd_model="model"),
+                         "modules.shared": types.SimpleNamespace(sd_model="model", state=webui_state),
                          "perfusion_ext.webui.state": state}.items():
         monkeypatch.setitem(sys.modules, name, module)
     monkeypatch.setattr(perfusion_ext.webui, "state", state, raising=False)  # `from . import state` reads this first
     monkeypatch.delitem(sys.modules, "perfusion_ext.webui.compose", raising=False)
     compose = importlib.import_module("perfusion_ext.webui.compose")
-    try:
-        panels = compose.render("a <perfusion:teddy:0.8> left of a <perfusion:robot>", "blurry", 7, 20, 64, 64)
-        assert [label for _, label in panels] == ["teddy", "robot", "together"]
-        assert [r["prompt"] for r in runs] == ["a <perfusion:teddy:0.8> left of a toy", "a bear left of a <perfusion:robot>",
-                                              "a <perfusion:teddy:0.8> left of a <perfusion:robot>"]
-        assert {r["seed"] for r in runs} == {7} and all(r["negative_prompt"] == "blurry" for r in runs)
-        with pytest.raises(PerfusionError, match="unknown concept 'ghost'"):
-            compose.render("a <perfusion:teddy> and <perfusion:ghost>", "", 1, 20, 64, 64)
-    finally:
-        sys.modules.pop("perfusion_ext.webui.compose", None)
+    monkeypatch.setattr(compose, "_model_family", lambda: "sd1")
+    yield compose, runs, events
+    sys.modules.pop("perfusion_ext.webui.compose", None)
+
+
+def test_compose_preview_renders_each_concept_alone_then_together(compose_glue):
+    """The tab's composition preview: one txt2img per panel at the same seed, tags kept for the extra network."""
+    compose, runs, events = compose_glue
+    panels, seed = compose.render("a <perfusion:teddy:0.8> left of a <perfusion:robot>", "blurry", 7, 20, 64, 64)
+    assert [label for _, label in panels] == ["teddy", "robot", "together"] and seed == 7
+    assert [r["prompt"] for r in runs] == ["a <perfusion:teddy:0.8> left of a toy", "a bear left of a <perfusion:robot>",
+                                          "a <perfusion:teddy:0.8> left of a <perfusion:robot>"]
+    assert {r["seed"] for r in runs} == {7} and all(r["negative_prompt"] == "blurry" for r in runs)
+    # one WebUI job for the three panels (progress, Interrupt), ended after them
+    assert events == [("begin", "perfusion_compose"), ("panel", 3), ("panel", 3), ("panel", 3), ("end",)]
+    with pytest.raises(PerfusionError, match="unknown concept 'ghost'"):
+        compose.render("a <perfusion:teddy> and <perfusion:ghost>", "", 1, 20, 64, 64)
+
+
+def test_compose_preview_draws_a_random_seed_once(compose_glue):
+    """Seed -1: the WebUI would draw a seed per panel (found in the real WebUI); the preview draws one for all."""
+    compose, runs, _ = compose_glue
+    panels, seed = compose.render("a <perfusion:teddy> left of a <perfusion:robot>", "", -1, 2, 64, 64)
+    assert seed == 4242 and [r["seed"] for r in runs] == [4242, 4242, 4242] and len(panels) == 3
+
+
+def test_compose_preview_refuses_a_concept_of_another_family(compose_glue, monkeypatch):
+    """A concept of another family would be skipped by the activation (an SD2 one on SD1, in the real WebUI):
+    its "alone" panel would be the superclass only. The preview says so before rendering anything."""
+    compose, runs, events = compose_glue
+    monkeypatch.setattr(compose, "_model_family", lambda: "sd2")
+    with pytest.raises(PerfusionError, match=r"<perfusion:teddy> cannot be used here: trained for SD1"):
+        compose.render("a <perfusion:teddy> left of a <perfusion:robot>", "", 1, 2, 64, 64)
+    assert runs == [] and events == []

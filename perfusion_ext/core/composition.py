@@ -17,8 +17,9 @@ def compose_prompts(prompt: str, concepts: dict[str, Concept]) -> list[tuple[str
     parsed = parse_prompt(prompt)
     names = list(dict.fromkeys(t.name for t in parsed.tags if t.name in concepts))
     if len(names) < 2:
+        ignored = "".join(f" ({w})" for w in parsed.warnings)  # a malformed tag counts as no concept: say why
         raise PerfusionError("a composition preview needs at least two known concepts in the prompt, got "
-                             f"{names or 'none'}.")
+                             f"{names or 'none'}.{ignored}")
 
     def alone(keep: str) -> str:
         return parsed.text_with(lambda tag: prompt[tag.start:tag.end] if tag.name == keep else concepts[tag.name].superclass)

@@ -8,6 +8,7 @@ seconds, so a reloaded or reopened page shows the running job again. Field defau
 from __future__ import annotations
 
 import html
+import logging
 import time
 
 import gradio as gr
@@ -21,6 +22,8 @@ from ..training.config import field_defaults
 from . import state
 from .export import ExportRequest, export_from_body
 from .train_request import WEBUI_FAMILY, ApiError, check_images, parse_train_request
+
+log = logging.getLogger("perfusion")
 
 
 def _fmt_eta(seconds):
@@ -156,11 +159,16 @@ def compose_preview(prompt, negative, seed, steps, size):
 
     try:
         with call_queue.queue_lock:
-            panels = render(prompt or "", negative or "", int(seed or 0), int(steps or 20), int(size or 512),
-                            int(size or 512))
+            panels, used = render(prompt or "", negative or "", int(seed if seed is not None else -1),
+                                  int(steps or 20), int(size or 512), int(size or 512))
     except PerfusionError as exc:
         return [], f"<div class='perfusion-status perfusion-error'>{html.escape(str(exc))}</div>"
-    return panels, ""
+    except Exception as exc:  # a failed generation (NaNs, out of memory): said here, logged in full
+        log.exception("Perfusion: composition preview failed")
+        return [], (f"<div class='perfusion-status perfusion-error'>the preview failed: "
+                    f"{html.escape(type(exc).__name__)}: {html.escape(str(exc))}</div>")
+    labels = ", ".join(html.escape(label) for _, label in panels)
+    return panels, f"<div class='perfusion-status'>{len(panels)} panels ({labels}) at seed {used}</div>"
 
 
 def create_tab():
@@ -245,7 +253,7 @@ def create_tab():
                                                  elem_id="perfusion_compose_size")
                     compose_button = gr.Button("Compose", elem_id="perfusion_compose")
                     compose_gallery = gr.Gallery(label="Alone and together", columns=3, elem_id="perfusion_compose_gallery")
-                    compose_result = gr.HTML()
+                    compose_result = gr.HTML(elem_id="perfusion_compose_result")
             with gr.Column():
                 message = gr.HTML(elem_id="perfusion_message")
                 gr.HTML(value=status_html, every=2, elem_id="perfusion_status")  # polls the job

@@ -53,7 +53,7 @@ rc=0
 PERFUSION_WEBUI_URL=http://127.0.0.1:$PORT PERFUSION_WEBUI_LOG=$ROOT/perfusion-verify.log A1111_ROOT=$ROOT \
   "$REPO/.venv/bin/python" -m pytest -p no:cacheprovider -q -rA tests/webui/test_real_webui.py "$@" || rc=1
 if [ "$UI" = 1 ]; then
-  PERFUSION_WEBUI_UI_URL=http://127.0.0.1:$PORT A1111_ROOT=$ROOT \
+  PERFUSION_WEBUI_UI_URL=http://127.0.0.1:$PORT PERFUSION_WEBUI_LOG=$ROOT/perfusion-verify.log A1111_ROOT=$ROOT \
     "$UIPY" -m pytest -p no:cacheprovider --noconftest -q -rA -s tests/webui/test_real_webui_ui.py || rc=1
 else
   echo "== UI checks skipped: no playwright venv at $ROOT/uitest-venv (A1111_UI_TEST=1 setup; pip install pytest there)"

@@ -3,14 +3,18 @@
     PERFUSION_WEBUI_UI_URL=http://127.0.0.1:7860   a running WebUI in UI mode (--api), after `Startup time:`
     A1111_ROOT=/tmp/a1111                          its setup (tests/webui/README.md), for the concepts folder
     PERFUSION_CHROMIUM=/usr/bin/chromium
+    PERFUSION_WEBUI_LOG=/path/to/its/console.log    optional: no traceback while composing
+    PERFUSION_COMPOSE_CONCEPTS=vteddy,vteddyui      optional: the two concepts of the composition preview
 Needs playwright (the setup's uitest-venv) and the concept `vteddy` that
 test_real_webui.py trains; run by tests/webui/run_real_webui.sh after that suite. Covers: the concept
 cards page (no folder buttons for training runs `NAME.run/`), the user metadata editor on a Perfusion
-card, the `<perfusion:` completion hint, and the training tab's upload path and Interrupt button.
+card, the `<perfusion:` completion hint, the training tab's upload path and Interrupt button, and its
+composition preview (each concept alone, then together, pixel-equal to txt2img; bad prompts).
 Training: 64 px, 2 steps (upload) and an interrupted long run. Standard library only besides playwright.
 """
 from __future__ import annotations
 
+import base64
 import json
 import os
 import re
@@ -259,3 +263,107 @@ def test_training_tab_upload_then_interrupt(page, tmp_path):
     assert Path(job["concept_path"]).is_file()
     page.wait_for_function("() => document.querySelector('#perfusion_status').innerText.includes('interrupted')",
                            timeout=30_000)
+
+
+# ---- the composition preview -------------------------------------------------------------------------
+def png_pixels(data: bytes) -> tuple[int, int, bytes]:
+    """(width, height, RGB bytes) of an 8-bit RGB or RGBA, non-interlaced PNG (what the WebUI writes)."""
+    assert data[:8] == b"\x89PNG\r\n\x1a\n"
+    pos, idat = 8, b""
+    while pos < len(data):
+        n, kind = struct.unpack(">I4s", data[pos:pos + 8])
+        if kind == b"IHDR":
+            w, h, depth, ctype, _, _, interlace = struct.unpack(">IIBBBBB", data[pos + 8:pos + 8 + n])
+            assert depth == 8 and ctype in (2, 6) and not interlace, (depth, ctype, interlace)
+            ch = 3 if ctype == 2 else 4
+        elif kind == b"IDAT":
+            idat += data[pos + 8:pos + 8 + n]
+        pos += 12 + n
+    raw, stride, out, prev = zlib.decompress(idat), w * ch, bytearray(), bytearray(w * ch)
+    for y in range(h):
+        kind, line = raw[y * (stride + 1)], bytearray(raw[y * (stride + 1) + 1:(y + 1) * (stride + 1)])
+        for i in range(stride):
+            a, b, c = (line[i - ch] if i >= ch else 0), prev[i], (prev[i - ch] if i >= ch else 0)
+            if kind == 4:
+                p = a + b - c
+                pa, pb, pc = abs(p - a), abs(p - b), abs(p - c)
+                a = a if pa <= pb and pa <= pc else b if pb <= pc else c
+            line[i] = (line[i] + (0, a, b, (a + b) // 2, a)[kind]) & 255
+        out += line
+        prev = line
+    rgb = out if ch == 3 else bytes(v for i, v in enumerate(out) if i % 4 != 3)
+    return w, h, bytes(rgb)
+
+
+def txt2img_pixels(prompt, seed, sampler="Euler a"):
+    body = api("/sdapi/v1/txt2img", {"prompt": prompt, "width": 64, "height": 64, "steps": 2, "seed": seed,
+                                     "cfg_scale": 7, "sampler_name": sampler})
+    return png_pixels(base64.b64decode(body["images"][0]))
+
+
+def _compose(page, prompt, seed=5, timeout=600):
+    """Fill the accordion, press Compose, wait for its answer (a message other than the one before: every call
+    here expects a new one); (result text, [(caption, img src)])."""
+    _fill(page, "perfusion_compose_prompt", prompt)
+    _fill(page, "perfusion_compose_seed", seed)
+    _fill(page, "perfusion_compose_steps", 2)
+    _fill(page, "perfusion_compose_size", 64)
+    answer = "#perfusion_compose_result .perfusion-status"  # not the block's text: it shows "processing | 2.1s"
+    before = page.locator(answer).inner_text().strip() if page.locator(answer).count() else ""
+    page.locator("#perfusion_compose").click()
+    page.wait_for_function("([sel, before]) => { const e = document.querySelector(sel);"
+                           " return e && e.innerText.trim() !== before && !document.querySelector("
+                           "'#perfusion_compose_gallery').innerText.includes('processing'); }",
+                           arg=[answer, before], timeout=timeout * 1000)
+    gallery = page.locator("#perfusion_compose_gallery .thumbnail-item")
+    panels = [(gallery.nth(i).locator(".caption-label").inner_text().strip(),
+               gallery.nth(i).locator("img").get_attribute("src")) for i in range(gallery.count())]
+    return page.locator(answer).inner_text().strip(), panels
+
+
+def test_composition_preview_each_concept_alone_then_together(page):
+    """The accordion renders A alone (B as its superclass word), B alone and A+B at one seed; each panel is the
+    plain txt2img of its prompt; bad prompts get a message, no traceback; nothing is left on the model."""
+    names = {c["name"]: c for c in api("/perfusion/v1/concepts") if c["compatible"]}
+    wanted = os.environ.get("PERFUSION_COMPOSE_CONCEPTS", f"{NAME},{NAME}ui").split(",")
+    if not all(n in names for n in wanted):
+        pytest.skip(f"needs the concepts {wanted} (the upload test trains {NAME}ui)")
+    a, b = wanted[:2]
+    superclass = {n: names[n]["superclass"] for n in (a, b)}
+    log = Path(os.environ["PERFUSION_WEBUI_LOG"]) if os.environ.get("PERFUSION_WEBUI_LOG") else None
+    log_start = log.stat().st_size if log else 0
+    plain = txt2img_pixels("a photo of a bear", 1, sampler="Euler")
+    _tab(page)
+    if not page.locator("#perfusion_compose_prompt").is_visible():
+        page.locator(".label-wrap", has_text="Composition preview").first.click()
+    page.wait_for_selector("#perfusion_compose_prompt textarea", state="visible", timeout=30_000)
+
+    prompt = f"a <perfusion:{a}> on the left, a <perfusion:{b}> on the right"
+    message, panels = _compose(page, prompt)
+    print("compose:", message, [caption for caption, _ in panels])
+    assert [caption for caption, _ in panels] == [a, b, "together"], panels
+    assert message == f"3 panels ({a}, {b}, together) at seed 5", message
+    images = [png_pixels(urllib.request.urlopen(src, timeout=60).read()) for _, src in panels]
+    assert all(im[:2] == (64, 64) for im in images) and len({im[2] for im in images}) == 3, "three different images"
+    alone = {a: f"a <perfusion:{a}> on the left, a {superclass[b]} on the right",
+             b: f"a {superclass[a]} on the left, a <perfusion:{b}> on the right", "together": prompt}
+    for (caption, _), image in zip(panels, images):
+        assert image == txt2img_pixels(alone[caption], 5), f"the {caption!r} panel is the txt2img of {alone[caption]!r}"
+
+    # seed -1: one seed drawn for all panels, shown in the message
+    message, panels = _compose(page, prompt, seed=-1)
+    seed = int(re.search(r"at seed (\d+)", message).group(1))
+    assert png_pixels(urllib.request.urlopen(panels[2][1], timeout=60).read()) == txt2img_pixels(prompt, seed)
+
+    for bad, expected in ((f"a <perfusion:{a}> alone", "needs at least two known concepts in the prompt, got"),
+                          (f"a <perfusion:{a}> and a <perfusion:nosuchconcept>", "unknown concept 'nosuchconcept'"),
+                          (f"a <perfusion:{a}:abc> and a <perfusion:{b}>", f"(ignored <perfusion:{a}:abc>:")):
+        message, panels = _compose(page, bad)
+        print("bad prompt:", repr(bad), "->", message)
+        assert expected in message and panels == [], (bad, message, panels)
+        assert page.locator("#perfusion_compose_result .perfusion-error").count() == 1
+
+    assert txt2img_pixels("a photo of a bear", 1, sampler="Euler") == plain, "nothing is left on the model"
+    if log:
+        new = log.read_text(errors="replace")[log_start:]
+        assert "Traceback" not in new and "Perfusion: composition preview failed" not in new, new[-3000:]
