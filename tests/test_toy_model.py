@@ -19,6 +19,12 @@ def test_weights_fit_the_budget():
     assert total <= 30 * 1024 * 1024, total
 
 
+def test_the_whole_model_folder_stays_under_30_mb():
+    """Everything a WebUI install downloads for the toy model: weights, configs and the tokenizer files."""
+    total = sum(p.stat().st_size for p in MODEL_DIR.rglob("*") if p.is_file())
+    assert total <= 30_000_000, total
+
+
 def test_loads_and_denoises():
     pipe = pf.load_pipeline("toy")
     assert isinstance(pipe, StableDiffusionPipeline)

@@ -159,6 +159,8 @@ class Trainer:
         pipe = self.pipeline(ema=True)
         pipe.to(torch.float16).save_pretrained(toy_model.MODEL_DIR, safe_serialization=True)
         pipe.to(torch.float32)
+        # 3.6 MB that vocab.json + merges.txt already say (the same ids, tested): keeps the model under 30 MB
+        (toy_model.MODEL_DIR / "tokenizer" / "tokenizer.json").unlink(missing_ok=True)
         record = toy_model.MODEL_DIR.parent / "model_training.json"
         # The committed curve plus this work folder's evaluations (a new work folder starts a new eval.jsonl).
         evals = json.loads(record.read_text()).get("evaluations", []) if record.is_file() else []
