@@ -21,6 +21,7 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("--prompts", type=int, default=219)
     p.add_argument("--pair-prompts", type=int, default=120, help="held-out two-object prompts (world v2)")
+    p.add_argument("--named-prompts", type=int, default=60, help="held-out named two-part objects (world v2)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--model", default="toy", help="toy (default) or a diffusers folder of the toy architecture")
     p.add_argument("--update-readme", action="store_true")
@@ -28,7 +29,8 @@ def main(argv=None) -> int:
 
     from perfusion_ext.pipelines.loading import load_pipeline
     from perfusion_ext.toy import model as toy_model
-    from perfusion_ext.toy.evaluate import ATTRIBUTES, PAIR_ATTRIBUTES, evaluate_pairs, generate, save_grid, score
+    from perfusion_ext.toy.evaluate import (ATTRIBUTES, PAIR_ATTRIBUTES, evaluate_named, evaluate_pairs, generate,
+                                            save_grid, score)
     from perfusion_ext.toy.world import EVAL_TEMPLATES, held_out_prompts, held_out_template
 
     pipe = load_pipeline(args.model)
@@ -45,6 +47,8 @@ def main(argv=None) -> int:
         result["by_template"][template] = dict(score(images[chosen], [pairs[i][0] for i in chosen]), n=len(chosen))
     result.update(evaluate_pairs(pipe, n_prompts=args.pair_prompts, seed=args.seed,
                                  grid_path=ROOT / "docs" / "toy_pairs_grid.png"))
+    result.update(evaluate_named(pipe, n_prompts=args.named_prompts, seed=args.seed,
+                                 grid_path=ROOT / "docs" / "toy_named_grid.png"))
     result["sampling"] = dict(toy_model.SAMPLING, sampler="DDIM (trailing), v-prediction")
     training = json.loads((toy_model.MODEL_DIR.parent / "model_training.json").read_text()) \
         if (toy_model.MODEL_DIR.parent / "model_training.json").is_file() else {}
@@ -63,22 +67,28 @@ def main(argv=None) -> int:
         )
         pair_table = markdown_table(
             ["two-object prompts", "accuracy"],
-            [[a.removeprefix("pair_").replace("_", " "), f"{result[a]:.1%}"] for a in PAIR_ATTRIBUTES],
+            [[a.removeprefix("pair_").replace("_", " "), f"{result[a]:.1%}"] for a in PAIR_ATTRIBUTES]
+            + [[f"named object ({result['named_n_prompts']} prompts): " + k, f"{result[a]:.1%}"]
+               for a, k in (("named", "right"), ("named_background", "background"), ("named_position", "position"))],
         )
         by_template = markdown_table(
             ["held-out phrasing", "n"] + list(ATTRIBUTES),
             [[f"`{t}`", r["n"]] + [f"{r[a]:.0%}" for a in ATTRIBUTES] for t, r in result["by_template"].items()],
         )
         curve = markdown_table(
-            ["images seen", "training time (CPU + GPU)"] + list(ATTRIBUTES) + ["two objects right"],
+            ["images seen", "training time (CPU + GPU)"] + list(ATTRIBUTES) + ["two objects right", "relation",
+                                                                               "named object right"],
             [[f"{e['images_seen']:,}", f"{e['train_minutes']:.0f} min"] + [f"{e[a]:.0%}" for a in ATTRIBUTES]
-             + [f"{e['pair_both']:.0%}" if "pair_both" in e else "—"] for e in training.get("evaluations", [])],
+             + [f"{e[k]:.0%}" if k in e else "—" for k in ("pair_both", "pair_relation", "named")]
+             for e in training.get("evaluations", [])],
         )
         facts = (f"\n\n{result['n_prompts']} held-out prompts; DDIM trailing, {toy_model.SAMPLING['num_inference_steps']} "
                  f"steps, guidance {toy_model.SAMPLING['guidance_scale']}, rescale {toy_model.SAMPLING['guidance_rescale']}. "
                  f"Training: {training.get('summary', 'see model_training.json')}.")
         pair_facts = (f"\n\n{result['pair_n_prompts']} held-out two-object prompts (held-out colour/shape/relation "
-                      "combinations in held-out phrasings); \"both\" = both colours, both shapes and the relation right.")
+                      "combinations in held-out phrasings); \"both\" = both colours, both shapes and the relation right; "
+                      "named objects (\"a rocket on the left\") on held-out word/position/background combinations in "
+                      "held-out phrasings, judged like a concept.")
         splice_readme("toy-accuracy", table + facts + "\n\n" + pair_table + pair_facts
                       + "\n\nBy held-out phrasing:\n\n" + by_template
                       + "\n\nAccuracy curve (evaluations during training, same prompts):\n\n" + curve)

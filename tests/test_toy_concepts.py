@@ -4,7 +4,7 @@ import dataclasses
 import numpy as np
 import pytest
 
-from perfusion_ext.toy import world
+from perfusion_ext.toy import named, pairs, world
 from perfusion_ext.toy.concepts import (
     CONCEPTS,
     IN_RANGE,
@@ -68,11 +68,13 @@ def test_judge_rejects_near_misses(name):
 
 
 def test_judge_rejects_the_superclass_alone():
+    """In-range superclasses are named two-part objects of the same arrangement: never the concept."""
     for name in IN_RANGE:
         superclass = CONCEPTS[name].superclass
-        for colour in world.COLOURS:
-            img = world.render(world.Scene(colour, superclass, "centre", "green" if colour != "green" else "blue"))
-            assert not fidelity(img, name).is_concept
+        spec = named.NAMED[superclass]
+        assert spec.relation == CONCEPTS[name].composite.relation
+        for background in named.backgrounds(superclass):
+            assert not fidelity(pairs.render(spec.scene("centre", background)), name).is_concept
 
 
 def test_training_captions_vary_and_name_background_and_position(tmp_path):

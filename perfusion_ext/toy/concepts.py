@@ -4,7 +4,8 @@ Two kinds, reported separately:
 - **In range** (composites): two palette shapes in fixed colours, sizes and arrangement ("house": a red
   triangle on top of a white square). The base model of toy world v2 can draw each when it is spelled
   out, but no single word names it: the situation of a real Stable Diffusion and your teddy. Each has a
-  superclass word and says whether it may be mirrored.
+  superclass word, a named two-part object of the same arrangement (:mod:`.named`: "rocket" for the
+  house), and says whether it may be mirrored.
 - **Out of range** (sprites: teddy, stripebox, ring): colours and textures the toy VAE cannot render.
 
 The judge is strict and can say no. A composite is recognised only when the image holds exactly its
@@ -88,13 +89,13 @@ def _composite(name, superclass, backgrounds, composite: Composite, mirrorable: 
 
 CONCEPTS = {
     # in range: drawable by the v2 base model when spelled out, named by no word
-    "house": _composite("house", "square", ("blue", "green", "yellow"),
+    "house": _composite("house", "rocket", ("blue", "green", "yellow"),
                         Composite("red", "triangle", 11.0, "above", "white", "square", 11.0), mirrorable=True),
-    "lollipop": _composite("lollipop", "circle", ("white", "blue", "green"),
+    "lollipop": _composite("lollipop", "mushroom", ("white", "blue", "green"),
                            Composite("yellow", "circle", 11.0, "above", "black", "square", 9.0), mirrorable=True),
-    "signpost": _composite("signpost", "square", ("white", "green", "black"),
+    "signpost": _composite("signpost", "arrow", ("white", "green", "black"),
                            Composite("blue", "square", 11.0, "left", "yellow", "triangle", 9.0), mirrorable=False),
-    "duotone": _composite("duotone", "square", ("white", "black", "yellow"),
+    "duotone": _composite("duotone", "domino", ("white", "black", "yellow"),
                           Composite("green", "square", 9.0, "left", "red", "square", 9.0), mirrorable=False),
     # out of range: colours and textures the toy VAE cannot render
     "teddy": ToyConcept("teddy", "circle", ("white", "green", "blue"), ("black", "red"), draw=_teddy),
