@@ -16,6 +16,7 @@ from PIL import Image
 from tiny_families import (
     sd2_single_file,
     sdxl_single_file,
+    small_covariance_corpus,
     tiny_ldm_sd2_unet,
     tiny_sd2_pipeline,
     tiny_sdxl_pipeline,
@@ -38,15 +39,7 @@ from perfusion_ext.training.dataset import load_images
 PROMPTS = ["a photo of a dog on the beach", "", "a red dog and a blue cat, highly detailed, 4k"]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def small_corpus(tmp_path_factory):
-    """A 300-caption covariance corpus and a private cache: C is estimated in seconds, not a minute."""
-    from perfusion_ext.core import captions, covariance
-
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("PERFUSION_CACHE", str(tmp_path_factory.mktemp("cache")))
-        mp.setattr(covariance, "caption_corpus", lambda: captions.caption_corpus(300))
-        yield
+small_corpus = pytest.fixture(scope="module", autouse=True)(small_covariance_corpus)
 
 
 @pytest.fixture(scope="module")

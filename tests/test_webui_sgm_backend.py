@@ -14,7 +14,7 @@ import pytest
 import torch
 from PIL import Image
 from sgm_standins import engine_from_single_file
-from tiny_families import sdxl_single_file, tiny_sdxl_pipeline
+from tiny_families import sdxl_single_file, small_covariance_corpus, tiny_sdxl_pipeline
 
 from perfusion_ext import load_concept
 from perfusion_ext.core.errors import PerfusionError
@@ -30,15 +30,7 @@ PROMPTS = ["a photo of a dog on the beach", "", "a red dog and a blue cat, highl
            " ".join(["a small red house near the river"] * 14)]  # 98 words: two 75-token windows
 
 
-@pytest.fixture(scope="module", autouse=True)
-def small_corpus(tmp_path_factory):
-    """A 300-caption covariance corpus and a private cache (C in seconds; later calls read the cache)."""
-    from perfusion_ext.core import captions, covariance
-
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("PERFUSION_CACHE", str(tmp_path_factory.mktemp("cache")))
-        mp.setattr(covariance, "caption_corpus", lambda: captions.caption_corpus(300))
-        yield
+small_corpus = pytest.fixture(scope="module", autouse=True)(small_covariance_corpus)
 
 
 @pytest.fixture(scope="module")

@@ -11,6 +11,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
+
 import torch
 
 TOY_TOKENIZER = Path(__file__).resolve().parents[1] / "perfusion_ext" / "toy" / "model" / "tokenizer"
@@ -232,3 +234,14 @@ def sdxl_single_file(path: Path, pipe, seed: int = 0) -> Path:
                                        layers=pipe.text_encoder_2.config.num_hidden_layers))
     save_file({k: v.contiguous() for k, v in state.items()}, str(path))
     return path
+
+
+def small_covariance_corpus(tmp_path_factory):
+    """Module fixture body: a 300-caption covariance corpus and a private cache, so C is estimated in seconds
+    (later calls read the cache). Use as `small_corpus = pytest.fixture(scope="module", autouse=True)(...)`."""
+    from perfusion_ext.core import captions, covariance
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("PERFUSION_CACHE", str(tmp_path_factory.mktemp("cache")))
+        mp.setattr(covariance, "caption_corpus", lambda: captions.caption_corpus(300))
+        yield
