@@ -29,8 +29,7 @@ def main(argv=None) -> int:
 
     from perfusion_ext.pipelines.loading import load_pipeline
     from perfusion_ext.toy import model as toy_model
-    from perfusion_ext.toy.evaluate import (ATTRIBUTES, PAIR_ATTRIBUTES, evaluate_named, evaluate_pairs, generate,
-                                            save_grid, score)
+    from perfusion_ext.toy.evaluate import ATTRIBUTES, PAIR_ATTRIBUTES, evaluate_named, evaluate_pairs, generate, save_grid, score
     from perfusion_ext.toy.world import EVAL_TEMPLATES, held_out_prompts, held_out_template
 
     pipe = load_pipeline(args.model)

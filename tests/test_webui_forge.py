@@ -15,7 +15,7 @@ import types
 import pytest
 import torch
 from conftest import make_concept, run_unet, tiny_ldm_unet, unet_inputs
-from test_webui_stubbed import webui  # noqa: F401 - the stand-in WebUI modules
+from test_webui_stubbed import placeholder_chunk, webui  # noqa: F401 - the stand-in WebUI modules
 
 import perfusion_ext as pf
 from perfusion_ext.core.layers import cross_attention_layers
@@ -142,11 +142,7 @@ def test_forge_token_layout_reads_the_text_engine(webui):  # noqa: F811
 
     fakes, extra_network, _ = webui
     tokenizer = tiny_random_pipeline().tokenizer
-    ids = tokenizer("a on white", add_special_tokens=False).input_ids
-    bos, eos = tokenizer.bos_token_id, tokenizer.eos_token_id
-    embedding = types.SimpleNamespace(name="perfusionteddyabc", vectors=1)
-    chunk = types.SimpleNamespace(tokens=[bos, ids[0], 0, *ids[1:], eos] + [eos] * (77 - len(ids) - 3),
-                                  fixes=[types.SimpleNamespace(offset=1, embedding=embedding)])  # PromptChunkFix
+    chunk = placeholder_chunk(tokenizer)
     model = forge_model(tiny_ldm_unet(), ("text_processing_engine",))
     model.text_processing_engine.tokenize_line = lambda prompt: ([chunk], 4)
     model.text_processing_engine.tokenizer = tokenizer

@@ -14,6 +14,7 @@ import pytest
 import torch
 from PIL import Image
 from sgm_standins import engine_from_single_file
+from test_webui_stubbed import install_modules
 from tiny_families import sdxl_single_file, small_covariance_corpus, tiny_sdxl_pipeline
 
 from perfusion_ext import load_concept
@@ -274,10 +275,7 @@ def webui_training(monkeypatch, tmp_path):
         "modules.textual_inversion": types.ModuleType("modules.textual_inversion"),
         "modules.textual_inversion.textual_inversion": types.SimpleNamespace(Embedding=object),
     }
-    for name, module in fakes.items():
-        if name.count(".") == 1:
-            setattr(fakes["modules"], name.split(".")[1], module)
-        monkeypatch.setitem(sys.modules, name, module)
+    install_modules(monkeypatch, fakes)
     glue = ("perfusion_ext.webui.training", "perfusion_ext.webui.extra_network")
     for name in glue:
         monkeypatch.delitem(sys.modules, name, raising=False)

@@ -21,6 +21,24 @@ from perfusion_ext.webui.concepts import ConceptStore
 GLUE = ("perfusion_ext.webui.extra_network", "perfusion_ext.webui.wiring")
 
 
+def install_modules(monkeypatch, fakes: dict) -> None:
+    """Put stand-in `modules.*` entries into sys.modules (and onto the `modules` package) for this test."""
+    for name, module in fakes.items():
+        if name.count(".") == 1:
+            setattr(fakes["modules"], name.split(".")[1], module)
+        monkeypatch.setitem(sys.modules, name, module)
+
+
+def placeholder_chunk(tokenizer):
+    """The WebUI's PromptChunk for "a perfusionteddyabc on white": start token, "a", the embedding's
+    placeholder, "on white", end token, padding; the fix says where the embedding sits."""
+    ids = tokenizer("a on white", add_special_tokens=False).input_ids
+    bos, eos = tokenizer.bos_token_id, tokenizer.eos_token_id
+    embedding = types.SimpleNamespace(name="perfusionteddyabc", vectors=1)
+    return types.SimpleNamespace(tokens=[bos, ids[0], 0, *ids[1:], eos] + [eos] * (77 - len(ids) - 3),
+                                 fixes=[types.SimpleNamespace(offset=1, embedding=embedding)])
+
+
 @pytest.fixture()
 def webui(monkeypatch):
     """Stand-ins for the `modules` the glue imports; yields (modules namespace, extra_network, wiring)."""
@@ -42,10 +60,7 @@ def webui(monkeypatch):
         "modules.textual_inversion": types.ModuleType("modules.textual_inversion"),
         "modules.textual_inversion.textual_inversion": types.SimpleNamespace(Embedding=object),
     }
-    for name, module in fakes.items():
-        if name.count(".") == 1:
-            setattr(fakes["modules"], name.split(".")[1], module)
-        monkeypatch.setitem(sys.modules, name, module)
+    install_modules(monkeypatch, fakes)
     for name in GLUE:
         monkeypatch.delitem(sys.modules, name, raising=False)
     extra_network = importlib.import_module("perfusion_ext.webui.extra_network")
@@ -60,12 +75,7 @@ def test_token_layout_reads_the_webui_chunks(webui):
 
     fakes, extra_network, _ = webui
     tokenizer = tiny_random_pipeline().tokenizer
-    ids = tokenizer("a on white", add_special_tokens=False).input_ids
-    bos, eos = tokenizer.bos_token_id, tokenizer.eos_token_id
-    embedding = types.SimpleNamespace(name="perfusionteddyabc", vectors=1)
-    # the WebUI's chunk: start token, "a", the embedding's placeholder, "on white", end token, padding
-    chunk = types.SimpleNamespace(tokens=[bos, ids[0], 0, *ids[1:], eos] + [eos] * (77 - len(ids) - 3),
-                                  fixes=[types.SimpleNamespace(offset=1, embedding=embedding)])
+    chunk = placeholder_chunk(tokenizer)
     model = types.SimpleNamespace(tokenize_line=lambda prompt: ([chunk, chunk], 8), tokenizer=tokenizer)
     fakes["modules.shared"].sd_model = types.SimpleNamespace(cond_stage_model=model)
     texts, positions = extra_network.WebuiEnv().token_layout("a perfusionteddyabc on white")

@@ -12,7 +12,6 @@ import json
 from pathlib import Path
 
 import pytest
-
 import torch
 
 TOY_TOKENIZER = Path(__file__).resolve().parents[1] / "perfusion_ext" / "toy" / "model" / "tokenizer"

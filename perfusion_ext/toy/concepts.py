@@ -206,12 +206,8 @@ class Fidelity:
 def fidelity(img: np.ndarray, name: str) -> Fidelity:
     """Does the image show the concept? Strict, with a reason when it does not."""
     if CONCEPTS[name].in_range:
-        return _composite_fidelity(img, CONCEPTS[name])
+        return composite_fidelity(img, CONCEPTS[name].composite, CONCEPTS[name].mirrorable)
     return _sprite_fidelity(img, name)
-
-
-def _composite_fidelity(img: np.ndarray, concept: ToyConcept) -> Fidelity:
-    return composite_fidelity(img, concept.composite, concept.mirrorable)
 
 
 def composite_fidelity(img: np.ndarray, spec: Composite, mirrorable: bool) -> Fidelity:

@@ -280,7 +280,7 @@ def main() -> int:
     (ROOT / "webui" / "extensions" / "sd-webui-perfusion").symlink_to(REPO)
     global W
     sys.path[:0] = [str(Path(__file__).parent), str(REPO)]
-    import test_real_webui as W  # noqa: N812 - its call/txt2img/pixels/images_dir, pointed at this server
+    import test_real_webui as W
 
     log = ROOT / "perfusion-concurrency.log"
     proc = start_webui(args.port, log)
