@@ -31,6 +31,11 @@ NAMED: dict[str, Composite] = {
     "glasses": Composite("blue", "circle", 9.0, "left", "black", "circle", 9.0),
 }
 MIRRORABLE = frozenset({"rocket", "tree", "lantern", "mushroom", "tower", "bell", "glasses"})
+# Size words scale both parts ("a small rocket"), as size words scale the one-object shapes; without them
+# "a small <concept>" was a prompt the model had never seen for any named object, and drew one square.
+# Captions without a size word draw the object at scale 1, as often as both size words together.
+SIZE_SCALES: dict[str, float] = {"small": 0.85, "": 1.0, "large": 1.15}
+_SIZE_DRAWS = ("small", "", "", "large")
 
 
 def backgrounds(word: str) -> list[str]:
@@ -56,14 +61,22 @@ def random_scene(rng: np.random.Generator, held_out: bool = False) -> tuple[str,
             break
     mirrored = word in MIRRORABLE and rng.random() < 0.5
     dx, dy = rng.uniform(-1.0, 1.0, size=2)
-    return word, NAMED[word].scene(position, background, float(dx), float(dy), mirrored)
+    scale = SIZE_SCALES[_SIZE_DRAWS[rng.integers(len(_SIZE_DRAWS))]]
+    return word, NAMED[word].scene(position, background, float(dx), float(dy), mirrored, scale)
+
+
+def size_word(word: str, scene: PairScene) -> str:
+    """The size word a scene of `word` was drawn at ("" at scale 1)."""
+    scale = scene.size_a / NAMED[word].size_a
+    return min(SIZE_SCALES, key=lambda w: abs(SIZE_SCALES[w] - scale))
 
 
 def caption(word: str, scene: PairScene, rng: np.random.Generator, templates=world.TRAIN_TEMPLATES) -> str:
-    """The one-object templates with the word as the object ("a rocket on the left, green background")."""
+    """The one-object templates with the word as the object ("a small rocket on the left, green background")."""
     template = templates[rng.integers(len(templates))]
     phrases = world.POSITION_PHRASES[scene.position]
-    return template.format(obj=word, pos=phrases[rng.integers(len(phrases))], bg=scene.background)
+    obj = f"{size_word(word, scene)} {word}".strip()
+    return template.format(obj=obj, pos=phrases[rng.integers(len(phrases))], bg=scene.background)
 
 
 def held_out_prompts(n: int, seed: int = 0) -> list[tuple[str, PairScene, str]]:

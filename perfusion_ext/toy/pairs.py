@@ -171,10 +171,12 @@ class Composite:
     shape_b: str
     size_b: float
 
-    def scene(self, position: str, background: str, dx: float = 0.0, dy: float = 0.0, mirrored: bool = False):
+    def scene(self, position: str, background: str, dx: float = 0.0, dy: float = 0.0, mirrored: bool = False,
+              scale: float = 1.0):
+        """The composite drawn at a position; `scale` multiplies both parts' sizes (relative size kept)."""
         relation = MIRROR.get(self.relation, self.relation) if mirrored else self.relation
         return PairScene(self.colour_a, self.shape_a, relation, self.colour_b, self.shape_b, position,
-                         background, self.size_a, self.size_b, dx, dy)
+                         background, self.size_a * scale, self.size_b * scale, dx, dy)
 
     def description(self) -> str:
         """Spelled out in the base model's words ("red triangle on top of a white square")."""
