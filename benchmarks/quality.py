@@ -249,6 +249,26 @@ def summarise(results: dict, rows) -> dict:
             for group_name, group in (("in_range", True), ("out_of_range", False))}
 
 
+def previous_report(out: Path, settings: dict) -> dict | None:
+    """The report in `out` if an earlier run with the same settings wrote it (its concepts are kept)."""
+    if not out.exists():
+        return None
+    report = json.loads(out.read_text())
+    if report.get("settings") != settings:
+        raise SystemExit(f"{out} was written with other settings ({report.get('settings')}); "
+                         f"run without --resume or with those settings")
+    report["complete"] = False
+    return report
+
+
+def write_report(out: Path, report: dict) -> None:
+    """Write the report so far (atomically: a killed run leaves the last complete concept)."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_suffix(".tmp")
+    tmp.write_text(json.dumps(report, indent=2))
+    tmp.replace(out)
+
+
 def main(argv=None) -> int:
     from perfusion_ext.toy.concepts import CONCEPTS, IN_RANGE
 
@@ -263,8 +283,16 @@ def main(argv=None) -> int:
     p.add_argument("--quick", action="store_true",
                    help="smoke run: one concept, two rows, one seed, 4 steps, 4 prompts")
     p.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "quality.json"))
+    p.add_argument("--work", default=None,
+                   help="folder for training images and trained concepts (default: a new temporary folder)")
+    p.add_argument("--resume", action="store_true",
+                   help="keep the concepts --out already holds from a run with the same settings and measure only "
+                        "the others (every concept is written to --out as soon as it is measured); needs the "
+                        "earlier run's --work for the two-concept prompts")
     p.add_argument("--update-readme", action="store_true")
     args = p.parse_args(argv)
+    if args.resume and not args.work:
+        p.error("--resume needs --work, the folder the earlier run trained its concepts in")
     if args.quick:
         args.concepts, args.rows, args.seeds, args.steps = [IN_RANGE[0]], ["perfusion", "textual_inversion"], 1, 4
         args.max_prompts = 4
@@ -276,16 +304,30 @@ def main(argv=None) -> int:
     pipe = load_pipeline(args.model)
     backend = DiffusersBackend(pipe)
     started = time.time()
-    work = Path(tempfile.mkdtemp(prefix="perfusion-quality-"))
-    results = {name: run_concept(pipe, backend, name, args.rows, args.seeds, args.steps, work, args.seed,
-                                 args.max_prompts) for name in args.concepts}
-    report = {"machine": f"{platform.machine()}, {torch.get_num_threads()} CPU threads, torch {torch.__version__}",
-              "seeds": args.seeds, "steps": args.steps, "betas": BETAS, "rows": args.rows, "concepts": results,
-              "two_concepts": two_concepts(pipe, results, work, args.seeds) if "perfusion" in args.rows else {},
-              "summary": summarise(results, args.rows), "seconds": round(time.time() - started, 1)}
+    work = Path(args.work) if args.work else Path(tempfile.mkdtemp(prefix="perfusion-quality-"))
+    work.mkdir(parents=True, exist_ok=True)
     out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report, indent=2))
+    settings = {"seeds": args.seeds, "steps": args.steps, "seed": args.seed, "model": args.model,
+                "max_prompts": args.max_prompts, "betas": list(BETAS)}
+    report = previous_report(out, settings) if args.resume else None
+    report = report or {"settings": settings, "concepts": {}, "seconds": 0.0}
+    report["machine"] = f"{platform.machine()}, {torch.get_num_threads()} CPU threads, torch {torch.__version__}"
+    results, earlier_seconds = report["concepts"], report["seconds"]
+    for name in args.concepts:
+        if name in results:
+            print(name, "kept from", out, flush=True)
+            continue
+        results[name] = run_concept(pipe, backend, name, args.rows, args.seeds, args.steps, work, args.seed,
+                                    args.max_prompts)
+        report["seconds"] = round(earlier_seconds + time.time() - started, 1)
+        write_report(out, report)
+    rows = [r for r in ROWS if any(r in entry for entry in results.values())]
+    report["rows"] = rows
+    report["two_concepts"] = two_concepts(pipe, results, work, args.seeds) if "perfusion" in rows else {}
+    report["summary"] = summarise(results, rows)
+    report["complete"] = True
+    report["seconds"] = round(earlier_seconds + time.time() - started, 1)
+    write_report(out, report)
     print(json.dumps(report["summary"], indent=2))
     if args.quick:
         return 0
@@ -302,7 +344,7 @@ def main(argv=None) -> int:
             return "—" if v is None else f"{v:.1%}" if v <= 1 else f"{v:.2f}"
 
         rows = [[k] + [cell(report["summary"][g][k][m]) for g in ("in_range", "out_of_range")
-                       for m in ("fidelity", "alignment", "leak")] for k in ("base",) + tuple(args.rows)]
+                       for m in ("fidelity", "alignment", "leak")] for k in ("base",) + tuple(rows)]
         splice_readme("quality", markdown_table(
             ["row", "fidelity (in range)", "alignment", "leak", "fidelity (out of range)", "alignment", "leak"], rows))
         pairs = [[row, pair, name, cell(v["fidelity_alone"]), cell(v["fidelity_together"]),

@@ -18,16 +18,23 @@ def test_unseen_prompts(name):
 
 
 @pytest.mark.slow
-def test_quick_run_writes_every_figure(tmp_path):
+def test_quick_run_writes_every_figure_and_resumes(tmp_path):
     out = tmp_path / "quality.json"
-    assert quality.main(["--quick", "--out", str(out)]) == 0
+    assert quality.main(["--quick", "--out", str(out), "--work", str(tmp_path / "work")]) == 0
     report = json.loads(out.read_text())
+    assert report["complete"] and report["rows"] == ["perfusion", "textual_inversion"]
     entry = report["concepts"]["house"]
     assert set(entry["ceilings"]) == {"vae_round_trip", "spelled_out"}
     for row in ("base", "perfusion", "textual_inversion"):
         assert 0 <= entry[row]["fidelity"] <= 1 and 0 <= entry[row]["alignment"] <= 1 and entry[row]["n"] == 4
     assert 0 <= entry["perfusion"]["leak"] <= 1 and "leak" not in entry["textual_inversion"]
     assert set(entry["beta_sweep"]) == {str(b) for b in quality.BETAS}
+
+    # A resumed run keeps the measured concept instead of training it again; other settings are refused.
+    assert quality.main(["--quick", "--out", str(out), "--work", str(tmp_path / "work"), "--resume"]) == 0
+    assert json.loads(out.read_text())["concepts"] == report["concepts"]
+    with pytest.raises(SystemExit, match="other settings"):
+        quality.main(["--quick", "--seed", "1", "--out", str(out), "--work", str(tmp_path / "work"), "--resume"])
 
 
 @pytest.mark.parametrize("method", ["custom_diffusion", "dreambooth"])
