@@ -18,7 +18,7 @@ images never showed; size words, background-first phrasings, style prefixes) × 
 Rows: our recipe; the paper's recipe; each of our fixes removed alone; textual inversion (its own budget,
 applied at strength 0 so only the learned word acts); Perfusion without key locking; Custom Diffusion and
 DreamBooth with prior preservation (ceilings). A β sweep for our recipe, and two concepts in one prompt
-("<a> on the left, <b> on the right"). Results: benchmarks/results/quality.json, docs/quality_tradeoff.png,
+("<a> on the left, <b> on the right", or top and bottom). Results: benchmarks/results/quality.json, docs/quality_tradeoff.png,
 and with --update-readme the README table.
 """
 from __future__ import annotations
@@ -55,7 +55,15 @@ ROWS: dict[str, dict] = {
 }
 DEFAULT_ROWS = tuple(ROWS)
 BETAS = (0.5, 0.6, 0.7, 0.8, 0.9)
-TWO_CONCEPT_PAIRS = (("house", "signpost"), ("lollipop", "duotone"))
+# Two concepts in one 32 px image only fit side by side when both are narrow (the upright composites, 11 px
+# wide) and one above the other when both are flat (the horizontal ones, ≤ 11 px tall).
+TWO_CONCEPT_PAIRS = (("house", "lollipop", "horizontal"), ("signpost", "duotone", "vertical"))
+TWO_CONCEPT_TEMPLATES = {
+    "horizontal": ("a <perfusion:{a}{o}> on the left, a <perfusion:{b}{o}> on the right, {bg} background",
+                   "{bg} background, <perfusion:{a}{o}> at the left and <perfusion:{b}{o}> at the right"),
+    "vertical": ("a <perfusion:{a}{o}> at the top, a <perfusion:{b}{o}> at the bottom, {bg} background",
+                 "{bg} background, <perfusion:{a}{o}> on top and <perfusion:{b}{o}> on the bottom"),
+}
 COLOURS = {"perfusion": (20, 60, 200), "paper_recipe": (120, 60, 200), "textual_inversion": (200, 80, 20),
            "no_key_lock": (30, 150, 60), "custom_diffusion": (180, 40, 120), "dreambooth": (120, 120, 20),
            "base": (90, 90, 90)}
@@ -202,15 +210,15 @@ def run_concept(pipe, backend, name: str, rows, seeds: int, steps, work: Path, s
 
 
 def two_concepts(pipe, results: dict, work: Path, seeds: int) -> dict:
-    """"<a> on the left, <b> on the right": each concept judged in its half, against its fidelity alone; for our
-    recipe and, beside it, two textual inversions in one prompt (their words alone: strength 0)."""
+    """"<a> on the left, <b> on the right" (or top and bottom): each concept judged in its half, against its
+    fidelity alone; for our recipe and, beside it, two textual inversions in one prompt (their words alone:
+    strength 0)."""
     from perfusion_ext.pipelines.generate import generate
-    from perfusion_ext.toy.checkers import read_background
     from perfusion_ext.toy.concepts import CONCEPTS, fidelity
 
     out = {}
     for row, option in (("perfusion", ""), ("textual_inversion", ":0")):
-        for a, b in TWO_CONCEPT_PAIRS:
+        for a, b, layout in TWO_CONCEPT_PAIRS:
             if not all(n in results and row in results[n] for n in (a, b)):
                 continue
             folder = work / f"two-{row}-{a}-{b}"
@@ -221,22 +229,32 @@ def two_concepts(pipe, results: dict, work: Path, seeds: int) -> dict:
             hits = {a: 0, b: 0}
             total = 0
             for bg in backgrounds:
-                for template in ("a <perfusion:{a}{o}> on the left, a <perfusion:{b}{o}> on the right, {bg} background",
-                                 "{bg} background, <perfusion:{a}{o}> at the left and <perfusion:{b}{o}> at the right"):
+                for template in TWO_CONCEPT_TEMPLATES[layout]:
                     images, _ = generate(pipe, template.format(a=a, b=b, bg=bg, o=option), concepts_dir=folder, n=seeds)
                     for image in images:
-                        image = np.asarray(image).copy()
-                        _, rgb = read_background(image)
-                        left, right = image.copy(), image.copy()
-                        left[:, 16:] = rgb.round().astype(np.uint8)
-                        right[:, :16] = rgb.round().astype(np.uint8)
-                        hits[a] += fidelity(left, a).is_concept
-                        hits[b] += fidelity(right, b).is_concept
+                        first, second = halves(np.asarray(image), layout)
+                        hits[a] += fidelity(first, a).is_concept
+                        hits[b] += fidelity(second, b).is_concept
                         total += 1
             out.setdefault(row, {})[f"{a}+{b}"] = {
                 n: {"fidelity_together": hits[n] / total, "fidelity_alone": results[n][row]["fidelity"]} for n in (a, b)}
             print("two concepts", row, out[row][f"{a}+{b}"], flush=True)
     return out
+
+
+def halves(image: np.ndarray, layout: str) -> tuple[np.ndarray, np.ndarray]:
+    """The image twice, each with the other half painted in the background colour (left/right or top/bottom)."""
+    from perfusion_ext.toy.checkers import read_background
+
+    _, rgb = read_background(image)
+    fill = rgb.round().astype(np.uint8)
+    first, second = image.copy(), image.copy()
+    middle = image.shape[1] // 2
+    if layout == "horizontal":
+        first[:, middle:], second[:, :middle] = fill, fill
+    else:
+        first[middle:], second[:middle] = fill, fill
+    return first, second
 
 
 def summarise(results: dict, rows) -> dict:

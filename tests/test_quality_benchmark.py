@@ -58,3 +58,24 @@ def test_weight_baselines_train_in_place_and_restore_the_unet(method, tmp_path):
         assert not torch.equal(trainer.embedding["clip_l"], trainer.superclass_embedding["clip_l"])
     assert all(torch.equal(v, before[k]) for k, v in pipe.unet.state_dict().items())
     assert not any(p.requires_grad for p in pipe.unet.parameters())
+
+
+@pytest.mark.parametrize("layout", ["horizontal", "vertical"])
+def test_two_concept_halves_keep_one_concept_each(layout):
+    """Two concepts drawn in their halves of one image: each half is judged as its own concept alone."""
+    import numpy as np
+
+    from perfusion_ext.toy import pairs
+    from perfusion_ext.toy.concepts import fidelity
+
+    a, b, _ = next(p for p in quality.TWO_CONCEPT_PAIRS if p[2] == layout)
+    places = ("left", "right") if layout == "horizontal" else ("top", "bottom")
+    background = next(c for c in CONCEPTS[a].readable_backgrounds() if c in CONCEPTS[b].readable_backgrounds())
+    image = pairs.render(CONCEPTS[a].composite.scene(places[0], background))
+    second = pairs.render(CONCEPTS[b].composite.scene(places[1], background))
+    drawn = (second != image[0, 0]).any(-1)
+    image[drawn] = second[drawn]
+    assert not fidelity(image, a).is_concept  # four parts: the whole image is neither concept
+    first_half, second_half = quality.halves(image, layout)
+    assert fidelity(first_half, a).is_concept and fidelity(second_half, b).is_concept
+    assert not np.array_equal(first_half, second_half)
