@@ -1,7 +1,11 @@
-"""Shared fixtures: tiny random UNets of SD1.5 topology (diffusers and ldm) and random concepts."""
+"""Shared fixtures: tiny random UNets of SD1.5 topology (diffusers and ldm), random concepts, stand-ins of the WebUI."""
 from __future__ import annotations
 
+import importlib
 import os
+import sys
+import threading
+import types
 
 import pytest
 import torch
@@ -107,3 +111,56 @@ def run_unet(unet, x, t, ctx):
         if hasattr(unet, "down_blocks"):
             return unet(x, t, encoder_hidden_states=ctx).sample
         return unet(x, timesteps=t, context=ctx)
+
+
+# ---- stand-ins of the WebUI's `modules` ----------------------------------------------------------------------------
+def install_modules(monkeypatch, fakes: dict) -> None:
+    """Put stand-in `modules.*` entries into sys.modules (and onto the `modules` package) for this test."""
+    for name, module in fakes.items():
+        if name.count(".") == 1:
+            setattr(fakes["modules"], name.split(".")[1], module)
+        monkeypatch.setitem(sys.modules, name, module)
+
+
+@pytest.fixture()
+def webui_training(monkeypatch, tmp_path):
+    """perfusion_ext.webui.training imported against stand-ins of `modules`; yields (shared, training module)."""
+    class State:
+        interrupted, job, job_count, job_no, sampling_step, sampling_steps, textinfo, current_image = (
+            False, "", 0, 0, 0, 0, "", None)
+
+        def begin(self, job=""):
+            self.job = job
+
+        def end(self):
+            self.job = ""
+
+        def assign_current_image(self, image):
+            self.current_image = image
+
+    shared = types.SimpleNamespace(sd_model=None, opts=types.SimpleNamespace(perfusion_save_previews=False),
+                                   cmd_opts=types.SimpleNamespace(), state=State())
+    fakes = {
+        "modules": types.ModuleType("modules"),
+        "modules.call_queue": types.SimpleNamespace(queue_lock=threading.Lock()),
+        "modules.devices": types.SimpleNamespace(device=torch.device("cpu")),
+        "modules.extra_networks": types.SimpleNamespace(ExtraNetwork=object, parse_prompt=lambda p: (p, {})),
+        "modules.paths": types.SimpleNamespace(data_path=str(tmp_path / "data")),
+        "modules.processing": types.SimpleNamespace(),
+        "modules.sd_hijack": types.SimpleNamespace(model_hijack=None),
+        "modules.sd_unet": types.SimpleNamespace(current_unet=None),
+        "modules.shared": shared,
+        "modules.textual_inversion": types.ModuleType("modules.textual_inversion"),
+        "modules.textual_inversion.textual_inversion": types.SimpleNamespace(Embedding=object),
+    }
+    install_modules(monkeypatch, fakes)
+    glue = ("perfusion_ext.webui.training", "perfusion_ext.webui.extra_network")
+    for name in glue:
+        monkeypatch.delitem(sys.modules, name, raising=False)
+    yield shared, importlib.import_module("perfusion_ext.webui.training")
+    import perfusion_ext.webui as package
+
+    for name in glue:  # the next importer gets a fresh module, not one bound to these stand-ins
+        sys.modules.pop(name, None)
+        if hasattr(package, name.rsplit(".", 1)[1]):
+            delattr(package, name.rsplit(".", 1)[1])

@@ -112,3 +112,31 @@ def test_a_description_the_user_wrote_is_kept(editor):
     assert card["description"] == "my bear"
     page.items["teddy"] = card
     assert ed.put_values_into_components("teddy")[1] == "my bear"
+
+
+def test_continue_training_checks_the_images_as_the_rest_api_does(editor, tmp_path):
+    """"Continue training" submitted its job without POST /train's request-time image check: images too small for
+    the resolution were found only by the job, which failed later. Now they are named at once and no job starts."""
+    import threading
+
+    from PIL import Image
+
+    from perfusion_ext.webui.jobs import JobManager
+
+    page, ed = editor
+    started = []
+    manager = JobManager(lambda job: started.append(job.request.name), threading.Lock())
+    page.jobs = lambda: manager
+    small, big = tmp_path / "small", tmp_path / "big"
+    for folder, side in ((small, 64), (big, 512)):
+        folder.mkdir()
+        for i in range(2):
+            Image.new("RGB", (side, side), (90 * i, 40, 200)).save(folder / f"{i}.png")
+    status = ed.continue_training("teddy", 10, str(small))
+    assert "perfusion-error" in status and "2 image(s) cannot be used at resolution 512" in status, status
+    assert "0.png: 64×64 px is below 256 px" in status and manager.list() == []
+    status = ed.continue_training("teddy", 10, f"{small / '0.png'}, {big / '0.png'}")  # a listed file too small
+    assert "1 image(s) cannot be used" in status and manager.list() == []
+    status = ed.continue_training("teddy", 10, str(big))
+    assert "queued: training teddy-2 from teddy" in status, status
+    assert [job.request.name for job in manager.list()] == ["teddy-2"]

@@ -5,8 +5,6 @@ get_learned_conditioning) and the command line tool's diffusers backend. No WebU
 """
 from __future__ import annotations
 
-import importlib
-import sys
 import types
 
 import numpy as np
@@ -14,7 +12,6 @@ import pytest
 import torch
 from PIL import Image
 from sgm_standins import engine_from_single_file
-from test_webui_stubbed import install_modules
 from tiny_families import sdxl_single_file, small_covariance_corpus, tiny_sdxl_pipeline
 
 from perfusion_ext import load_concept
@@ -241,53 +238,7 @@ def test_training_writes_a_loadable_sdxl_concept(backend, engine, tmp_path):
     assert all(torch.equal(v, before[k]) for k, v in engine.state_dict().items())  # the model is untouched
 
 
-# ---- the job runner inside the WebUI (training.py) with stand-ins of the WebUI's modules --------------------------
-@pytest.fixture()
-def webui_training(monkeypatch, tmp_path):
-    """perfusion_ext.webui.training imported against stand-ins of `modules`; yields (shared, training module)."""
-    import threading
-
-    class State:
-        interrupted, job, job_count, job_no, sampling_step, sampling_steps, textinfo, current_image = (
-            False, "", 0, 0, 0, 0, "", None)
-
-        def begin(self, job=""):
-            self.job = job
-
-        def end(self):
-            self.job = ""
-
-        def assign_current_image(self, image):
-            self.current_image = image
-
-    shared = types.SimpleNamespace(sd_model=None, opts=types.SimpleNamespace(perfusion_save_previews=False),
-                                   cmd_opts=types.SimpleNamespace(), state=State())
-    fakes = {
-        "modules": types.ModuleType("modules"),
-        "modules.call_queue": types.SimpleNamespace(queue_lock=threading.Lock()),
-        "modules.devices": types.SimpleNamespace(device=torch.device("cpu")),
-        "modules.extra_networks": types.SimpleNamespace(ExtraNetwork=object, parse_prompt=lambda p: (p, {})),
-        "modules.paths": types.SimpleNamespace(data_path=str(tmp_path / "data")),
-        "modules.processing": types.SimpleNamespace(),
-        "modules.sd_hijack": types.SimpleNamespace(model_hijack=None),
-        "modules.sd_unet": types.SimpleNamespace(current_unet=None),
-        "modules.shared": shared,
-        "modules.textual_inversion": types.ModuleType("modules.textual_inversion"),
-        "modules.textual_inversion.textual_inversion": types.SimpleNamespace(Embedding=object),
-    }
-    install_modules(monkeypatch, fakes)
-    glue = ("perfusion_ext.webui.training", "perfusion_ext.webui.extra_network")
-    for name in glue:
-        monkeypatch.delitem(sys.modules, name, raising=False)
-    yield shared, importlib.import_module("perfusion_ext.webui.training")
-    import perfusion_ext.webui as package
-
-    for name in glue:  # the next importer gets a fresh module, not one bound to these stand-ins
-        sys.modules.pop(name, None)
-        if hasattr(package, name.rsplit(".", 1)[1]):
-            delattr(package, name.rsplit(".", 1)[1])
-
-
+# ---- the job runner inside the WebUI (training.py) with stand-ins of the WebUI's modules (conftest) -------------
 def test_the_job_runner_trains_sdxl_on_the_loaded_model(webui_training, engine, tmp_path):
     from perfusion_ext.webui.concepts import ConceptStore
     from perfusion_ext.webui.jobs import Job

@@ -9,7 +9,7 @@ import types
 
 import pytest
 import torch
-from conftest import make_concept, tiny_ldm_unet
+from conftest import install_modules, make_concept, tiny_ldm_unet
 from test_webui_fidelity import LayoutEnv
 from test_webui_glue import FakeP
 
@@ -19,14 +19,6 @@ from perfusion_ext.webui.activation import Activator
 from perfusion_ext.webui.concepts import ConceptStore
 
 GLUE = ("perfusion_ext.webui.extra_network", "perfusion_ext.webui.wiring")
-
-
-def install_modules(monkeypatch, fakes: dict) -> None:
-    """Put stand-in `modules.*` entries into sys.modules (and onto the `modules` package) for this test."""
-    for name, module in fakes.items():
-        if name.count(".") == 1:
-            setattr(fakes["modules"], name.split(".")[1], module)
-        monkeypatch.setitem(sys.modules, name, module)
 
 
 def placeholder_chunk(tokenizer):

@@ -1,24 +1,61 @@
 """Atomic file writes: write a temp file in the target folder, fsync, then rename over the target.
 
-A crash or Ctrl-C mid-write leaves the previous file intact, never a truncated one.
+A crash or Ctrl-C mid-write leaves the previous file intact, never a truncated one. A process killed mid-write
+leaves its hidden temp file (`.NAME.<random>.tmp`); `remove_stale_temps` clears those once they are old.
 """
 from __future__ import annotations
 
 import contextlib
+import fnmatch
+import glob
 import json
 import os
+import re
+import stat
 import tempfile
+import time
 from pathlib import Path
 
 from safetensors.torch import save_file
 
 from .errors import PerfusionError, WriteError
 
+# A save takes seconds; a temp file untouched this long was left by a process killed mid-write. Younger ones may be
+# a save in progress in another process (the WebUI and the CLI can share a folder) and are never touched.
+STALE_TEMP_SECONDS = 15 * 60
+_TEMP_RE = re.compile(r"^\.(?P<target>.+)\.[a-z0-9_]+\.tmp$")  # what atomic_path's mkstemp names them
+
+
+def remove_stale_temps(folder: str | os.PathLike, target: str = "*",
+                       older_than: float = STALE_TEMP_SECONDS) -> list[Path]:
+    """Remove atomic_path's temp files in `folder` whose target name matches the glob `target` and that were last
+    written more than `older_than` seconds ago; returns what was removed. Only regular files are removed (never a
+    link, never outside `folder`), and any error is ignored: a cleanup never fails a save or a listing."""
+    removed, now = [], time.time()
+    try:
+        with os.scandir(folder) as it:
+            for entry in it:
+                m = _TEMP_RE.match(entry.name)
+                if not m or not fnmatch.fnmatchcase(m["target"], target):
+                    continue
+                try:
+                    st = entry.stat(follow_symlinks=False)
+                    if stat.S_ISREG(st.st_mode) and now - st.st_mtime > older_than:
+                        os.unlink(entry.path)
+                        removed.append(Path(entry.path))
+                except OSError:
+                    continue
+    except OSError:
+        pass
+    return removed
+
 
 @contextlib.contextmanager
 def atomic_path(target: str | os.PathLike):
-    """Yield a temp path beside `target`; on success rename it onto `target`, else delete it."""
+    """Yield a temp path beside `target`; on success rename it onto `target`, else delete it. Stale temp files of
+    `target` left by a killed process are removed first."""
     target = Path(target)
+    remove_stale_temps(target.parent, glob.escape(target.name))
     try:
         target.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)

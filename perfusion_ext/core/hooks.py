@@ -19,7 +19,7 @@ from .concept import Concept
 from .errors import PerfusionError
 from .gated_edit import CoefficientCache, ProjectionEdit, stack_edit
 from .layers import CrossAttentionLayer, cross_attention_layers, model_family
-from .tags import Schedule, value_at
+from .tags import Schedule, check_strength, value_at
 
 log = logging.getLogger(__name__)
 
@@ -68,7 +68,7 @@ def resolve(concepts: Iterable[ConceptEntry], strength: float = 1.0, beta: float
         concept, w, b, t = (tuple(item) + (None,) * (4 - len(item))) if isinstance(item, tuple) else (item, None, None, None)
         if not isinstance(concept, Concept):
             raise PerfusionError(f"activate() takes Concept objects (from load_concept), got {type(concept).__name__}")
-        w = strength if w is None else w
+        w = _strength(strength if w is None else w, concept)
         b_schedule, t_schedule = (b if isinstance(b, tuple) else ()), (t if isinstance(t, tuple) else ())
         b = float(next(v for v in (None if b_schedule else b, beta, concept.beta) if v is not None))
         t = float(next(v for v in (None if t_schedule else t, tau, concept.tau) if v is not None))
@@ -76,8 +76,17 @@ def resolve(concepts: Iterable[ConceptEntry], strength: float = 1.0, beta: float
         t, t_schedule = gate_settings(t_schedule, t)
         if t <= 0 or any(v <= 0 for _, v in t_schedule):
             raise PerfusionError(f"tau must be > 0, got {t} for concept {concept.name!r}")
-        out.append(ResolvedConcept(concept, float(w), b, t, b_schedule, t_schedule))
+        out.append(ResolvedConcept(concept, w, b, t, b_schedule, t_schedule))
     return out
+
+
+def _strength(value, concept: Concept) -> float:
+    """A strength checked as a tag's is (finite, within ±MAX_STRENGTH): a huge one overflows the edit."""
+    try:
+        return check_strength(float(value))
+    except (TypeError, ValueError) as exc:
+        reason = exc if str(exc).startswith("strength:") else f"strength: {value!r} is not a number"
+        raise PerfusionError(f"{reason} (concept {concept.name!r})") from None
 
 
 def check_fits(concept: Concept, layers: dict[str, CrossAttentionLayer], family: str) -> None:

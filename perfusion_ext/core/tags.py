@@ -91,7 +91,14 @@ def _finite(text: str, key: str) -> float:
 
 
 def _strength(text: str) -> float:
-    value = _finite(text, "strength")
+    return check_strength(_finite(text, "strength"))
+
+
+def check_strength(value: float) -> float:
+    """`value` when it is a finite strength within ±MAX_STRENGTH, else ValueError with the reason. Tags and
+    `activate(strength=…)` share it: past the bound the edit overflows into a black image."""
+    if value != value or value in (float("inf"), float("-inf")):
+        raise ValueError(f"strength: {value:g} is not a finite number")
     if abs(value) > MAX_STRENGTH:
         raise ValueError(f"strength: {value:g} is outside [-{MAX_STRENGTH:g}, {MAX_STRENGTH:g}]")
     return value

@@ -121,6 +121,9 @@ class TrainCallbacks:
     on_progress: Callable[[TrainProgress], None] | None = None
     on_preview: Callable[[int, object], None] | None = None
     should_stop: Callable[[], bool] | None = None
+    # once the images are read, before step 1: the dataset's notes (files skipped or converted, with the reason),
+    # so a front end can show them while the run goes on (they also go to the console and NAME.run/log.json)
+    on_dataset: Callable[[list[str]], None] | None = None
 
 
 @dataclasses.dataclass

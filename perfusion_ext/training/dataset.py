@@ -18,7 +18,8 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 
 from ..core.errors import PerfusionError
 
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff")  # every front end uses this list
+# Every front end uses this list. Animated GIF/PNG/WebP and multi-page TIFF train on their first frame (with a note).
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff", ".gif")
 # Larger images are refused from their header, before any pixel is decoded (a decompression bomb: a small file that
 # decodes to gigabytes). 100 megapixels passes every camera photo up to 12000×8000 px.
 MAX_PIXELS = 100_000_000

@@ -95,6 +95,8 @@ def train(backend: Backend, config: TrainConfig, images_dir: str | Path, out_dir
     dataset = load_images(images_dir, cfg.resolution, cfg.masks_dir)
     for note in dataset.notes:
         log.warning("dataset: %s", note)
+    if callbacks.on_dataset:
+        callbacks.on_dataset(list(dataset.notes))
     trainer = ConceptTrainer(backend, cfg, dataset)
     if resume:
         trainer.restore(load_file(run.state), json.loads(run.state_meta.read_text()))

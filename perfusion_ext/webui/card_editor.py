@@ -11,7 +11,7 @@ from modules import ui_extra_networks_user_metadata
 
 from ..core.concept import DEFAULT_BETA, DEFAULT_TAU
 from ..training.config import field_defaults
-from .train_request import WEBUI_FAMILY, ApiError, parse_train_request
+from .train_request import WEBUI_FAMILY, ApiError, check_images, parse_train_request
 
 
 def _status(text: str, error: bool = False) -> str:
@@ -93,7 +93,9 @@ class PerfusionMetadataEditor(ui_extra_networks_user_metadata.UserMetadataEditor
             body = self.page.library().continue_plan(name)
             body["images"] = [p.strip() for p in (images or "").split(",") if p.strip()] or body.get("images") or []
             body["steps"] = int(steps)
-            job = self.page.jobs().submit(parse_train_request(body, allowed_roots=None, family=WEBUI_FAMILY))
+            req = parse_train_request(body, allowed_roots=None, family=WEBUI_FAMILY)
+            check_images(req)  # as POST /train: images too small for the resolution are named now, not by a failed job
+            job = self.page.jobs().submit(req)
         except ApiError as exc:
             return _status(exc.message, error=True)
         return _status(f"Job {job.id} queued: training {body['name']} from {name}; watch it in the Perfusion tab.")

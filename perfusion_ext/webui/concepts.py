@@ -1,7 +1,8 @@
 """The concepts folder as the WebUI sees it: names, cached loads, tensor hashes, family checks.
 
 Free of WebUI imports. Names resolve through `perfusion_ext.core.library.concept_path`, which refuses
-anything that would reach outside the folder. Training run folders (`NAME.run/`) are not concepts.
+anything that would reach outside the folder. Training run folders (`NAME.run/`) are not concepts. Listing also
+removes stale temp files of concept saves killed mid-write (`core.atomic.remove_stale_temps`).
 """
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ import threading
 from pathlib import Path
 
 from ..core import families
+from ..core.atomic import remove_stale_temps
 from ..core.concept import Concept, load_concept, tensor_hash
 from ..core.errors import PerfusionError
 from ..core.library import concept_path
@@ -131,6 +133,8 @@ class ConceptStore:
                 out.append(self.entry(path))
             except (OSError, ValueError) as exc:  # unreadable header: shown as a broken card
                 out.append(Entry(path.stem, path, "", None, f"unreadable: {exc}"))
+        for folder in {root} | {entry.path.parent for entry in out}:  # what saves killed mid-write left, once stale
+            remove_stale_temps(folder, "*.safetensors")
         return out
 
     def find_by_hash(self, short: str) -> Entry | None:

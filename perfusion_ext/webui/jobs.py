@@ -36,6 +36,7 @@ class Job:
     preview: object = None  # PIL image
     preview_step: int = 0
     concept_path: str | None = None
+    dataset_notes: list[str] = dataclasses.field(default_factory=list)  # images skipped or converted, with why
     created: float = dataclasses.field(default_factory=time.time)
     started: float | None = None
     finished: float | None = None
@@ -59,7 +60,8 @@ class Job:
             "loss": None if self.loss is None or self.loss != self.loss else round(self.loss, 6),
             "eta_seconds": None if self.eta_seconds is None or self.eta_seconds != self.eta_seconds
             else round(self.eta_seconds, 1),
-            "message": self.message, "concept_path": self.concept_path, "preview_step": self.preview_step,
+            "message": self.message, "concept_path": self.concept_path, "dataset_notes": list(self.dataset_notes),
+            "preview_step": self.preview_step,
             "created": self.created, "started": self.started, "finished": self.finished,
         }
         if preview:

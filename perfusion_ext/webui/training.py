@@ -159,12 +159,15 @@ def run_job(job: Job, store: ConceptStore, release_hooks: Callable[[], None]) ->
     def should_stop():
         return job.stop.is_set() or bool(st.interrupted)
 
+    def on_dataset(notes):  # an accepted folder's skipped files reach GET /jobs/{id}, not only log.json
+        job.dataset_notes = notes
+
     started = time.time()
     try:
         with frozen(sd_model), torch.enable_grad():
             result = train(backend, cfg, images_dir, out_dir, resume=req.resume, overwrite=req.overwrite,
                            callbacks=TrainCallbacks(on_progress=on_progress, on_preview=on_preview,
-                                                    should_stop=should_stop))
+                                                    should_stop=should_stop, on_dataset=on_dataset))
     finally:
         st.end()
         if cleanup is not None:

@@ -177,6 +177,23 @@ def test_a_folder_with_some_usable_images_is_accepted_like_the_cli(api, folders)
     assert code == 422 and "1 image(s)" in answer["detail"] and "tiny.png: 8×8 px" in answer["detail"]
 
 
+def test_gif_images_pass_the_request_time_check(api, folders):
+    """GIF is a training image type (an animated one trains on its first frame): a folder of GIFs and a listed GIF
+    are accepted, a GIF too small for the resolution is named. Before, both got 422 (no image files / not an image)."""
+    gifs = folders[1] / "gifs"
+    gifs.mkdir()
+    frames = [Image.new("RGB", (300, 300), (60 * i, 90, 200)) for i in range(3)]
+    frames[0].save(gifs / "anim.gif", save_all=True, append_images=frames[1:])
+    frames[1].save(gifs / "still.gif")
+    Image.new("RGB", (64, 64)).save(folders[1] / "small" / "tiny.gif")
+    code, answer = api.call("POST", "/train", body(images=["gifs"]))
+    assert code == 200, answer
+    code, answer = api.call("POST", "/train", body(name="listed", images=["gifs/anim.gif", "gifs/still.gif"]))
+    assert code == 200, answer
+    code, answer = api.call("POST", "/train", body(name="small", images=["small/tiny.gif"]))
+    assert code == 422 and "tiny.gif: 64×64 px is below 256 px" in answer["detail"], answer
+
+
 def test_a_folder_without_images_gets_422(api, folders):
     (folders[1] / "docs").mkdir()
     (folders[1] / "docs" / "notes.txt").write_text("x")
@@ -205,6 +222,46 @@ def test_two_trainings_at_once(api):
     assert api.runner.started == ["teddy2"]  # one at a time: the lock
     api.runner.release.set()
     assert _wait(lambda: api.runner.started == ["teddy2", "other"])
+
+
+def test_the_skipped_images_of_an_accepted_folder_are_in_the_jobs_status(monkeypatch, folders, webui_training,
+                                                                          tmp_path):
+    """A folder with some usable images is accepted; what the trainer skipped or converted was only in
+    NAME.run/log.json and the console. GET /jobs/{id} now has it as `dataset_notes` once the folder is read
+    (the real job runner and trainer on the toy model)."""
+    import functools
+
+    from robust_helpers import toy_pipeline
+
+    from perfusion_ext.pipelines.backend import DiffusersBackend
+    from perfusion_ext.toy.concepts import write_training_set
+    from perfusion_ext.webui.concepts import ConceptStore
+
+    monkeypatch.setenv("PERFUSION_CACHE", str(tmp_path / "cache"))
+    training_shared, training = webui_training
+    pipe = toy_pipeline()
+    training_shared.sd_model = pipe.unet
+    monkeypatch.setattr(training, "training_backend", lambda sd_model, resolution: DiffusersBackend(pipe))
+    concepts, images = folders
+    folder = write_training_set("house", images / "house", n=2)
+    (folder / "notes.doc").write_text("x")
+    Image.new("RGB", (8, 8)).save(folder / "tiny.png")
+    runner = functools.partial(training.run_job, store=ConceptStore(lambda: concepts), release_hooks=lambda: None)
+    api = ApiHarness(monkeypatch, concepts, images, jobs=JobManager(runner, threading.Lock()))
+    try:
+        code, job = api.call("POST", "/train", body(name="house", superclass="square", images=["house"], steps=1,
+                                                    batch_size=2, micro_batch=2, resolution=64))
+        assert code == 200, job
+        status = lambda: api.call("GET", "/jobs/{job_id}", job_id=job["job_id"])[1]  # noqa: E731
+        assert _wait(lambda: status()["state"] not in ("queued", "running"), timeout=120)
+        answer = status()
+    finally:
+        api.close()
+    assert answer["state"] == "finished", answer["message"]
+    notes = answer["dataset_notes"]
+    assert any(n.startswith("notes.doc: skipped (not an image type") for n in notes), notes
+    assert "tiny.png: skipped (8×8 px is below 32 px; use images of at least 64 px)" in notes
+    assert len(notes) == 2 and json.loads((concepts / "house.run" / "log.json").read_text())["dataset_notes"] == notes
 
 
 def test_interrupting_a_finished_job_says_so(api):

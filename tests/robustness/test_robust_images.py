@@ -105,11 +105,16 @@ def test_animated_images(tmp_path):
     frames = [_rgb(seed=i) for i in range(3)]
     frames[0].save(tmp_path / "anim.gif", save_all=True, append_images=frames[1:])
     frames[0].save(tmp_path / "anim.png", save_all=True, append_images=frames[1:])
+    _rgb(seed=7).save(tmp_path / "still.gif")
     data = _load(tmp_path)
     notes = _notes(data)
-    assert "anim.gif: skipped (not an image type" in notes  # GIF is not a training image type
+    # GIF was skipped as "not an image type"; now an animated one trains on its first frame, as an animated PNG does
+    assert "anim.gif: 3 frames (animated or multi-page); the first is used" in notes
     assert "anim.png: 3 frames (animated or multi-page); the first is used" in notes
-    assert [im.path.name for im in data.images] == ["anim.png"]
+    assert "still.gif" not in notes  # a plain GIF: no note
+    assert [im.path.name for im in data.images] == ["anim.gif", "anim.png", "still.gif"]
+    gif, png = data.images[0].pixels, data.images[1].pixels  # the same first frame, the GIF's in 256 colours
+    assert np.abs(gif - png).mean() < 0.15 < np.abs(gif - data.images[2].pixels).mean()  # 0.06 and 0.46 here
 
 
 def test_exif_rotation_is_applied(tmp_path):

@@ -7,12 +7,14 @@ import errno
 import os
 import subprocess
 import sys
+import tempfile
 import textwrap
 import threading
+import time
 
 import pytest
 import torch
-from robust_helpers import toy_pipeline
+from robust_helpers import toy_concept, toy_pipeline
 
 import perfusion_ext as pf
 from perfusion_ext.core import atomic
@@ -185,3 +187,39 @@ def test_a_process_killed_in_the_middle_of_a_save_leaves_the_previous_file(tmp_p
     from perfusion_ext.core.library import list_concepts
 
     assert list_concepts(tmp_path) == [target]
+
+
+def test_temp_files_of_killed_saves_are_removed_once_stale(tmp_path):
+    """A kill mid-save left its hidden temp file for good. Listing the concepts (the WebUI's store) and saving one
+    remove such files once untouched for STALE_TEMP_SECONDS; a younger one may be a save in progress in another
+    process and stays, as do links and the temp files of other kinds of file."""
+    from perfusion_ext.webui.concepts import ConceptStore
+
+    pipe = toy_pipeline()
+    teddy, ring = tmp_path / "teddy.safetensors", tmp_path / "sub" / "ring.safetensors"
+    for i, path in enumerate((teddy, ring)):
+        pf.save_concept(toy_concept(pipe, path.stem, i), path)
+
+    def temp_of(target, age_s):  # what atomic_path leaves when its process is killed (the test above)
+        fd, name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+        os.write(fd, b"half a concept")
+        os.close(fd)
+        os.utime(name, (time.time() - age_s,) * 2)
+        return name
+
+    old = atomic.STALE_TEMP_SECONDS + 60
+    stale = [temp_of(teddy, old), temp_of(ring, old), temp_of(tmp_path / "gone.safetensors", old)]
+    in_progress = temp_of(teddy, 5)
+    other_kind = temp_of(tmp_path / "log.json", old)
+    (tmp_path / "outside.bin").write_bytes(b"not ours")
+    link = tmp_path / ".link.safetensors.abc12345.tmp"
+    link.symlink_to(tmp_path / "outside.bin")
+    os.utime(link, (time.time() - old,) * 2, follow_symlinks=False)
+    keep = sorted(os.path.basename(p) for p in (in_progress, other_kind, link))
+
+    assert [e.name for e in ConceptStore(lambda: tmp_path).entries()] == ["ring", "teddy"]
+    assert leftovers(tmp_path) == keep and not any(os.path.exists(p) for p in stale)
+    assert (tmp_path / "outside.bin").read_bytes() == b"not ours"
+    os.utime(in_progress, (time.time() - old,) * 2)  # the other process died too: the next save of teddy clears it
+    pf.save_concept(toy_concept(pipe, "teddy", 3), teddy)
+    assert not os.path.exists(in_progress) and pf.load_concept(teddy).name == "teddy"

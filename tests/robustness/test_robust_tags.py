@@ -11,6 +11,8 @@ from robust_helpers import hook_count, snapshot, toy_concept, toy_pipeline
 from test_webui_glue import FakeEnv, FakeP
 
 from perfusion_ext.core.concept import save_concept
+from perfusion_ext.core.errors import PerfusionError
+from perfusion_ext.core.hooks import activate
 from perfusion_ext.core.tags import parse_prompt
 from perfusion_ext.pipelines.generate import generate
 from perfusion_ext.webui.activation import Activator
@@ -83,6 +85,26 @@ def test_bad_tag_in_the_cli_warns_and_the_image_is_made(tag, message, toy_folder
     assert len(images) == 1 and images[0].size == (32, 32)
     assert any(re.search(message, w) for w in warnings), warnings
     assert hook_count(pipe.unet) == hooks
+
+
+@pytest.mark.parametrize("strength,message", [
+    pytest.param(1e30, r"strength: 1e\+30 is outside \[-100, 100\] \(concept 'teddy'\)", id="api-huge-strength"),
+    pytest.param(-101, r"strength: -101 is outside \[-100, 100\]", id="api-negative-strength"),
+    pytest.param(float("nan"), r"strength: nan is not a finite number", id="api-nan-strength"),
+    pytest.param(float("inf"), r"strength: inf is not a finite number", id="api-inf-strength"),
+    pytest.param("abc", r"strength: 'abc' is not a number", id="api-text-strength"),
+])
+def test_strength_via_the_python_api_is_bounded_like_a_tags(unet, strength, message):
+    """`activate(unet, concepts, strength=…)` and a (concept, strength) entry refuse what a tag refuses, with the
+    tag's bound and words, before any hook is attached (1e30 overflowed the edit: a black image)."""
+    concept, hooks = make_concept(unet, "teddy", seed=1), hook_count(unet)
+    for concepts, kwargs in (([concept], {"strength": strength}), ([(concept, strength)], {})):
+        with pytest.raises(PerfusionError, match=message):
+            with activate(unet, concepts, **kwargs):
+                pass
+        assert hook_count(unet) == hooks
+    with activate(unet, [concept], strength=-100):  # the bound itself is allowed, as in a tag
+        assert hook_count(unet) == hooks + 32
 
 
 def test_hundreds_of_tags(unet, webui_folder, toy_folder):
