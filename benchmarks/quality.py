@@ -215,6 +215,7 @@ def two_concepts(pipe, results: dict, work: Path, seeds: int) -> dict:
     strength 0)."""
     from perfusion_ext.pipelines.generate import generate
     from perfusion_ext.toy.concepts import CONCEPTS, fidelity
+    from perfusion_ext.toy.two_named import halves
 
     out = {}
     for row, option in (("perfusion", ""), ("textual_inversion", ":0")):
@@ -240,21 +241,6 @@ def two_concepts(pipe, results: dict, work: Path, seeds: int) -> dict:
                 n: {"fidelity_together": hits[n] / total, "fidelity_alone": results[n][row]["fidelity"]} for n in (a, b)}
             print("two concepts", row, out[row][f"{a}+{b}"], flush=True)
     return out
-
-
-def halves(image: np.ndarray, layout: str) -> tuple[np.ndarray, np.ndarray]:
-    """The image twice, each with the other half painted in the background colour (left/right or top/bottom)."""
-    from perfusion_ext.toy.checkers import read_background
-
-    _, rgb = read_background(image)
-    fill = rgb.round().astype(np.uint8)
-    first, second = image.copy(), image.copy()
-    middle = image.shape[1] // 2
-    if layout == "horizontal":
-        first[:, middle:], second[:, :middle] = fill, fill
-    else:
-        first[middle:], second[:middle] = fill, fill
-    return first, second
 
 
 def summarise(results: dict, rows) -> dict:

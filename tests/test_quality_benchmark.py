@@ -67,6 +67,7 @@ def test_two_concept_halves_keep_one_concept_each(layout):
 
     from perfusion_ext.toy import pairs
     from perfusion_ext.toy.concepts import fidelity
+    from perfusion_ext.toy.two_named import halves
 
     a, b, _ = next(p for p in quality.TWO_CONCEPT_PAIRS if p[2] == layout)
     places = ("left", "right") if layout == "horizontal" else ("top", "bottom")
@@ -76,6 +77,6 @@ def test_two_concept_halves_keep_one_concept_each(layout):
     drawn = (second != image[0, 0]).any(-1)
     image[drawn] = second[drawn]
     assert not fidelity(image, a).is_concept  # four parts: the whole image is neither concept
-    first_half, second_half = quality.halves(image, layout)
+    first_half, second_half = halves(image, layout)
     assert fidelity(first_half, a).is_concept and fidelity(second_half, b).is_concept
     assert not np.array_equal(first_half, second_half)

@@ -3,9 +3,9 @@ import numpy as np
 import pytest
 from transformers import CLIPTokenizer
 
-from perfusion_ext.toy import named, pairs
+from perfusion_ext.toy import named, pairs, two_named
 from perfusion_ext.toy.concepts import CONCEPTS, composite_fidelity
-from perfusion_ext.toy.evaluate import score_named
+from perfusion_ext.toy.evaluate import score_named, score_two_named
 from perfusion_ext.toy.model import MODEL_DIR
 from perfusion_ext.toy.pairs import MIRROR
 from perfusion_ext.toy.training_data import WorldV2Sampler
@@ -63,3 +63,44 @@ def test_sampler_share(tokenizer):
     none = WorldV2Sampler(tokenizer, "cpu", seed=0, pair_share=0.5, named_share=0.0)
     assert not any(any(f" {w} " in f" {c} ".replace(",", " ") for w in named.NAMED)
                    for c in (none.scene_and_caption()[1] for _ in range(200)))
+
+
+def test_size_words_scale_both_parts_and_are_judged_alike():
+    rng = np.random.default_rng(2)
+    seen = set()
+    for _ in range(200):
+        word, scene = named.random_scene(rng)
+        size = named.size_word(word, scene)
+        seen.add(size)
+        assert scene.size_a / named.NAMED[word].size_a == pytest.approx(named.SIZE_SCALES[size])
+        assert scene.size_b / named.NAMED[word].size_b == pytest.approx(named.SIZE_SCALES[size])
+        words = named.caption(word, scene, rng).replace(",", " ").split()
+        assert [w for w in words if w in named.SIZE_SCALES] == ([size] if size else [])
+        assert composite_fidelity(pairs.render(scene), named.NAMED[word], word in named.MIRRORABLE).is_concept
+    assert seen == set(named.SIZE_SCALES)
+
+
+def test_two_named_objects_fit_and_each_half_is_judged_as_its_own_word(tokenizer):
+    rng = np.random.default_rng(3)
+    found = []
+    for _ in range(100):
+        layout, a, b, scenes = two_named.random_scene(rng)
+        assert a != b and {a, b} <= set(two_named.words_for(layout))
+        assert not two_named.is_held_out(a, b, scenes[0].background)
+        text = two_named.caption(layout, a, b, scenes[0].background, rng)
+        assert text.index(a) < text.index(b) and scenes[0].background in text
+        first, second = pairs.part_masks(scenes[0]), pairs.part_masks(scenes[1])
+        assert not ((first[0] | first[1]) & (second[0] | second[1])).any()  # the objects never overlap
+        found.append((layout, a, b, scenes, text))
+    images = np.stack([two_named.render_two(f[3]) for f in found])
+    assert score_two_named(images, found) == {"two_named_both": 1.0, "two_named_background": 1.0}
+    swapped = [(layout, b, a, scenes, text) for layout, a, b, scenes, text in found]
+    assert score_two_named(images, swapped)["two_named_both"] == 0.0
+    assert all(two_named.is_held_out(a, b, s[0].background) for _, a, b, s, _ in two_named.held_out_prompts(20))
+
+
+def test_two_named_share_of_the_sampler(tokenizer):
+    sampler = WorldV2Sampler(tokenizer, "cpu", seed=0, pair_share=0.0, named_share=0.0, two_named_share=1.0,
+                             drop_caption=0.0, prefix_share=0.0)
+    captions = [sampler.scene_and_caption()[1] for _ in range(30)]
+    assert all(sum(f" {w} " in f" {c} ".replace(",", " ") for w in named.NAMED) == 2 for c in captions), captions

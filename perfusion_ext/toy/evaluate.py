@@ -8,7 +8,7 @@ import torch
 from diffusers import StableDiffusionPipeline
 from PIL import Image
 
-from . import checkers, named, pairs, world
+from . import checkers, named, pairs, two_named, world
 from . import model as toy_model
 from .concepts import composite_fidelity
 
@@ -122,3 +122,24 @@ def evaluate_named(pipe, n_prompts: int = 60, seed: int = 0, grid_path: Path | N
     if grid_path is not None:
         save_grid(images[:64], grid_path)
     return {**score_named(images, found), "named_n_prompts": n_prompts}
+
+
+def score_two_named(images: np.ndarray, found) -> dict[str, float]:
+    """Share of images where each named object is judged right in its own half, and the background."""
+    hits = {"two_named_both": 0, "two_named_background": 0}
+    for img, (layout, a, b, scenes, _) in zip(images, found):
+        first, second = two_named.halves(img, layout)
+        hits["two_named_both"] += all(
+            composite_fidelity(half, named.NAMED[w], w in named.MIRRORABLE).is_concept for half, w in ((first, a), (second, b)))
+        hits["two_named_background"] += checkers.read_background(img)[0] == scenes[0].background
+    return {k: v / len(found) for k, v in hits.items()}
+
+
+def evaluate_two_named(pipe, n_prompts: int = 40, seed: int = 0, grid_path: Path | None = None) -> dict:
+    """Two named objects in one scene ("a rocket on the left and a bell on the right") on held-out
+    combinations in a held-out phrasing."""
+    found = two_named.held_out_prompts(n_prompts, seed=seed)
+    images = generate(pipe, [f[-1] for f in found], seed=seed)
+    if grid_path is not None:
+        save_grid(images[:64], grid_path)
+    return {**score_two_named(images, found), "two_named_n_prompts": n_prompts}

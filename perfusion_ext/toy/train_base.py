@@ -23,7 +23,7 @@ from safetensors.torch import load_file
 from ..core.atomic import atomic_save_safetensors, atomic_write_json
 from . import checkers, pairs, world
 from . import model as toy_model
-from .evaluate import evaluate_named, evaluate_pairs, evaluate_pipeline, make_pipeline
+from .evaluate import evaluate_named, evaluate_pairs, evaluate_pipeline, evaluate_two_named, make_pipeline
 from .training_data import SceneSampler, WorldV2Sampler
 
 RESUME_FILE = Path(__file__).resolve().parents[2] / "training" / "toy_base_resume.safetensors"
@@ -66,7 +66,7 @@ class Trainer:
         """Built on first use: tokenizing every training caption is wasted on VAE-only or export-only calls."""
         if self.args.world == "v2":
             return WorldV2Sampler(self.tokenizer, self.device, seed=self.args.seed, pair_share=self.args.pair_share,
-                                  named_share=self.args.named_share)
+                                  named_share=self.args.named_share, two_named_share=self.args.two_named_share)
         return SceneSampler(self.tokenizer, self.device, seed=self.args.seed)
 
     def _make_optimizer(self):
@@ -336,6 +336,9 @@ class Trainer:
                                          grid_path=self.work / "eval_pairs_grid.png"))
             result.update(evaluate_named(pipe, n_prompts=self.args.named_eval_prompts,
                                          grid_path=self.work / "eval_named_grid.png"))
+            if self.args.two_named_share > 0:
+                result.update(evaluate_two_named(pipe, n_prompts=self.args.two_named_eval_prompts,
+                                                 grid_path=self.work / "eval_two_named_grid.png"))
         result.update(step=self.state["step"], images_seen=self.state["images_seen"],
                       train_minutes=round(self.state["train_seconds"] / 60, 1))
         with open(self.work / "eval.jsonl", "a") as f:
@@ -465,6 +468,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--named-share", type=float, default=0.0,
                    help="world v2: share of named two-part objects (\"a rocket\") in each batch, taken before pairs")
     p.add_argument("--named-eval-prompts", type=int, default=60, help="world v2: held-out named-object prompts")
+    p.add_argument("--two-named-share", type=float, default=0.0,
+                   help="world v2: share of scenes with two named objects (\"a rocket on the left and a bell on the "
+                        "right\"), taken first")
+    p.add_argument("--two-named-eval-prompts", type=int, default=40,
+                   help="world v2: held-out two-named-object prompts (evaluated when --two-named-share > 0)")
     return p.parse_args(argv)
 
 

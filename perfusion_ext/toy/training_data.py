@@ -14,7 +14,7 @@ import json
 import numpy as np
 import torch
 
-from . import named, pairs, world
+from . import named, pairs, two_named, world
 
 _SIZE_NAMES = tuple(world.SIZES)  # small, medium, large
 _SIZE_DRAW = torch.tensor([_SIZE_NAMES.index(s) for s in ("small", "medium", "medium", "large")])
@@ -117,24 +117,30 @@ class SceneSampler:
 class WorldV2Sampler:
     """Training scenes of the second toy world: one-object scenes (some named without their colour,
     "a circle on the left") mixed with two-object scenes (:mod:`.pairs`) and, with `named_share`, the named
-    two-part objects of :mod:`.named` ("a rocket on the left"), rendered by numpy on the CPU
-    and tokenized per batch. Its numpy generator state checkpoints as JSON bytes in a uint8 tensor."""
+    two-part objects of :mod:`.named` ("a rocket on the left") and, with `two_named_share`, two of them in one
+    scene (:mod:`.two_named`), rendered by numpy on the CPU and tokenized per batch. Its numpy generator
+    state checkpoints as JSON bytes in a uint8 tensor."""
 
     def __init__(self, tokenizer, device, seed: int = 0, pair_share: float = 0.5, colourless_share: float = 0.15,
-                 drop_caption: float = 0.1, prefix_share: float = 0.3, named_share: float = 0.0):
+                 drop_caption: float = 0.1, prefix_share: float = 0.3, named_share: float = 0.0,
+                 two_named_share: float = 0.0):
         self.tokenizer = tokenizer
         self.device = torch.device(device)
         self.pair_share, self.colourless_share, self.named_share = pair_share, colourless_share, named_share
+        self.two_named_share = two_named_share
         self.drop_caption, self.prefix_share = drop_caption, prefix_share
         self.rng = np.random.default_rng(seed)
 
     def scene_and_caption(self):
         rng = self.rng
         draw = rng.random()
-        if draw < self.named_share:
+        if draw < self.two_named_share:
+            layout, a, b, scenes = two_named.random_scene(rng)
+            image, text = two_named.render_two(scenes), two_named.caption(layout, a, b, scenes[0].background, rng)
+        elif draw < self.two_named_share + self.named_share:
             word, scene = named.random_scene(rng)
             image, text = pairs.render(scene), named.caption(word, scene, rng)
-        elif draw < self.named_share + self.pair_share:
+        elif draw < self.two_named_share + self.named_share + self.pair_share:
             scene = pairs.random_scene(rng)
             image, text = pairs.render(scene), pairs.caption(scene, rng)
         else:
