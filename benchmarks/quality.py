@@ -46,7 +46,7 @@ ROWS: dict[str, dict] = {
     "no_varied_captions": {"varied_captions": False},
     "no_caption_init": {"init_from_captions": False},
     "with_background_distill": {"background_distill": 1.0},
-    "no_embedding_pull": {"embedding_pull": 0.0},
+    "with_embedding_pull": {"embedding_pull": 1.0},
     "always_flip": {"flip": True},
     "textual_inversion": {"mode": "textual_inversion", "steps_factor": 2, "lr_embedding": 0.02},
     "no_key_lock": {"mode": "no_key_lock"},
