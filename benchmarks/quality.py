@@ -267,10 +267,10 @@ def previous_report(out: Path, settings: dict) -> dict | None:
 
 def write_report(out: Path, report: dict) -> None:
     """Write the report so far (atomically: a killed run leaves the last complete concept)."""
+    from perfusion_ext.core.atomic import atomic_write_json
+
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_suffix(".tmp")
-    tmp.write_text(json.dumps(report, indent=2))
-    tmp.replace(out)
+    atomic_write_json(report, out)
 
 
 def main(argv=None) -> int:
