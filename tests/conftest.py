@@ -65,6 +65,18 @@ def ldm_unet():
     return tiny_ldm_unet()
 
 
+@pytest.fixture(scope="module")
+def random_toy_backend(tmp_path_factory):
+    """A diffusers backend on the toy architecture with random weights and its own cache for the module
+    (covariances are estimated once per module and never leak into another's)."""
+    from perfusion_ext.pipelines.backend import DiffusersBackend
+    from perfusion_ext.toy.plugin import tiny_random_pipeline
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("PERFUSION_CACHE", str(tmp_path_factory.mktemp("cache")))
+        yield DiffusersBackend(tiny_random_pipeline())
+
+
 @pytest.fixture(params=["diffusers", "ldm"])
 def unet(request):
     return request.getfixturevalue(f"{request.param}_unet")

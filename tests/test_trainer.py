@@ -7,20 +7,10 @@ import torch
 from PIL import Image
 
 import perfusion_ext as pf
-from perfusion_ext.pipelines.backend import DiffusersBackend
 from perfusion_ext.toy.concepts import write_training_set
-from perfusion_ext.toy.plugin import tiny_random_pipeline
 from perfusion_ext.training import TrainCallbacks, TrainConfig, train
 from perfusion_ext.training.dataset import load_images
 from perfusion_ext.training.trainer import ConceptTrainer
-
-
-@pytest.fixture(scope="module")
-def backend(tmp_path_factory):
-    import os
-
-    os.environ["PERFUSION_CACHE"] = str(tmp_path_factory.mktemp("cache"))
-    return DiffusersBackend(tiny_random_pipeline())
 
 
 @pytest.fixture(scope="module")
@@ -35,16 +25,16 @@ def config(**kw):
     return TrainConfig(**base)
 
 
-def test_optimizer_holds_exactly_the_trainable_tensors(backend, images):
-    cfg = config().resolved(backend.family, backend.device)
-    trainer = ConceptTrainer(backend, cfg, load_images(images, 32))
+def test_optimizer_holds_exactly_the_trainable_tensors(random_toy_backend, images):
+    cfg = config().resolved(random_toy_backend.family, random_toy_backend.device)
+    trainer = ConceptTrainer(random_toy_backend, cfg, load_images(images, 32))
     groups = trainer.optimizer.param_groups
     assert [g["lr"] for g in groups] == [0.006, 0.03]
     assert groups[0]["params"] == list(trainer.embedding.values())
     assert groups[1]["params"] == list(trainer.value_targets.values())
     assert len(groups[1]["params"]) == len(trainer.layers) == 11
     trainer.train_step()
-    frozen = [p for m in backend.frozen_modules() for p in m.parameters()]
+    frozen = [p for m in random_toy_backend.frozen_modules() for p in m.parameters()]
     assert all(p.grad is None for p in frozen)
     assert all(not p.requires_grad for p in frozen)
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for g in groups for p in g["params"])
@@ -57,21 +47,25 @@ def test_optimizer_holds_exactly_the_trainable_tensors(backend, images):
         assert torch.allclose(concept.key_targets[name], expected)
 
 
-def test_baseline_modes_train_the_right_tensors(backend, images):
-    ti = ConceptTrainer(backend, config(mode="textual_inversion").resolved("toy", backend.device), load_images(images, 32))
+def test_baseline_modes_train_the_right_tensors(random_toy_backend, images):
+    def trainer(mode):
+        cfg = config(mode=mode).resolved("toy", random_toy_backend.device)
+        return ConceptTrainer(random_toy_backend, cfg, load_images(images, 32))
+
+    ti = trainer("textual_inversion")
     assert [len(g["params"]) for g in ti.optimizer.param_groups] == [1]
-    nk = ConceptTrainer(backend, config(mode="no_key_lock").resolved("toy", backend.device), load_images(images, 32))
+    nk = trainer("no_key_lock")
     assert len(nk.optimizer.param_groups[1]["params"]) == 22
 
 
-def test_resume_equals_uninterrupted_run(backend, images, tmp_path):
-    full = train(backend, config(), images, tmp_path / "full")
+def test_resume_equals_uninterrupted_run(random_toy_backend, images, tmp_path):
+    full = train(random_toy_backend, config(), images, tmp_path / "full")
     assert full.status == "finished" and full.steps_done == 4
     stopper = TrainCallbacks(should_stop=lambda: stopper.calls.append(1) or len(stopper.calls) > 2)
     stopper.calls = []
-    part = train(backend, config(), images, tmp_path / "split", callbacks=stopper)
+    part = train(random_toy_backend, config(), images, tmp_path / "split", callbacks=stopper)
     assert part.status == "interrupted" and part.steps_done == 2
-    resumed = train(backend, config(), images, tmp_path / "split", resume=True)
+    resumed = train(random_toy_backend, config(), images, tmp_path / "split", resume=True)
     assert resumed.status == "finished" and resumed.steps_done == 4
     a, b = pf.load_concept(full.concept_path), pf.load_concept(resumed.concept_path)
     assert torch.equal(a.target_input, b.target_input)
@@ -84,56 +78,56 @@ def test_resume_equals_uninterrupted_run(backend, images, tmp_path):
         "teddy-step000002.safetensors", "teddy-step000004.safetensors"]
 
 
-def test_keyboard_interrupt_saves_a_loadable_concept(backend, images, tmp_path):
+def test_keyboard_interrupt_saves_a_loadable_concept(random_toy_backend, images, tmp_path):
     def progress(p):
         if p.step == 1:
             raise KeyboardInterrupt
 
-    result = train(backend, config(), images, tmp_path, callbacks=TrainCallbacks(on_progress=progress))
+    result = train(random_toy_backend, config(), images, tmp_path, callbacks=TrainCallbacks(on_progress=progress))
     assert result.status == "interrupted" and "--resume" in result.message
     concept = pf.load_concept(result.concept_path)
     assert concept.metadata["perfusion.steps"] == "1"
 
 
-def test_nan_loss_stops_and_keeps_last_good_concept(backend, images, tmp_path, monkeypatch):
+def test_nan_loss_stops_and_keeps_last_good_concept(random_toy_backend, images, tmp_path, monkeypatch):
     calls = {"n": 0}
-    original = backend.predict
+    original = random_toy_backend.predict
 
     def poisoned(noisy, t, context):
         calls["n"] += 1
         out = original(noisy, t, context)
         return out * float("nan") if calls["n"] > 4 else out  # 2 micro-batches per step: step 3 is NaN
 
-    monkeypatch.setattr(backend, "predict", poisoned)
-    result = train(backend, config(steps=6, checkpoint_every=10), images, tmp_path)
+    monkeypatch.setattr(random_toy_backend, "predict", poisoned)
+    result = train(random_toy_backend, config(steps=6, checkpoint_every=10), images, tmp_path)
     assert result.status == "nan" and "kept the concept of step 2" in result.message
     concept = pf.load_concept(result.concept_path)
     assert concept.metadata["perfusion.steps"] == "2"
     assert torch.isfinite(concept.value_targets[concept.layers[0]]).all()
 
 
-def test_failing_preview_never_ends_the_run(backend, images, tmp_path, monkeypatch):
+def test_failing_preview_never_ends_the_run(random_toy_backend, images, tmp_path, monkeypatch):
     def broken(*a, **k):
         raise RuntimeError("CUDA out of memory (simulated)")
 
-    monkeypatch.setattr(backend, "preview", broken, raising=False)
-    result = train(backend, config(steps=2, preview_every=1), images, tmp_path)
+    monkeypatch.setattr(random_toy_backend, "preview", broken, raising=False)
+    result = train(random_toy_backend, config(steps=2, preview_every=1), images, tmp_path)
     assert result.status == "finished"
 
 
-def test_existing_concept_is_never_overwritten(backend, images, tmp_path):
-    train(backend, config(steps=1), images, tmp_path)
+def test_existing_concept_is_never_overwritten(random_toy_backend, images, tmp_path):
+    train(random_toy_backend, config(steps=1), images, tmp_path)
     before = (tmp_path / "teddy.safetensors").read_bytes()
     with pytest.raises(pf.PerfusionError, match="already exists.*use --resume"):
-        train(backend, config(steps=1), images, tmp_path)
+        train(random_toy_backend, config(steps=1), images, tmp_path)
     assert (tmp_path / "teddy.safetensors").read_bytes() == before
     with pytest.raises(pf.PerfusionError, match="nothing to resume"):
-        train(backend, config(steps=1, name="other"), images, tmp_path, resume=True)
+        train(random_toy_backend, config(steps=1, name="other"), images, tmp_path, resume=True)
 
 
-def test_superclass_must_be_one_token(backend, images, tmp_path):
+def test_superclass_must_be_one_token(random_toy_backend, images, tmp_path):
     with pytest.raises(pf.PerfusionError, match="must be exactly one"):
-        train(backend, config(superclass="xylophonist-circle"), images, tmp_path)
+        train(random_toy_backend, config(superclass="xylophonist-circle"), images, tmp_path)
 
 
 def test_bad_image_folders(tmp_path):
@@ -184,16 +178,16 @@ def test_odd_images_are_converted_with_notes(tmp_path):
     assert all(im.pixels.shape == (3, 32, 32) for im in data.images)
 
 
-def test_out_of_memory_falls_back_to_smaller_micro_batches(backend, images, monkeypatch):
-    trainer = ConceptTrainer(backend, config(batch_size=4, micro_batch=4).resolved("toy", backend.device),
+def test_out_of_memory_falls_back_to_smaller_micro_batches(random_toy_backend, images, monkeypatch):
+    trainer = ConceptTrainer(random_toy_backend, config(batch_size=4, micro_batch=4).resolved("toy", random_toy_backend.device),
                              load_images(images, 32))
-    original = backend.predict
+    original = random_toy_backend.predict
 
     def limited(noisy, t, context):
         if noisy.shape[0] > 1:
             raise torch.OutOfMemoryError("simulated")
         return original(noisy, t, context)
 
-    monkeypatch.setattr(backend, "predict", limited)
+    monkeypatch.setattr(random_toy_backend, "predict", limited)
     loss = trainer.train_step()
     assert trainer.cfg.micro_batch == 1 and trainer.step == 1 and np.isfinite(loss)

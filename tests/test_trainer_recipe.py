@@ -8,20 +8,10 @@ import torch
 from PIL import Image
 
 from perfusion_ext.cli.main import build_parser
-from perfusion_ext.pipelines.backend import DiffusersBackend
 from perfusion_ext.toy.concepts import write_training_set
-from perfusion_ext.toy.plugin import tiny_random_pipeline
 from perfusion_ext.training.config import PAPER_RECIPE, TrainConfig, paper_recipe
 from perfusion_ext.training.dataset import load_images
 from perfusion_ext.training.trainer import ConceptTrainer
-
-
-@pytest.fixture(scope="module")
-def backend(tmp_path_factory):
-    import os
-
-    os.environ["PERFUSION_CACHE"] = str(tmp_path_factory.mktemp("cache"))
-    return DiffusersBackend(tiny_random_pipeline())
 
 
 @pytest.fixture(scope="module")
@@ -29,10 +19,10 @@ def images(tmp_path_factory):
     return write_training_set("house", tmp_path_factory.mktemp("house"), n=4)
 
 
-def trainer(backend, images, masks=None, **kw):
+def trainer(random_toy_backend, images, masks=None, **kw):
     cfg = TrainConfig(name="house", superclass="square", steps=2, batch_size=4, preview_every=0, seed=3,
-                      masks_dir=masks, **kw).resolved(backend.family, backend.device)
-    return ConceptTrainer(backend, cfg, load_images(images, 32, masks_dir=masks))
+                      masks_dir=masks, **kw).resolved(random_toy_backend.family, random_toy_backend.device)
+    return ConceptTrainer(random_toy_backend, cfg, load_images(images, 32, masks_dir=masks))
 
 
 def first_loss(t: ConceptTrainer) -> float:
@@ -40,28 +30,28 @@ def first_loss(t: ConceptTrainer) -> float:
     return t.train_step()
 
 
-def test_background_term_is_zero_where_the_mask_covers_everything(backend, images, tmp_path):
+def test_background_term_is_zero_where_the_mask_covers_everything(random_toy_backend, images, tmp_path):
     full = tmp_path / "full_masks"
     full.mkdir()
     for png in images.glob("*.png"):
         Image.fromarray(np.full((32, 32), 255, np.uint8)).save(full / png.name)
-    assert first_loss(trainer(backend, images, str(full), background_distill=5.0)) == pytest.approx(
-        first_loss(trainer(backend, images, str(full), background_distill=0.0)), rel=1e-6)
+    assert first_loss(trainer(random_toy_backend, images, str(full), background_distill=5.0)) == pytest.approx(
+        first_loss(trainer(random_toy_backend, images, str(full), background_distill=0.0)), rel=1e-6)
 
 
-def test_background_term_adds_a_loss_outside_the_mask(backend, images):
+def test_background_term_adds_a_loss_outside_the_mask(random_toy_backend, images):
     masks = str(images / "masks")
-    plain = first_loss(trainer(backend, images, masks, background_distill=0.0))
-    protected = first_loss(trainer(backend, images, masks, background_distill=5.0))
+    plain = first_loss(trainer(random_toy_backend, images, masks, background_distill=0.0))
+    protected = first_loss(trainer(random_toy_backend, images, masks, background_distill=5.0))
     assert protected > plain * 1.001
     # without masks there is no background to protect: the option changes nothing
-    assert first_loss(trainer(backend, images, None, background_distill=5.0)) == pytest.approx(
-        first_loss(trainer(backend, images, None, background_distill=0.0)), rel=1e-6)
+    assert first_loss(trainer(random_toy_backend, images, None, background_distill=5.0)) == pytest.approx(
+        first_loss(trainer(random_toy_backend, images, None, background_distill=0.0)), rel=1e-6)
 
 
-def test_embedding_pull_is_zero_at_the_start_and_pulls_after(backend, images):
-    pulled = trainer(backend, images, embedding_pull=10.0)
-    free = trainer(backend, images, embedding_pull=0.0)
+def test_embedding_pull_is_zero_at_the_start_and_pulls_after(random_toy_backend, images):
+    pulled = trainer(random_toy_backend, images, embedding_pull=10.0)
+    free = trainer(random_toy_backend, images, embedding_pull=0.0)
     assert first_loss(pulled) == pytest.approx(first_loss(free), rel=1e-6)  # e = e_super at step 0
     assert not any(v.requires_grad for v in pulled.superclass_embedding.values())  # the anchor is a constant
 
@@ -75,21 +65,21 @@ def test_embedding_pull_is_zero_at_the_start_and_pulls_after(backend, images):
     assert drift(pulled) < 0.25 * drift(free)
 
 
-def test_target_input_starts_from_the_training_captions(backend, images, tmp_path):
-    from_captions = trainer(backend, images, init_from_captions=True)
-    generic = trainer(backend, images, init_from_captions=False)
+def test_target_input_starts_from_the_training_captions(random_toy_backend, images, tmp_path):
+    from_captions = trainer(random_toy_backend, images, init_from_captions=True)
+    generic = trainer(random_toy_backend, images, init_from_captions=False)
     assert from_captions._initial_templates() == [im.caption for im in from_captions.dataset.images]
     assert not torch.allclose(from_captions.i_star, generic.i_star)
     bare = tmp_path / "bare"
     bare.mkdir()
     for png in images.glob("*.png"):
         (bare / png.name).write_bytes(png.read_bytes())
-    a, b = trainer(backend, bare, init_from_captions=True), trainer(backend, bare, init_from_captions=False)
+    a, b = trainer(random_toy_backend, bare, init_from_captions=True), trainer(random_toy_backend, bare, init_from_captions=False)
     assert torch.equal(a.i_star, b.i_star)  # no captions: both start from the generic templates
 
 
-def test_no_flip_never_mirrors(backend, images):
-    t = trainer(backend, images, flip=False)
+def test_no_flip_never_mirrors(random_toy_backend, images):
+    t = trainer(random_toy_backend, images, flip=False)
     seen = []
     original = t._mask_weights
     t._mask_weights = lambda idx, flips, size: seen.extend(flips) or original(idx, flips, size)
