@@ -77,6 +77,25 @@ def random_toy_backend(tmp_path_factory):
         yield DiffusersBackend(tiny_random_pipeline())
 
 
+@pytest.fixture(scope="module")
+def pipe():
+    """The toy architecture with random weights, one per module (tests attach hooks and swap schedulers)."""
+    from perfusion_ext.toy.plugin import tiny_random_pipeline
+
+    return tiny_random_pipeline()
+
+
+@pytest.fixture
+def toy_teddy_dir(pipe, tmp_path):
+    """A concepts folder holding one random "teddy" (superclass "circle") for the toy architecture."""
+    from perfusion_ext.core.concept import save_concept
+
+    concept = make_concept(pipe.unet, name="teddy", family="toy", superclass="circle")
+    concept.embeddings = {"clip_l": torch.randn(1, 128)}
+    save_concept(concept, tmp_path / "teddy.safetensors")
+    return tmp_path
+
+
 @pytest.fixture(params=["diffusers", "ldm"])
 def unet(request):
     return request.getfixturevalue(f"{request.param}_unet")

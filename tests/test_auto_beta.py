@@ -1,7 +1,6 @@
 """Auto-β: selection on synthetic curves, and the gate proxy on a concept locked to its own token."""
 import json
 
-import pytest
 import torch
 from conftest import make_concept
 
@@ -9,7 +8,6 @@ import perfusion_ext as pf
 from perfusion_ext.core.tags import parse_prompt
 from perfusion_ext.core.text import PromptEncoder
 from perfusion_ext.pipelines.auto_beta import choose_by_gate, choose_by_quality, gate_curve, with_default_beta
-from perfusion_ext.toy.plugin import tiny_random_pipeline
 
 
 def test_choose_by_quality_keeps_alignment_within_the_margin():
@@ -26,11 +24,6 @@ def test_choose_by_gate_takes_the_lowest_beta_under_the_leak_bound():
     curve = [{"beta": b, "own_gate": 1.0, "leak": leak} for b, leak in ((0.4, 0.3), (0.5, 0.08), (0.6, 0.04), (0.7, 0.01))]
     assert choose_by_gate(curve, max_leak=0.05) == 0.6
     assert choose_by_gate(curve, max_leak=0.001) == 0.7  # none: the highest β
-
-
-@pytest.fixture(scope="module")
-def pipe():
-    return tiny_random_pipeline()
 
 
 def test_gate_curve_on_a_concept_locked_to_its_token(pipe, tmp_path):

@@ -6,6 +6,7 @@ import pytest
 import torch
 from conftest import make_concept, run_unet, unet_inputs
 
+from perfusion_ext.core.concept import load_concept
 from perfusion_ext.core.hooks import ResolvedConcept, attach, detach, prepare_edits, resolve
 from perfusion_ext.core.tags import (
     ConceptTag,
@@ -131,23 +132,6 @@ def test_activation_context_follows_progress_and_restores_bit_for_bit(ldm_unet):
 
 
 # ---- the diffusers pipeline drives the schedule step by step -------------------------------------
-@pytest.fixture(scope="module")
-def pipe():
-    from perfusion_ext.toy.plugin import tiny_random_pipeline
-
-    return tiny_random_pipeline()
-
-
-@pytest.fixture
-def concepts(pipe, tmp_path):
-    import perfusion_ext as pf
-
-    concept = make_concept(pipe.unet, name="teddy", family="toy", superclass="circle")
-    concept.embeddings = {"clip_l": torch.randn(1, 128)}
-    pf.save_concept(concept, tmp_path / "teddy.safetensors")
-    return tmp_path
-
-
 def _spy_betas(pipe, record):
     """A forward pre-hook on the UNet that records the β of the first edited to_k at every UNet call."""
     from perfusion_ext.core.layers import cross_attention_layers
@@ -162,32 +146,32 @@ def _spy_betas(pipe, record):
     return pipe.unet.register_forward_pre_hook(spy)
 
 
-def test_generate_applies_the_beta_of_each_step(pipe, concepts):
+def test_generate_applies_the_beta_of_each_step(pipe, toy_teddy_dir):
     from perfusion_ext.pipelines.generate import generate
 
     record = []
     handle = _spy_betas(pipe, record)
     try:
-        _, warnings = generate(pipe, "a <perfusion:teddy:beta=0.75@0,0.65@0.5,0.55@0.75> on the left", concepts_dir=concepts,
+        _, warnings = generate(pipe, "a <perfusion:teddy:beta=0.75@0,0.65@0.5,0.55@0.75> on the left", concepts_dir=toy_teddy_dir,
                                num_inference_steps=4, height=32, width=32)
         assert record == [0.75, 0.75, 0.65, 0.55]  # steps 0..3 of 4: fractions 0, .25, .5, .75
         record.clear()
-        generate(pipe, "a <perfusion:teddy:beta=0.6@0.5> on the left", concepts_dir=concepts, num_inference_steps=4,
+        generate(pipe, "a <perfusion:teddy:beta=0.6@0.5> on the left", concepts_dir=toy_teddy_dir, num_inference_steps=4,
                  height=32, width=32)
-        default = round(float(__import__("perfusion_ext").load_concept(concepts / "teddy.safetensors").beta), 6)
+        default = round(float(load_concept(toy_teddy_dir / "teddy.safetensors").beta), 6)
         assert record == [default, default, 0.6, 0.6]  # the concept's default before the first point
         record.clear()
-        _, warnings = generate(pipe, "a <perfusion:teddy:beta=0.6:hr_beta=0.9> x", concepts_dir=concepts,
+        _, warnings = generate(pipe, "a <perfusion:teddy:beta=0.6:hr_beta=0.9> x", concepts_dir=toy_teddy_dir,
                                num_inference_steps=2, height=32, width=32)
         assert record == [0.6, 0.6] and any("hr_beta" in w for w in warnings)
     finally:
         handle.remove()
 
 
-def test_scheduled_image_equals_constant_image_when_the_schedule_is_flat(pipe, concepts):
+def test_scheduled_image_equals_constant_image_when_the_schedule_is_flat(pipe, toy_teddy_dir):
     from perfusion_ext.pipelines.generate import generate
 
-    kw = dict(concepts_dir=concepts, num_inference_steps=3, height=32, width=32, seed=5)
+    kw = dict(concepts_dir=toy_teddy_dir, num_inference_steps=3, height=32, width=32, seed=5)
     flat, _ = generate(pipe, "a <perfusion:teddy:beta=0.6@0,0.6@0.5> x", **kw)
     const, _ = generate(pipe, "a <perfusion:teddy:beta=0.6> x", **kw)
     moved, _ = generate(pipe, "a <perfusion:teddy:beta=0.6@0,-3@0.4> x", **kw)

@@ -11,14 +11,8 @@ from perfusion_ext.cli import main as cli_main
 from perfusion_ext.core.tags import parse_prompt
 from perfusion_ext.core.text import PromptEncoder
 from perfusion_ext.pipelines.inspect import format_report, inspect_prompt, mean_leak
-from perfusion_ext.toy.plugin import tiny_random_pipeline
 
 PROMPT = "a <perfusion:teddy> on a white background"
-
-
-@pytest.fixture(scope="module")
-def pipe():
-    return tiny_random_pipeline()
 
 
 def encoding(pipe, concept, prompt=PROMPT):

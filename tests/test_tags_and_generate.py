@@ -47,19 +47,6 @@ def test_concept_names_never_escape_the_folder(tmp_path):
     assert concept_path(folder, "teddy") == (folder / "sub" / "teddy.safetensors").resolve()
 
 
-@pytest.fixture(scope="module")
-def pipe():
-    return tiny_random_pipeline()
-
-
-@pytest.fixture
-def concepts(pipe, tmp_path):
-    concept = make_concept(pipe.unet, name="teddy", family="toy", superclass="circle")
-    concept.embeddings = {"clip_l": torch.randn(1, 128)}
-    pf.save_concept(concept, tmp_path / "teddy.safetensors")
-    return tmp_path
-
-
 def test_plain_prompt_encoding_matches_the_pipeline(pipe):
     encoder = PromptEncoder(pipe.tokenizer, pipe.text_encoder)
     with torch.no_grad():
@@ -80,35 +67,35 @@ def test_tag_stands_for_the_concept_word(pipe):
     assert long.hidden.shape[1] == 154
 
 
-def test_generation_with_tags_and_bad_tags(pipe, concepts):
-    base, warnings = generate(pipe, "a red circle on the left, blue background", concepts_dir=concepts, seed=1)
+def test_generation_with_tags_and_bad_tags(pipe, toy_teddy_dir):
+    base, warnings = generate(pipe, "a red circle on the left, blue background", concepts_dir=toy_teddy_dir, seed=1)
     assert warnings == [] and base[0].size == (32, 32)
     bad, warnings = generate(pipe, "a red circle on the left, blue background <perfusion:nope> <perfusion:x:zz>",
-                             concepts_dir=concepts, seed=1)
+                             concepts_dir=toy_teddy_dir, seed=1)
     assert len(warnings) == 2 and "unknown concept 'nope'" in " ".join(warnings)
     assert np.array_equal(np.asarray(bad[0]), np.asarray(base[0]))  # bad tags change nothing
-    tagged, warnings = generate(pipe, "a <perfusion:teddy> on the left, blue background", concepts_dir=concepts, seed=1)
+    tagged, warnings = generate(pipe, "a <perfusion:teddy> on the left, blue background", concepts_dir=toy_teddy_dir, seed=1)
     assert warnings == [] and not np.array_equal(np.asarray(tagged[0]), np.asarray(base[0]))
-    after, _ = generate(pipe, "a red circle on the left, blue background", concepts_dir=concepts, seed=1)
+    after, _ = generate(pipe, "a red circle on the left, blue background", concepts_dir=toy_teddy_dir, seed=1)
     assert np.array_equal(np.asarray(after[0]), np.asarray(base[0]))  # nothing leaked
-    _, warnings = generate(pipe, "a red circle", negative="<perfusion:teddy>, blurry", concepts_dir=concepts)
+    _, warnings = generate(pipe, "a red circle", negative="<perfusion:teddy>, blurry", concepts_dir=toy_teddy_dir)
     assert any("negative prompt" in w for w in warnings)
 
 
-def test_prepare_prompt_first_tag_options_win(concepts):
-    prepared = prepare_prompt("<perfusion:teddy:0.5:beta=0.6> and <perfusion:teddy:1.0>", concepts)
+def test_prepare_prompt_first_tag_options_win(toy_teddy_dir):
+    prepared = prepare_prompt("<perfusion:teddy:0.5:beta=0.6> and <perfusion:teddy:1.0>", toy_teddy_dir)
     from perfusion_ext.pipelines.generate import concept_entries
 
     (entry,) = concept_entries(prepared)
     assert entry[1:] == (0.5, 0.6, None)
 
 
-def test_cli_generate_and_inspect(concepts, tmp_path, capsys, monkeypatch):
+def test_cli_generate_and_inspect(toy_teddy_dir, tmp_path, capsys, monkeypatch):
     import perfusion_ext.pipelines.loading as pipeline_mod
 
     monkeypatch.setattr(pipeline_mod, "load_pipeline", lambda *a, **k: tiny_random_pipeline())
     out = tmp_path / "out"
-    code = cli_main(["generate", "--model", "toy", "--concepts", str(concepts), "--prompt",
+    code = cli_main(["generate", "--model", "toy", "--concepts", str(toy_teddy_dir), "--prompt",
                      "a <perfusion:teddy> <perfusion:ghost> on the left", "--n", "2", "--steps", "3", "--out", str(out)])
     assert code == 0
     captured = capsys.readouterr()
