@@ -59,10 +59,10 @@ BETAS = (0.5, 0.6, 0.7, 0.8, 0.9)
 # wide) and one above the other when both are flat (the horizontal ones, ≤ 11 px tall).
 TWO_CONCEPT_PAIRS = (("house", "lollipop", "horizontal"), ("signpost", "duotone", "vertical"))
 TWO_CONCEPT_TEMPLATES = {
-    "horizontal": ("a <perfusion:{a}{o}> on the left, a <perfusion:{b}{o}> on the right, {bg} background",
-                   "{bg} background, <perfusion:{a}{o}> at the left and <perfusion:{b}{o}> at the right"),
-    "vertical": ("a <perfusion:{a}{o}> at the top, a <perfusion:{b}{o}> at the bottom, {bg} background",
-                 "{bg} background, <perfusion:{a}{o}> on top and <perfusion:{b}{o}> on the bottom"),
+    "horizontal": ("a {a} on the left, a {b} on the right, {bg} background",
+                   "{bg} background, {a} at the left and {b} at the right"),
+    "vertical": ("a {a} at the top, a {b} at the bottom, {bg} background",
+                 "{bg} background, {a} on top and {b} on the bottom"),
 }
 COLOURS = {"perfusion": (20, 60, 200), "paper_recipe": (120, 60, 200), "textual_inversion": (200, 80, 20),
            "no_key_lock": (30, 150, 60), "custom_diffusion": (180, 40, 120), "dreambooth": (120, 120, 20),
@@ -212,35 +212,64 @@ def run_concept(pipe, backend, name: str, rows, seeds: int, steps, work: Path, s
 def two_concepts(pipe, results: dict, work: Path, seeds: int) -> dict:
     """"<a> on the left, <b> on the right" (or top and bottom): each concept judged in its half, against its
     fidelity alone; for our recipe and, beside it, two textual inversions in one prompt (their words alone:
-    strength 0)."""
-    from perfusion_ext.pipelines.generate import generate
-    from perfusion_ext.toy.concepts import CONCEPTS, fidelity
-    from perfusion_ext.toy.two_named import halves
+    strength 0). Two ceilings on the same prompts: the base model given both concepts spelled out, and given
+    the two superclass words (each half judged as its named object: can the base model draw two named
+    objects in this layout at all?)."""
+    from perfusion_ext.toy import world
+    from perfusion_ext.toy.concepts import CONCEPTS, composite_fidelity, fidelity
+    from perfusion_ext.toy.named import MIRRORABLE, NAMED
+    from perfusion_ext.toy.named import backgrounds as named_backgrounds
 
     out = {}
-    for row, option in (("perfusion", ""), ("textual_inversion", ":0")):
-        for a, b, layout in TWO_CONCEPT_PAIRS:
-            if not all(n in results and row in results[n] for n in (a, b)):
+    for a, b, layout in TWO_CONCEPT_PAIRS:
+        if not all(n in results for n in (a, b)):
+            continue
+        backgrounds = [c for c in CONCEPTS[a].readable_backgrounds() if c in CONCEPTS[b].readable_backgrounds()]
+        judges = {n: (lambda image, n=n: fidelity(image, n).is_concept) for n in (a, b)}
+        for row, option in (("perfusion", ""), ("textual_inversion", ":0")):
+            if not all(row in results[n] for n in (a, b)):
                 continue
             folder = work / f"two-{row}-{a}-{b}"
             folder.mkdir(exist_ok=True)
             for n in (a, b):
                 (folder / f"{n}.safetensors").write_bytes((work / f"{n}-{row}" / f"{n}.safetensors").read_bytes())
-            backgrounds = [c for c in CONCEPTS[a].readable_backgrounds() if c in CONCEPTS[b].readable_backgrounds()]
-            hits = {a: 0, b: 0}
-            total = 0
-            for bg in backgrounds:
-                for template in TWO_CONCEPT_TEMPLATES[layout]:
-                    images, _ = generate(pipe, template.format(a=a, b=b, bg=bg, o=option), concepts_dir=folder, n=seeds)
-                    for image in images:
-                        first, second = halves(np.asarray(image), layout)
-                        hits[a] += fidelity(first, a).is_concept
-                        hits[b] += fidelity(second, b).is_concept
-                        total += 1
-            out.setdefault(row, {})[f"{a}+{b}"] = {
-                n: {"fidelity_together": hits[n] / total, "fidelity_alone": results[n][row]["fidelity"]} for n in (a, b)}
-            print("two concepts", row, out[row][f"{a}+{b}"], flush=True)
+            subjects = {n: f"<perfusion:{n}{option}>" for n in (a, b)}
+            alone = {n: results[n][row]["fidelity"] for n in (a, b)}
+            out.setdefault(row, {})[f"{a}+{b}"] = two_subject_fidelity(
+                pipe, layout, backgrounds, subjects, judges, alone, seeds, folder)
+        spelled = {n: CONCEPTS[n].composite.description() for n in (a, b)}
+        alone = {n: results[n]["ceilings"]["spelled_out"]["fidelity"] for n in (a, b)}
+        out.setdefault("base_spelled_out", {})[f"{a}+{b}"] = two_subject_fidelity(
+            pipe, layout, backgrounds, spelled, judges, alone, seeds)
+        words = {n: CONCEPTS[n].superclass for n in (a, b)}
+        word_judges = {n: (lambda image, w=words[n]: composite_fidelity(image, NAMED[w], w in MIRRORABLE).is_concept)
+                       for n in (a, b)}
+        # the superclass objects' own colours differ from the concepts': their readable backgrounds too
+        drawable = [c for c in world.COLOURS if all(c in named_backgrounds(w) for w in words.values())]
+        out.setdefault("base_superclass_words", {})[f"{a}+{b}"] = two_subject_fidelity(
+            pipe, layout, drawable, words, word_judges, {a: None, b: None}, seeds)
+    for row, by_pair in out.items():
+        print("two concepts", row, by_pair, flush=True)
     return out
+
+
+def two_subject_fidelity(pipe, layout: str, backgrounds, subjects: dict, judges: dict, alone: dict, seeds: int,
+                         concepts_dir: Path | None = None) -> dict:
+    """Each subject's share of images judged right in its own half, beside its fidelity alone."""
+    from perfusion_ext.pipelines.generate import generate
+    from perfusion_ext.toy.two_named import halves
+
+    a, b = subjects
+    hits, total = {a: 0, b: 0}, 0
+    for bg in backgrounds:
+        for template in TWO_CONCEPT_TEMPLATES[layout]:
+            images, _ = generate(pipe, template.format(a=subjects[a], b=subjects[b], bg=bg), concepts_dir=concepts_dir,
+                                 n=seeds)
+            for image in images:
+                for name, half in zip((a, b), halves(np.asarray(image), layout)):
+                    hits[name] += judges[name](half)
+                total += 1
+    return {n: {"fidelity_together": hits[n] / total, "fidelity_alone": alone[n], "n": total} for n in (a, b)}
 
 
 def summarise(results: dict, rows) -> dict:
