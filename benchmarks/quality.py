@@ -47,6 +47,7 @@ ROWS: dict[str, dict] = {
     "no_caption_init": {"init_from_captions": False},
     "with_background_distill": {"background_distill": 1.0},
     "with_embedding_pull": {"embedding_pull": 1.0},
+    "with_leak_penalty": {"leak_penalty": 0.1},
     "always_flip": {"flip": True},
     "textual_inversion": {"mode": "textual_inversion", "steps_factor": 2, "lr_embedding": 0.02},
     "no_key_lock": {"mode": "no_key_lock"},

@@ -8,6 +8,7 @@ import torch
 from PIL import Image
 
 from perfusion_ext.cli.main import build_parser
+from perfusion_ext.core.tags import ConceptTag
 from perfusion_ext.toy.concepts import write_training_set
 from perfusion_ext.training.config import PAPER_RECIPE, TrainConfig, paper_recipe
 from perfusion_ext.training.dataset import load_images
@@ -93,9 +94,54 @@ def test_paper_recipe_and_cli_flags():
     assert {k: getattr(cfg, k) for k in PAPER_RECIPE} == PAPER_RECIPE
     assert dataclasses.replace(cfg, **{k: getattr(TrainConfig("x", "dog"), k) for k in PAPER_RECIPE}) == TrainConfig("x", "dog")
     args = build_parser().parse_args(["train", "--images", "d", "--name", "n", "--superclass", "dog", "--no-flip",
-                                      "--background-distill", "0.5", "--embedding-pull", "2"])
+                                      "--background-distill", "0.5", "--embedding-pull", "2", "--leak-penalty", "0.1"])
     assert args.flip is False and args.background_distill == 0.5 and args.embedding_pull == 2.0
+    assert args.leak_penalty == 0.1
     assert build_parser().parse_args(["train", "--images", "d", "--name", "n", "--superclass", "dog"]).flip is True
     with pytest.raises(SystemExit):
         build_parser().parse_args(["train", "--images", "d", "--name", "n", "--superclass", "dog",
                                    "--background-distill", "-1"])
+
+
+
+def per_caption_leak(t: ConceptTrainer, templates) -> list[float]:
+    """Σ relu(s − margin)² over each caption's other tokens, with s from the gate's own code (core.gated_edit)."""
+    from perfusion_ext.core.gated_edit import gate_edit
+    from perfusion_ext.training.trainer import LEAK_MARGIN
+
+    edit = gate_edit([(t.concept(), 0.7, 0.15)])
+    enc = t.backend.encode_prompts([t._segments(c, ConceptTag(t.cfg.name)) for c in templates], {t.cfg.name: t.embedding})
+    out = []
+    for row, positions in enumerate(enc.concept_positions):
+        s = edit.similarity(enc.hidden[row].detach().double())[:, 0]
+        out.append(sum(max(float(v) - LEAK_MARGIN, 0.0) ** 2 for i, v in enumerate(s) if i not in positions[t.cfg.name]))
+    return out
+
+
+def test_leak_penalty_is_the_gate_similarity_on_other_tokens(random_toy_backend, images):
+    from perfusion_ext.training.trainer import LEAK_CAPTIONS
+
+    t = trainer(random_toy_backend, images, leak_penalty=1.0)
+    for _ in range(3):  # move the embedding away from the superclass's so the neighbours' s changes
+        t.train_step()
+    batch = ["a photo of a {} on the left", "a {} on a blue background"]
+    enc = t.backend.encode_prompts([t._segments(c, ConceptTag("house")) for c in batch], {"house": t.embedding})
+    extra = [c.replace("{s}", t.cfg.superclass) for c in LEAK_CAPTIONS]
+    expected = np.mean(per_caption_leak(t, batch + extra))
+    assert t._neighbour_leak(enc).item() == pytest.approx(expected, rel=1e-4, abs=1e-7)
+
+
+def test_leak_penalty_trains_the_neighbours_gate_down(random_toy_backend, images, monkeypatch):
+    from perfusion_ext.training import trainer as trainer_module
+    from perfusion_ext.training.trainer import LEAK_CAPTIONS
+
+    monkeypatch.setattr(trainer_module, "LEAK_MARGIN", 0.0)  # the random model's words barely leak past 0.3
+
+    captions = [c.replace("{s}", "square") for c in LEAK_CAPTIONS]
+    free, penalised = (trainer(random_toy_backend, images, lr_embedding=0.5, leak_penalty=w) for w in (0.0, 20.0))
+    for _ in range(6):
+        free.train_step()
+        penalised.train_step()
+    left_alone = float(np.mean(per_caption_leak(free, captions)))
+    assert left_alone > 0.01  # without the penalty the learned word leaks into its neighbours
+    assert float(np.mean(per_caption_leak(penalised, captions))) < 0.5 * left_alone

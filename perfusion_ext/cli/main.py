@@ -52,7 +52,7 @@ def cmd_train(args) -> int:
         resolution=args.resolution, checkpoint_every=args.checkpoint_every, preview_every=args.preview_every,
         masks_dir=args.masks, mode=args.mode, description=args.description, flip=args.flip,
         init_from_captions=args.init_from_captions, background_distill=args.background_distill,
-        embedding_pull=args.embedding_pull,
+        embedding_pull=args.embedding_pull, leak_penalty=args.leak_penalty,
     )
     if args.paper_recipe:
         config = paper_recipe(config)
@@ -259,6 +259,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="weight of matching the frozen base's superclass prediction outside the masks (needs --masks)")
     p.add_argument("--embedding-pull", type=_bounded("embedding_pull"), default=defaults["embedding_pull"],
                    help="weight of keeping the learned word near its superclass embedding")
+    p.add_argument("--leak-penalty", type=_bounded("leak_penalty"), default=defaults["leak_penalty"],
+                   help="weight of keeping the gate shut on the words after the concept's (0.1 on the toy benchmark)")
     p.add_argument("--auto-beta", action=argparse.BooleanOptionalAction, default=True,
                    help="after training, store as default the lowest β whose gate stays shut on other words")
     p.add_argument("--paper-recipe", action="store_true",

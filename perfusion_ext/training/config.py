@@ -49,6 +49,10 @@ class TrainConfig:
     # prompts × 4 seeds) with alignment 100 % without it; it was added against backgrounds taken over by the
     # learned word on a model that could not draw the concept (the demo's house, world v1).
     embedding_pull: float = 0.0
+    # Weight of Σ relu(s − 0.3)² over the caption's other tokens: the learned word must not make the words
+    # after it look like itself (the causal text encoder carries it into them, their gates open, and the
+    # concept's look ends up spread over "on the left", which another object's words then inherit).
+    leak_penalty: float = 0.0
     ema_momentum: float = 0.99
     mode: str = "perfusion"  # or the benchmark baselines: textual_inversion, no_key_lock
     description: str = ""
@@ -82,10 +86,11 @@ LIMITS: dict[str, tuple[type, float, float]] = {
     "tau": (float, 1e-4, 10.0), "resolution": (int, 8, 4096), "seed": (int, 0, 2**32 - 1),
     "checkpoint_every": (int, 1, 100_000), "preview_every": (int, 0, 100_000),
     "background_distill": (float, 0.0, 100.0), "embedding_pull": (float, 0.0, 100.0),
+    "leak_penalty": (float, 0.0, 100.0),
 }
 # The recipe of the paper and of the public re-implementations: every fix above off, flips on.
 PAPER_RECIPE: dict[str, Any] = {"flip": True, "init_from_captions": False, "background_distill": 0.0,
-                                "embedding_pull": 0.0}
+                                "embedding_pull": 0.0, "leak_penalty": 0.0}
 
 
 def paper_recipe(config: TrainConfig) -> TrainConfig:

@@ -44,6 +44,10 @@ TEMPLATES = (
 
 
 COVARIANCE_RIDGE = 1e-5
+LEAK_MARGIN = 0.3  # s below this keeps a gate (β 0.7, τ 0.15) under 0.07: no penalty there
+# Text-only captions for the leak penalty: another object's word after the concept's ({s}: the superclass).
+LEAK_CAPTIONS = ("a {} and a {s}", "a {} on the left and a {s} on the right", "a {} next to a {s}",
+                 "a {} at the top and a {s} at the bottom")
 
 
 def regularized(cov: torch.Tensor) -> torch.Tensor:
@@ -267,10 +271,31 @@ class ConceptTrainer:
                 loss = loss + cfg.embedding_pull * sum(
                     (e - self.superclass_embedding[k]).pow(2).sum() / self.superclass_embedding[k].pow(2).sum()
                     for k, e in self.embedding.items())
+            if cfg.leak_penalty > 0:
+                loss = loss + cfg.leak_penalty * self._neighbour_leak(enc)
             (loss * n / batch_size).backward()
         finally:
             detach(handles)
         return loss.item() * n / batch_size
+
+    def _neighbour_leak(self, enc: EncodedPrompts) -> torch.Tensor:
+        """Per caption, Σ relu(s − LEAK_MARGIN)² over every token that is not the concept's own: how far the
+        gate (s with today's i*) would open on other words. Over the batch's captions and, text only, over
+        LEAK_CAPTIONS: the causal text encoder carries the learned word into every later token, including a
+        second object's word ("a <house> and a rocket"), which the training captions never show."""
+        extra = self.backend.encode_prompts(
+            [self._segments(t.replace("{s}", self.cfg.superclass), ConceptTag(self.cfg.name)) for t in LEAK_CAPTIONS],
+            {self.cfg.name: self.embedding})
+        u = self.target_input_cinv()
+        direction = (u / float(u @ self.i_star)).to(device=enc.hidden.device, dtype=torch.float32)
+        total = []
+        for encoded in (enc, extra):
+            s = encoded.hidden.float() @ direction
+            own = torch.zeros_like(s, dtype=torch.bool)
+            for row, positions in enumerate(encoded.concept_positions):
+                own[row, positions[self.cfg.name]] = True
+            total.append(torch.relu(s - LEAK_MARGIN).pow(2).masked_fill(own, 0.0).sum(-1))
+        return torch.cat(total).mean()
 
     def _superclass_encoding(self, prompts: list) -> EncodedPrompts:
         """The prompts with the superclass word. They never change (frozen encoders, fixed vectors), so with
