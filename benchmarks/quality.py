@@ -59,6 +59,8 @@ BETAS = (0.5, 0.6, 0.7, 0.8, 0.9)
 # Two concepts in one 32 px image only fit side by side when both are narrow (the upright composites, 11 px
 # wide) and one above the other when both are flat (the horizontal ones, ≤ 11 px tall).
 TWO_CONCEPT_PAIRS = (("house", "lollipop", "horizontal"), ("signpost", "duotone", "vertical"))
+# rows measured with two concepts in one prompt (where both concepts have them), and their tag options
+TWO_CONCEPT_ROWS = (("perfusion", ""), ("with_leak_penalty", ""), ("textual_inversion", ":0"))
 TWO_CONCEPT_TEMPLATES = {
     "horizontal": ("a {a} on the left, a {b} on the right, {bg} background",
                    "{bg} background, {a} at the left and {b} at the right"),
@@ -212,10 +214,10 @@ def run_concept(pipe, backend, name: str, rows, seeds: int, steps, work: Path, s
 
 def two_concepts(pipe, results: dict, work: Path, seeds: int) -> dict:
     """"<a> on the left, <b> on the right" (or top and bottom): each concept judged in its half, against its
-    fidelity alone; for our recipe and, beside it, two textual inversions in one prompt (their words alone:
-    strength 0). Two ceilings on the same prompts: the base model given both concepts spelled out, and given
-    the two superclass words (each half judged as its named object: can the base model draw two named
-    objects in this layout at all?)."""
+    fidelity alone; for our recipe (with and without the leak penalty) and, beside it, two textual
+    inversions in one prompt (their words alone: strength 0). Two ceilings on the same prompts: the base
+    model given both concepts spelled out, and given the two superclass words (each half judged as its
+    named object: can the base model draw two named objects in this layout at all?)."""
     from perfusion_ext.toy import world
     from perfusion_ext.toy.concepts import CONCEPTS, composite_fidelity, fidelity
     from perfusion_ext.toy.named import MIRRORABLE, NAMED
@@ -227,7 +229,7 @@ def two_concepts(pipe, results: dict, work: Path, seeds: int) -> dict:
             continue
         backgrounds = [c for c in CONCEPTS[a].readable_backgrounds() if c in CONCEPTS[b].readable_backgrounds()]
         judges = {n: (lambda image, n=n: fidelity(image, n).is_concept) for n in (a, b)}
-        for row, option in (("perfusion", ""), ("textual_inversion", ":0")):
+        for row, option in TWO_CONCEPT_ROWS:
             if not all(row in results[n] for n in (a, b)):
                 continue
             folder = work / f"two-{row}-{a}-{b}"
