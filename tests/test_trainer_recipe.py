@@ -103,7 +103,6 @@ def test_paper_recipe_and_cli_flags():
                                    "--background-distill", "-1"])
 
 
-
 def per_caption_leak(t: ConceptTrainer, templates) -> list[float]:
     """Σ relu(s − margin)² over each caption's other tokens, with s from the gate's own code (core.gated_edit)."""
     from perfusion_ext.core.gated_edit import gate_edit
@@ -119,26 +118,21 @@ def per_caption_leak(t: ConceptTrainer, templates) -> list[float]:
 
 
 def test_leak_penalty_is_the_gate_similarity_on_other_tokens(random_toy_backend, images):
-    from perfusion_ext.training.trainer import LEAK_CAPTIONS
-
     t = trainer(random_toy_backend, images, leak_penalty=1.0)
     for _ in range(3):  # move the embedding away from the superclass's so the neighbours' s changes
         t.train_step()
     batch = ["a photo of a {} on the left", "a {} on a blue background"]
     enc = t.backend.encode_prompts([t._segments(c, ConceptTag("house")) for c in batch], {"house": t.embedding})
-    extra = [c.replace("{s}", t.cfg.superclass) for c in LEAK_CAPTIONS]
-    expected = np.mean(per_caption_leak(t, batch + extra))
+    expected = np.mean(per_caption_leak(t, batch + t.leak_templates()))
     assert t._neighbour_leak(enc).item() == pytest.approx(expected, rel=1e-4, abs=1e-7)
 
 
 def test_leak_penalty_trains_the_neighbours_gate_down(random_toy_backend, images, monkeypatch):
     from perfusion_ext.training import trainer as trainer_module
-    from perfusion_ext.training.trainer import LEAK_CAPTIONS
 
     monkeypatch.setattr(trainer_module, "LEAK_MARGIN", 0.0)  # the random model's words barely leak past 0.3
-
-    captions = [c.replace("{s}", "square") for c in LEAK_CAPTIONS]
     free, penalised = (trainer(random_toy_backend, images, lr_embedding=0.5, leak_penalty=w) for w in (0.0, 20.0))
+    captions = free.leak_templates()
     for _ in range(6):
         free.train_step()
         penalised.train_step()

@@ -278,14 +278,18 @@ class ConceptTrainer:
             detach(handles)
         return loss.item() * n / batch_size
 
+    def leak_templates(self) -> list[str]:
+        """LEAK_CAPTIONS with the superclass as the second object ("{}" stays the concept's place)."""
+        return [t.replace("{s}", self.cfg.superclass) for t in LEAK_CAPTIONS]
+
     def _neighbour_leak(self, enc: EncodedPrompts) -> torch.Tensor:
         """Per caption, Σ relu(s − LEAK_MARGIN)² over every token that is not the concept's own: how far the
         gate (s with today's i*) would open on other words. Over the batch's captions and, text only, over
         LEAK_CAPTIONS: the causal text encoder carries the learned word into every later token, including a
         second object's word ("a <house> and a rocket"), which the training captions never show."""
-        extra = self.backend.encode_prompts(
-            [self._segments(t.replace("{s}", self.cfg.superclass), ConceptTag(self.cfg.name)) for t in LEAK_CAPTIONS],
-            {self.cfg.name: self.embedding})
+        tag = ConceptTag(self.cfg.name)
+        extra = self.backend.encode_prompts([self._segments(t, tag) for t in self.leak_templates()],
+                                            {self.cfg.name: self.embedding})
         u = self.target_input_cinv()
         direction = (u / float(u @ self.i_star)).to(device=enc.hidden.device, dtype=torch.float32)
         total = []
