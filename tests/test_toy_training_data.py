@@ -29,7 +29,7 @@ def test_render_batch_is_pixel_identical_to_the_numpy_renderer():
 
 
 @pytest.fixture(scope="module")
-def sampler_and_tokenizer():  # slow: the sampler's pre-tokenized caption table takes ~30 s on one thread
+def sampler_and_tokenizer():
     tokenizer = load_toy_tokenizer()
     return SceneSampler(tokenizer, "cpu", seed=3), tokenizer
 

@@ -2,10 +2,11 @@
 
 The numpy renderer (:mod:`.world`) draws one scene at a time, which is fine on a CPU and far too slow
 to feed a GPU. Here scenes are sampled as index tensors, rendered in one vectorised pass
-(pixel-identical to :func:`world.render`) and captioned from a table of every training caption,
-tokenized once. The scene distribution equals :func:`world.random_scene`'s: uniform over the training
-attribute combinations, sizes small/medium/medium/large, centre jitter uniform in ±1 px; a share of
-captions (`prefix_share`) starts with a style word ("sketch, …").
+(pixel-identical to :func:`world.render`) and captioned from the sampled indices, tokenized per batch
+(a table of every caption tokenized up front took 40 s to build, for a few ms saved per batch).
+The scene distribution equals :func:`world.random_scene`'s: uniform over the training attribute
+combinations, sizes small/medium/medium/large, centre jitter uniform in ±1 px; a share of captions
+(`prefix_share`) starts with a style word ("sketch, …").
 """
 from __future__ import annotations
 
@@ -65,26 +66,12 @@ class SceneSampler:
             [[colours.index(c), _SHAPE_NAMES.index(s), positions.index(p), colours.index(b)] for c, s, p, b in combos],
             device=self.device,
         )
+        self.combo_names = combos
+        self.tokenizer = tokenizer
         phrase_counts = [len(world.POSITION_PHRASES[p]) for p in positions]
         self.phrase_counts = torch.tensor(phrase_counts, device=self.device)
-        max_phrases = max(phrase_counts)
-        # Every training caption: [combo, size, template, phrase, prefix]; short phrase lists repeat their
-        # last entry; prefix 0 is none.
-        prefixes = ("",) + tuple(f"{word}, " for word in world.STYLE_PREFIXES)
-        captions = []
-        for c, s, p, b in combos:
-            phrases = world.POSITION_PHRASES[p]
-            for size in _SIZE_NAMES:
-                scene = world.Scene(c, s, p, b, size)
-                for template in world.TRAIN_TEMPLATES:
-                    for k in range(max_phrases):
-                        text = world.caption_text(scene, template, phrases[min(k, len(phrases) - 1)])
-                        captions.extend(prefix + text for prefix in prefixes)
-        ids = tokenizer(captions + [""], padding="max_length", max_length=77, truncation=True,
-                        return_tensors="pt").input_ids
-        self.empty_ids = ids[-1].to(self.device)
-        self.caption_ids = ids[:-1].view(len(combos), len(_SIZE_NAMES), len(world.TRAIN_TEMPLATES),
-                                         max_phrases, len(prefixes), -1).to(self.device)
+        self.max_phrases = max(phrase_counts)
+        self.prefixes = ("",) + tuple(f"{word}, " for word in world.STYLE_PREFIXES)  # prefix 0 is none
         self.generator = torch.Generator(self.device).manual_seed(seed)
 
     def _randint(self, high, n):
@@ -99,13 +86,22 @@ class SceneSampler:
         images = render_batch(colour, shape, position, background, size, jitter[0], jitter[1])
         template = self._randint(len(world.TRAIN_TEMPLATES), n)
         u = torch.rand(n, generator=self.generator, device=self.device)
-        phrase = (u * self.phrase_counts[position]).long().clamp(max=self.caption_ids.shape[3] - 1)
-        prefix = torch.randint(1, self.caption_ids.shape[4], (n,), generator=self.generator, device=self.device)
+        phrase = (u * self.phrase_counts[position]).long().clamp(max=self.max_phrases - 1)
+        prefix = torch.randint(1, len(self.prefixes), (n,), generator=self.generator, device=self.device)
         prefix = torch.where(torch.rand(n, generator=self.generator, device=self.device) < self.prefix_share, prefix, 0)
-        ids = self.caption_ids[combo_index, size, template, phrase, prefix]
         dropped = torch.rand(n, generator=self.generator, device=self.device) < self.drop_caption
-        ids = torch.where(dropped[:, None], self.empty_ids, ids)
-        return images, ids
+        captions = [
+            "" if drop else self._caption(*index)
+            for drop, index in zip(dropped.tolist(), zip(*(t.tolist() for t in (combo_index, size, template, phrase, prefix))))
+        ]
+        ids = self.tokenizer(captions, padding="max_length", max_length=77, truncation=True, return_tensors="pt").input_ids
+        return images, ids.to(self.device)
+
+    def _caption(self, combo: int, size: int, template: int, phrase: int, prefix: int) -> str:
+        colour, shape, position, background = self.combo_names[combo]
+        scene = world.Scene(colour, shape, position, background, _SIZE_NAMES[size])
+        phrases = world.POSITION_PHRASES[position]
+        return self.prefixes[prefix] + world.caption_text(scene, world.TRAIN_TEMPLATES[template], phrases[phrase])
 
     def state(self) -> torch.Tensor:
         return self.generator.get_state()
