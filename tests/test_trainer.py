@@ -29,7 +29,7 @@ def test_optimizer_holds_exactly_the_trainable_tensors(random_toy_backend, image
     cfg = config().resolved(random_toy_backend.family, random_toy_backend.device)
     trainer = ConceptTrainer(random_toy_backend, cfg, load_images(images, 32))
     groups = trainer.optimizer.param_groups
-    assert [g["lr"] for g in groups] == [0.006, 0.03]
+    assert [g["lr"] for g in groups] == [0.006, 0.06]  # the toy family's value rate
     assert groups[0]["params"] == list(trainer.embedding.values())
     assert groups[1]["params"] == list(trainer.value_targets.values())
     assert len(groups[1]["params"]) == len(trainer.layers) == 11

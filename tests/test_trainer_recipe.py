@@ -94,9 +94,9 @@ def test_paper_recipe_and_cli_flags():
     assert {k: getattr(cfg, k) for k in PAPER_RECIPE} == PAPER_RECIPE
     assert dataclasses.replace(cfg, **{k: getattr(TrainConfig("x", "dog"), k) for k in PAPER_RECIPE}) == TrainConfig("x", "dog")
     args = build_parser().parse_args(["train", "--images", "d", "--name", "n", "--superclass", "dog", "--no-flip",
-                                      "--background-distill", "0.5", "--embedding-pull", "2", "--leak-penalty", "0.1"])
+                                      "--background-distill", "0.5", "--embedding-pull", "2", "--leak-penalty", "0.3"])
     assert args.flip is False and args.background_distill == 0.5 and args.embedding_pull == 2.0
-    assert args.leak_penalty == 0.1
+    assert args.leak_penalty == 0.3 and TrainConfig("x", "dog").leak_penalty == 0.1 and PAPER_RECIPE["leak_penalty"] == 0
     assert build_parser().parse_args(["train", "--images", "d", "--name", "n", "--superclass", "dog"]).flip is True
     with pytest.raises(SystemExit):
         build_parser().parse_args(["train", "--images", "d", "--name", "n", "--superclass", "dog",
@@ -139,3 +139,10 @@ def test_leak_penalty_trains_the_neighbours_gate_down(random_toy_backend, images
     left_alone = float(np.mean(per_caption_leak(free, captions)))
     assert left_alone > 0.01  # without the penalty the learned word leaks into its neighbours
     assert float(np.mean(per_caption_leak(penalised, captions))) < 0.5 * left_alone
+
+
+def test_textual_inversion_has_no_gate_so_no_leak_penalty(random_toy_backend, images):
+    plain, weighted = (trainer(random_toy_backend, images, mode="textual_inversion", leak_penalty=w) for w in (0.0, 20.0))
+    assert first_loss(plain) == first_loss(weighted)
+    for k in plain.embedding:
+        assert torch.equal(plain.embedding[k], weighted.embedding[k])

@@ -276,6 +276,7 @@ def test_training_defaults_limits_and_image_types_have_one_source(allowed):
     sd = field_defaults("sd1")
     assert {k: getattr(req, k) for k in LIMITS} == {k: sd[k] for k in LIMITS}
     assert sd["steps"] == 400 and sd["resolution"] == 512 and field_defaults("toy")["steps"] == 150
+    assert sd["lr_value"] == 0.03 and field_defaults("toy")["lr_value"] == 0.06  # chosen on the toy benchmark
     assert req.to_config(previews=False) == TrainConfig(
         "teddy", "bear", **{**{k: sd[k] for k in LIMITS}, "preview_every": 0})
     cli = build_parser().parse_args(["train", "--images", "x", "--name", "n", "--superclass", "dog"])

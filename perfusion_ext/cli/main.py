@@ -241,7 +241,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=_bounded("batch_size"), default=defaults["batch_size"])
     p.add_argument("--micro-batch", type=_bounded("micro_batch"), default=None,
                    help="gradient-accumulation chunk size")
-    p.add_argument("--lr-value", type=_bounded("lr_value"), default=defaults["lr_value"])
+    p.add_argument("--lr-value", type=_bounded("lr_value"), default=None, help=family_default_help("lr_value"))
     p.add_argument("--lr-embedding", type=_bounded("lr_embedding"), default=defaults["lr_embedding"])
     p.add_argument("--resolution", type=_bounded("resolution"), default=None,
                    help=family_default_help("resolution"))

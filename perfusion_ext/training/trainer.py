@@ -1,6 +1,7 @@
 """Train a Perfusion concept (docs/design.md, "The math") against any `Backend`.
 
-Trained: the concept token embedding (lr 0.006) and one value target o*_V per attn2 layer (lr 0.03).
+Trained: the concept token embedding (lr 0.006) and one value target o*_V per attn2 layer (lr 0.03; 0.06 on
+the toy model).
 Locked: the key target o*_K = W_k i_super, where i_super is the superclass word's encoding at the
 concept position (EMA over batches). The target input i* is the EMA (momentum 0.99) of the concept
 token's encoding, initialised from the superclass encoding; u = C⁻¹ i* follows it. Train-time gate
@@ -62,6 +63,7 @@ class ConceptTrainer:
     """One training run: parameters, EMA targets, optimizer, data order and RNG, all checkpointable."""
 
     def __init__(self, backend: Backend, config: TrainConfig, dataset: Dataset):
+        config = config.resolved(backend.family, backend.device)  # the family's defaults where a field is None
         config.check()
         self.backend, self.cfg, self.dataset = backend, config, dataset
         self.layers = cross_attention_layers(backend.unet)
@@ -271,7 +273,7 @@ class ConceptTrainer:
                 loss = loss + cfg.embedding_pull * sum(
                     (e - self.superclass_embedding[k]).pow(2).sum() / self.superclass_embedding[k].pow(2).sum()
                     for k, e in self.embedding.items())
-            if cfg.leak_penalty > 0:
+            if cfg.leak_penalty > 0 and cfg.mode != "textual_inversion":  # no gate to keep shut
                 loss = loss + cfg.leak_penalty * self._neighbour_leak(enc)
             (loss * n / batch_size).backward()
         finally:
