@@ -49,6 +49,7 @@ ROWS: dict[str, dict] = {
     "with_embedding_pull": {"embedding_pull": 1.0},
     "no_leak_penalty": {"leak_penalty": 0.0},
     "value_lr_0.03": {"lr_value": 0.03},
+    "with_context_gate": {"context_gate": 1.0},
     "always_flip": {"flip": True},
     "textual_inversion": {"mode": "textual_inversion", "steps_factor": 2, "lr_embedding": 0.02},
     "no_key_lock": {"mode": "no_key_lock"},
@@ -61,7 +62,7 @@ BETAS = (0.5, 0.6, 0.7, 0.8, 0.9)
 # wide) and one above the other when both are flat (the horizontal ones, ≤ 11 px tall).
 TWO_CONCEPT_PAIRS = (("house", "lollipop", "horizontal"), ("signpost", "duotone", "vertical"))
 # rows measured with two concepts in one prompt (where both concepts have them), and their tag options
-TWO_CONCEPT_ROWS = (("perfusion", ""), ("no_leak_penalty", ""), ("textual_inversion", ":0"))
+TWO_CONCEPT_ROWS = (("perfusion", ""), ("no_leak_penalty", ""), ("with_context_gate", ""), ("textual_inversion", ":0"))
 TWO_CONCEPT_TEMPLATES = {
     "horizontal": ("a {a} on the left, a {b} on the right, {bg} background",
                    "{bg} background, {a} at the left and {b} at the right"),

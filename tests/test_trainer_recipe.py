@@ -97,24 +97,34 @@ def test_paper_recipe_and_cli_flags():
                                       "--background-distill", "0.5", "--embedding-pull", "2", "--leak-penalty", "0.3"])
     assert args.flip is False and args.background_distill == 0.5 and args.embedding_pull == 2.0
     assert args.leak_penalty == 0.3 and TrainConfig("x", "dog").leak_penalty == 0.1 and PAPER_RECIPE["leak_penalty"] == 0
+    assert build_parser().parse_args(["train", "--images", "d", "--name", "n", "--superclass", "dog",
+                                      "--context-gate", "2"]).context_gate == 2.0
     assert build_parser().parse_args(["train", "--images", "d", "--name", "n", "--superclass", "dog"]).flip is True
     with pytest.raises(SystemExit):
         build_parser().parse_args(["train", "--images", "d", "--name", "n", "--superclass", "dog",
                                    "--background-distill", "-1"])
 
 
-def per_caption_leak(t: ConceptTrainer, templates) -> list[float]:
-    """Σ relu(s − margin)² over each caption's other tokens, with s from the gate's own code (core.gated_edit)."""
+def gate_similarities(t: ConceptTrainer, templates) -> list[tuple[list[float], set[int]]]:
+    """Per caption: s of every token from the gate's own code (core.gated_edit), and the concept's positions."""
     from perfusion_ext.core.gated_edit import gate_edit
-    from perfusion_ext.training.trainer import LEAK_MARGIN
 
     edit = gate_edit([(t.concept(), 0.7, 0.15)])
     enc = t.backend.encode_prompts([t._segments(c, ConceptTag(t.cfg.name)) for c in templates], {t.cfg.name: t.embedding})
-    out = []
-    for row, positions in enumerate(enc.concept_positions):
-        s = edit.similarity(enc.hidden[row].detach().double())[:, 0]
-        out.append(sum(max(float(v) - LEAK_MARGIN, 0.0) ** 2 for i, v in enumerate(s) if i not in positions[t.cfg.name]))
-    return out
+    return [([float(v) for v in edit.similarity(enc.hidden[row].detach().double())[:, 0]], set(positions[t.cfg.name]))
+            for row, positions in enumerate(enc.concept_positions)]
+
+
+def per_caption_leak(t: ConceptTrainer, templates) -> list[float]:
+    """Σ relu(s − margin)² over each caption's other tokens."""
+    from perfusion_ext.training.trainer import LEAK_MARGIN
+
+    return [sum(max(v - LEAK_MARGIN, 0.0) ** 2 for i, v in enumerate(s) if i not in own)
+            for s, own in gate_similarities(t, templates)]
+
+
+def own_similarity(t: ConceptTrainer, templates) -> list[float]:
+    return [s[i] for s, own in gate_similarities(t, templates) for i in own]
 
 
 def test_leak_penalty_is_the_gate_similarity_on_other_tokens(random_toy_backend, images):
@@ -146,3 +156,28 @@ def test_textual_inversion_has_no_gate_so_no_leak_penalty(random_toy_backend, im
     assert first_loss(plain) == first_loss(weighted)
     for k in plain.embedding:
         assert torch.equal(plain.embedding[k], weighted.embedding[k])
+
+
+def test_context_gate_is_the_own_token_shortfall_after_another_object(random_toy_backend, images):
+    from perfusion_ext.training.trainer import CONTEXT_FLOOR
+
+    t = trainer(random_toy_backend, images, context_gate=1.0)
+    for _ in range(3):
+        t.train_step()
+    captions = t.context_templates()
+    assert all(c.index(t.cfg.superclass) < c.index("{}") for c in captions)  # the other object comes first
+    expected = np.mean([max(CONTEXT_FLOOR - v, 0.0) ** 2 for v in own_similarity(t, captions)])
+    assert t._context_gate().item() == pytest.approx(expected, rel=1e-4, abs=1e-7)
+
+
+def test_context_gate_trains_the_own_gate_open_after_another_object(random_toy_backend, images, monkeypatch):
+    from perfusion_ext.training import trainer as trainer_module
+
+    monkeypatch.setattr(trainer_module, "CONTEXT_FLOOR", 3.0)  # the random model's s sits near 1: ask for more
+    free, lifted = (trainer(random_toy_backend, images, lr_embedding=0.5, leak_penalty=0.0, context_gate=w)
+                    for w in (0.0, 5.0))
+    captions = free.context_templates()
+    for _ in range(6):
+        free.train_step()
+        lifted.train_step()
+    assert np.mean(own_similarity(lifted, captions)) > np.mean(own_similarity(free, captions)) + 0.1

@@ -52,7 +52,7 @@ def cmd_train(args) -> int:
         resolution=args.resolution, checkpoint_every=args.checkpoint_every, preview_every=args.preview_every,
         masks_dir=args.masks, mode=args.mode, description=args.description, flip=args.flip,
         init_from_captions=args.init_from_captions, background_distill=args.background_distill,
-        embedding_pull=args.embedding_pull, leak_penalty=args.leak_penalty,
+        embedding_pull=args.embedding_pull, leak_penalty=args.leak_penalty, context_gate=args.context_gate,
     )
     if args.paper_recipe:
         config = paper_recipe(config)
@@ -261,6 +261,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="weight of keeping the learned word near its superclass embedding")
     p.add_argument("--leak-penalty", type=_bounded("leak_penalty"), default=defaults["leak_penalty"],
                    help="weight of keeping the gate shut on the words after the concept's (0.1 on the toy benchmark)")
+    p.add_argument("--context-gate", type=_bounded("context_gate"), default=defaults["context_gate"],
+                   help="weight of keeping the concept's own gate open when another object comes before it")
     p.add_argument("--auto-beta", action=argparse.BooleanOptionalAction, default=True,
                    help="after training, store as default the lowest β whose gate stays shut on other words")
     p.add_argument("--paper-recipe", action="store_true",

@@ -54,6 +54,10 @@ class TrainConfig:
     # concept's look ends up spread over "on the left", which another object's words then inherit). Not applied
     # in textual_inversion mode, which has no gate. The default is chosen on the quality benchmark (README).
     leak_penalty: float = 0.1
+    # Weight of relu(0.9 − s)² on the concept's own token in text-only captions where another object comes first:
+    # the training captions always put the concept first, and after another object its gate nearly shuts, so in
+    # a prompt with two concepts the second is hardly edited. Not applied in textual_inversion mode.
+    context_gate: float = 0.0
     ema_momentum: float = 0.99
     mode: str = "perfusion"  # or the benchmark baselines: textual_inversion, no_key_lock
     description: str = ""
@@ -87,11 +91,11 @@ LIMITS: dict[str, tuple[type, float, float]] = {
     "tau": (float, 1e-4, 10.0), "resolution": (int, 8, 4096), "seed": (int, 0, 2**32 - 1),
     "checkpoint_every": (int, 1, 100_000), "preview_every": (int, 0, 100_000),
     "background_distill": (float, 0.0, 100.0), "embedding_pull": (float, 0.0, 100.0),
-    "leak_penalty": (float, 0.0, 100.0),
+    "leak_penalty": (float, 0.0, 100.0), "context_gate": (float, 0.0, 100.0),
 }
 # The recipe of the paper and of the public re-implementations: every fix above off, flips on.
 PAPER_RECIPE: dict[str, Any] = {"flip": True, "init_from_captions": False, "background_distill": 0.0,
-                                "embedding_pull": 0.0, "leak_penalty": 0.0}
+                                "embedding_pull": 0.0, "leak_penalty": 0.0, "context_gate": 0.0}
 
 
 def paper_recipe(config: TrainConfig) -> TrainConfig:

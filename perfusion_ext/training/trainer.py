@@ -49,6 +49,10 @@ LEAK_MARGIN = 0.3  # s below this keeps a gate (β 0.7, τ 0.15) under 0.07: no 
 # Text-only captions for the leak penalty: another object's word after the concept's ({s}: the superclass).
 LEAK_CAPTIONS = ("a {} and a {s}", "a {} on the left and a {s} on the right", "a {} next to a {s}",
                  "a {} at the top and a {s} at the bottom")
+CONTEXT_FLOOR = 0.9  # s at least this on the concept's own token keeps its gate (β 0.7, τ 0.15) above 0.79
+# Text-only captions for the context gate: another object's word *before* the concept's ({s}: the superclass).
+CONTEXT_CAPTIONS = ("a {s} and a {}", "a {s} on the left and a {} on the right", "a {s} next to a {}",
+                    "a {s} at the top and a {} at the bottom")
 
 
 def regularized(cov: torch.Tensor) -> torch.Tensor:
@@ -273,8 +277,11 @@ class ConceptTrainer:
                 loss = loss + cfg.embedding_pull * sum(
                     (e - self.superclass_embedding[k]).pow(2).sum() / self.superclass_embedding[k].pow(2).sum()
                     for k, e in self.embedding.items())
-            if cfg.leak_penalty > 0 and cfg.mode != "textual_inversion":  # no gate to keep shut
-                loss = loss + cfg.leak_penalty * self._neighbour_leak(enc)
+            if cfg.mode != "textual_inversion":  # it has no gate to keep shut or open
+                if cfg.leak_penalty > 0:
+                    loss = loss + cfg.leak_penalty * self._neighbour_leak(enc)
+                if cfg.context_gate > 0:
+                    loss = loss + cfg.context_gate * self._context_gate()
             (loss * n / batch_size).backward()
         finally:
             detach(handles)
@@ -284,24 +291,42 @@ class ConceptTrainer:
         """LEAK_CAPTIONS with the superclass as the second object ("{}" stays the concept's place)."""
         return [t.replace("{s}", self.cfg.superclass) for t in LEAK_CAPTIONS]
 
+    def context_templates(self) -> list[str]:
+        """CONTEXT_CAPTIONS with the superclass as the first object."""
+        return [t.replace("{s}", self.cfg.superclass) for t in CONTEXT_CAPTIONS]
+
+    def _similarity(self, encoded: EncodedPrompts) -> tuple[torch.Tensor, torch.Tensor]:
+        """(s of every token as the gate computes it with today's i*, mask of the concept's own tokens)."""
+        u = self.target_input_cinv()
+        direction = (u / float(u @ self.i_star)).to(device=encoded.hidden.device, dtype=torch.float32)
+        s = encoded.hidden.float() @ direction
+        own = torch.zeros_like(s, dtype=torch.bool)
+        for row, positions in enumerate(encoded.concept_positions):
+            own[row, positions[self.cfg.name]] = True
+        return s, own
+
+    def _encode_text_only(self, templates: list[str]) -> EncodedPrompts:
+        tag = ConceptTag(self.cfg.name)
+        return self.backend.encode_prompts([self._segments(t, tag) for t in templates], {self.cfg.name: self.embedding})
+
     def _neighbour_leak(self, enc: EncodedPrompts) -> torch.Tensor:
         """Per caption, Σ relu(s − LEAK_MARGIN)² over every token that is not the concept's own: how far the
         gate (s with today's i*) would open on other words. Over the batch's captions and, text only, over
         LEAK_CAPTIONS: the causal text encoder carries the learned word into every later token, including a
         second object's word ("a <house> and a rocket"), which the training captions never show."""
-        tag = ConceptTag(self.cfg.name)
-        extra = self.backend.encode_prompts([self._segments(t, tag) for t in self.leak_templates()],
-                                            {self.cfg.name: self.embedding})
-        u = self.target_input_cinv()
-        direction = (u / float(u @ self.i_star)).to(device=enc.hidden.device, dtype=torch.float32)
         total = []
-        for encoded in (enc, extra):
-            s = encoded.hidden.float() @ direction
-            own = torch.zeros_like(s, dtype=torch.bool)
-            for row, positions in enumerate(encoded.concept_positions):
-                own[row, positions[self.cfg.name]] = True
+        for encoded in (enc, self._encode_text_only(self.leak_templates())):
+            s, own = self._similarity(encoded)
             total.append(torch.relu(s - LEAK_MARGIN).pow(2).masked_fill(own, 0.0).sum(-1))
         return torch.cat(total).mean()
+
+    def _context_gate(self) -> torch.Tensor:
+        """Mean over CONTEXT_CAPTIONS of relu(CONTEXT_FLOOR − s)² on the concept's own token. The training
+        captions put the concept first; after another object ("a rocket on the left, a <lollipop> on the right")
+        its encoding drifts from i* and its gate nearly shuts (s 0.57, gate 0.29 measured), so in a prompt with
+        two concepts the second one is hardly edited."""
+        s, own = self._similarity(self._encode_text_only(self.context_templates()))
+        return torch.relu(CONTEXT_FLOOR - s[own]).pow(2).mean()
 
     def _superclass_encoding(self, prompts: list) -> EncodedPrompts:
         """The prompts with the superclass word. They never change (frozen encoders, fixed vectors), so with
