@@ -266,7 +266,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--auto-beta", action=argparse.BooleanOptionalAction, default=True,
                    help="after training, store as default the lowest β whose gate stays shut on other words")
     p.add_argument("--paper-recipe", action="store_true",
-                   help="the paper's recipe: flips on, generic templates, no background term, no pull")
+                   help="the paper's recipe: flips on, generic templates, none of the extra loss terms")
     p.add_argument("--description", default="")
     p.add_argument("--device", default="cpu")
     p.add_argument("--prediction-type", choices=["epsilon", "v_prediction"], default=None, help=PREDICTION_HELP)
