@@ -134,7 +134,7 @@ def test_leak_penalty_is_the_gate_similarity_on_other_tokens(random_toy_backend,
     batch = ["a photo of a {} on the left", "a {} on a blue background"]
     enc = t.backend.encode_prompts([t._segments(c, ConceptTag("house")) for c in batch], {"house": t.embedding})
     expected = np.mean(per_caption_leak(t, batch + t.leak_templates()))
-    assert t._neighbour_leak(enc).item() == pytest.approx(expected, rel=1e-4, abs=1e-7)
+    assert t._neighbour_leak(enc, t._gate_direction()).item() == pytest.approx(expected, rel=1e-4, abs=1e-7)
 
 
 def test_leak_penalty_trains_the_neighbours_gate_down(random_toy_backend, images, monkeypatch):
@@ -167,7 +167,7 @@ def test_context_gate_is_the_own_token_shortfall_after_another_object(random_toy
     captions = t.context_templates()
     assert all(c.index(t.cfg.superclass) < c.index("{}") for c in captions)  # the other object comes first
     expected = np.mean([max(CONTEXT_FLOOR - v, 0.0) ** 2 for v in own_similarity(t, captions)])
-    assert t._context_gate().item() == pytest.approx(expected, rel=1e-4, abs=1e-7)
+    assert t._context_gate(t._gate_direction()).item() == pytest.approx(expected, rel=1e-4, abs=1e-7)
 
 
 def test_context_gate_trains_the_own_gate_open_after_another_object(random_toy_backend, images, monkeypatch):

@@ -277,11 +277,12 @@ class ConceptTrainer:
                 loss = loss + cfg.embedding_pull * sum(
                     (e - self.superclass_embedding[k]).pow(2).sum() / self.superclass_embedding[k].pow(2).sum()
                     for k, e in self.embedding.items())
-            if cfg.mode != "textual_inversion":  # it has no gate to keep shut or open
+            if cfg.mode != "textual_inversion" and (cfg.leak_penalty > 0 or cfg.context_gate > 0):  # gate terms
+                direction = self._gate_direction()
                 if cfg.leak_penalty > 0:
-                    loss = loss + cfg.leak_penalty * self._neighbour_leak(enc)
+                    loss = loss + cfg.leak_penalty * self._neighbour_leak(enc, direction)
                 if cfg.context_gate > 0:
-                    loss = loss + cfg.context_gate * self._context_gate()
+                    loss = loss + cfg.context_gate * self._context_gate(direction)
             (loss * n / batch_size).backward()
         finally:
             detach(handles)
@@ -289,17 +290,23 @@ class ConceptTrainer:
 
     def leak_templates(self) -> list[str]:
         """LEAK_CAPTIONS with the superclass as the second object ("{}" stays the concept's place)."""
-        return [t.replace("{s}", self.cfg.superclass) for t in LEAK_CAPTIONS]
+        return self._with_superclass(LEAK_CAPTIONS)
 
     def context_templates(self) -> list[str]:
         """CONTEXT_CAPTIONS with the superclass as the first object."""
-        return [t.replace("{s}", self.cfg.superclass) for t in CONTEXT_CAPTIONS]
+        return self._with_superclass(CONTEXT_CAPTIONS)
 
-    def _similarity(self, encoded: EncodedPrompts) -> tuple[torch.Tensor, torch.Tensor]:
-        """(s of every token as the gate computes it with today's i*, mask of the concept's own tokens)."""
+    def _with_superclass(self, templates: tuple[str, ...]) -> list[str]:
+        return [t.replace("{s}", self.cfg.superclass) for t in templates]
+
+    def _gate_direction(self) -> torch.Tensor:
+        """u / (u · i*) with today's i*: s = e · direction is the gate's similarity (one solve per step)."""
         u = self.target_input_cinv()
-        direction = (u / float(u @ self.i_star)).to(device=encoded.hidden.device, dtype=torch.float32)
-        s = encoded.hidden.float() @ direction
+        return (u / float(u @ self.i_star)).float()
+
+    def _similarity(self, encoded: EncodedPrompts, direction: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(s of every token, mask of the concept's own tokens)."""
+        s = encoded.hidden.float() @ direction.to(encoded.hidden.device)
         own = torch.zeros_like(s, dtype=torch.bool)
         for row, positions in enumerate(encoded.concept_positions):
             own[row, positions[self.cfg.name]] = True
@@ -309,23 +316,23 @@ class ConceptTrainer:
         tag = ConceptTag(self.cfg.name)
         return self.backend.encode_prompts([self._segments(t, tag) for t in templates], {self.cfg.name: self.embedding})
 
-    def _neighbour_leak(self, enc: EncodedPrompts) -> torch.Tensor:
+    def _neighbour_leak(self, enc: EncodedPrompts, direction: torch.Tensor) -> torch.Tensor:
         """Per caption, Σ relu(s − LEAK_MARGIN)² over every token that is not the concept's own: how far the
         gate (s with today's i*) would open on other words. Over the batch's captions and, text only, over
         LEAK_CAPTIONS: the causal text encoder carries the learned word into every later token, including a
         second object's word ("a <house> and a rocket"), which the training captions never show."""
         total = []
         for encoded in (enc, self._encode_text_only(self.leak_templates())):
-            s, own = self._similarity(encoded)
+            s, own = self._similarity(encoded, direction)
             total.append(torch.relu(s - LEAK_MARGIN).pow(2).masked_fill(own, 0.0).sum(-1))
         return torch.cat(total).mean()
 
-    def _context_gate(self) -> torch.Tensor:
+    def _context_gate(self, direction: torch.Tensor) -> torch.Tensor:
         """Mean over CONTEXT_CAPTIONS of relu(CONTEXT_FLOOR − s)² on the concept's own token. The training
         captions put the concept first; after another object ("a rocket on the left, a <lollipop> on the right")
         its encoding drifts from i* and its gate nearly shuts (s 0.57, gate 0.29 measured), so in a prompt with
         two concepts the second one is hardly edited."""
-        s, own = self._similarity(self._encode_text_only(self.context_templates()))
+        s, own = self._similarity(self._encode_text_only(self.context_templates()), direction)
         return torch.relu(CONTEXT_FLOOR - s[own]).pow(2).mean()
 
     def _superclass_encoding(self, prompts: list) -> EncodedPrompts:
