@@ -38,11 +38,12 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import ROOT, markdown_table, scatter, splice_readme
 
+from perfusion_ext.training.config import PAPER_RECIPE
+
 # Row name -> TrainConfig changes. "flip" is set per concept (its mirror flag) unless a row sets it.
 ROWS: dict[str, dict] = {
     "perfusion": {},
-    "paper_recipe": {"flip": True, "init_from_captions": False, "background_distill": 0.0, "embedding_pull": 0.0,
-                     "varied_captions": False},
+    "paper_recipe": {**PAPER_RECIPE, "varied_captions": False},
     "no_varied_captions": {"varied_captions": False},
     "no_caption_init": {"init_from_captions": False},
     "with_background_distill": {"background_distill": 1.0},
@@ -51,6 +52,7 @@ ROWS: dict[str, dict] = {
     "value_lr_0.03": {"lr_value": 0.03},
     "with_context_gate": {"context_gate": 1.0},
     "always_flip": {"flip": True},
+    "paper_train_gate": {"train_beta": PAPER_RECIPE["train_beta"], "train_tau": PAPER_RECIPE["train_tau"]},
     "textual_inversion": {"mode": "textual_inversion", "steps_factor": 2, "lr_embedding": 0.02},
     "no_key_lock": {"mode": "no_key_lock"},
     "custom_diffusion": {"baseline": "custom_diffusion"},
@@ -367,31 +369,38 @@ def main(argv=None) -> int:
     report["seconds"] = round(earlier_seconds + time.time() - started, 1)
     write_report(out, report)
     print(json.dumps(report["summary"], indent=2))
-    if args.quick:
-        return 0
+    if not args.quick:
+        publish(report, args.update_readme)
+    return 0
+
+
+def publish(report: dict, update_readme: bool) -> None:
+    """The trade-off plot (docs/quality_tradeoff.png) and, with `update_readme`, the README's two tables."""
+    results, rows = report["concepts"], report["rows"]
     in_range = report["summary"]["in_range"]
     points = [(v["alignment"], v["fidelity"], k, COLOURS.get(k, (0, 0, 0))) for k, v in in_range.items()
               if v["fidelity"] is not None]
-    sweep = [results[n]["beta_sweep"] for n in args.concepts if "beta_sweep" in results[n] and results[n]["in_range"]]
+    sweep = [entry["beta_sweep"] for entry in results.values() if "beta_sweep" in entry and entry["in_range"]]
     points += [(float(np.mean([s[str(b)]["alignment"] for s in sweep])), float(np.mean([s[str(b)]["fidelity"] for s in sweep])),
                 f"perfusion β={b}", COLOURS["perfusion"]) for b in BETAS if sweep]
     scatter(points, ROOT / "docs" / "quality_tradeoff.png", "alignment (background and position obeyed)",
             "fidelity (the strict judge recognises the concept)")
-    if args.update_readme:
-        def cell(v):
-            return "—" if v is None else f"{v:.1%}" if v <= 1 else f"{v:.2f}"
+    if not update_readme:
+        return
 
-        rows = [[k] + [cell(report["summary"][g][k][m]) for g in ("in_range", "out_of_range")
-                       for m in ("fidelity", "alignment", "leak")] for k in ("base",) + tuple(rows)]
-        splice_readme("quality", markdown_table(
-            ["row", "fidelity (in range)", "alignment", "leak", "fidelity (out of range)", "alignment", "leak"], rows))
-        pairs = [[row, pair, name, cell(v["fidelity_alone"]), cell(v["fidelity_together"]),
-                  "—" if not v["fidelity_alone"] else f"{v['fidelity_together'] / v['fidelity_alone']:.2f}×"]
-                 for row, by_pair in report["two_concepts"].items() for pair, names in by_pair.items()
-                 for name, v in names.items()]
-        splice_readme("quality-two", markdown_table(
-            ["method", "prompt pair", "concept", "fidelity alone", "fidelity together", "together / alone"], pairs))
-    return 0
+    def cell(v):
+        return "—" if v is None else f"{v:.1%}" if v <= 1 else f"{v:.2f}"
+
+    table = [[k] + [cell(report["summary"][g][k][m]) for g in ("in_range", "out_of_range")
+                    for m in ("fidelity", "alignment", "leak")] for k in ("base",) + tuple(rows)]
+    splice_readme("quality", markdown_table(
+        ["row", "fidelity (in range)", "alignment", "leak", "fidelity (out of range)", "alignment", "leak"], table))
+    pairs = [[row, pair, name, cell(v["fidelity_alone"]), cell(v["fidelity_together"]),
+              "—" if not v["fidelity_alone"] else f"{v['fidelity_together'] / v['fidelity_alone']:.2f}×"]
+             for row, by_pair in report["two_concepts"].items() for pair, names in by_pair.items()
+             for name, v in names.items()]
+    splice_readme("quality-two", markdown_table(
+        ["method", "prompt pair", "concept", "fidelity alone", "fidelity together", "together / alone"], pairs))
 
 
 if __name__ == "__main__":

@@ -181,3 +181,29 @@ def test_context_gate_trains_the_own_gate_open_after_another_object(random_toy_b
         free.train_step()
         lifted.train_step()
     assert np.mean(own_similarity(lifted, captions)) > np.mean(own_similarity(free, captions)) + 0.1
+
+
+def test_training_gate_defaults_to_the_inference_gate(random_toy_backend, images, monkeypatch):
+    """The edit is trained under the gate it is sampled with (the concept's β, τ) unless one is given;
+    the paper's recipe trains under its sharper gate (0.75, 0.1). Checked on what the hooks receive."""
+    import perfusion_ext.training.trainer as trainer_module
+
+    seen = []
+    real = trainer_module.ResolvedConcept
+
+    def spy(concept, strength, beta, tau):
+        seen.append((beta, tau))
+        return real(concept, strength, beta, tau)
+
+    monkeypatch.setattr(trainer_module, "ResolvedConcept", spy)
+    for kw, gate in (({}, (0.7, 0.15)), ({"beta": 0.6, "tau": 0.2}, (0.6, 0.2)),
+                     ({"train_beta": 0.8, "train_tau": 0.05}, (0.8, 0.05))):
+        seen.clear()
+        first_loss(trainer(random_toy_backend, images, **kw))
+        assert set(seen) == {gate}, kw
+    assert (paper_recipe(TrainConfig("x", "dog")).train_beta, paper_recipe(TrainConfig("x", "dog")).train_tau) == (0.75, 0.1)
+    args = build_parser().parse_args(["train", "--images", "d", "--name", "n", "--superclass", "dog",
+                                      "--train-beta", "0.75", "--train-tau", "0.1"])
+    assert (args.train_beta, args.train_tau) == (0.75, 0.1)
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["train", "--images", "d", "--name", "n", "--superclass", "dog", "--train-tau", "0"])
