@@ -288,6 +288,10 @@ def test_training_defaults_limits_and_image_types_have_one_source(allowed):
     with pytest.raises(ApiError, match="between"):
         parse_train_request({"name": "t", "superclass": "bear", "images": ["teddy"],
                              "batch_size": LIMITS["batch_size"][2] + 1}, [allowed])
+    paper_gate = parse_train_request({"name": "t", "superclass": "bear", "images": ["teddy"], "train_beta": 0.75,
+                                      "train_tau": 0.1}, [allowed]).to_config()
+    assert (paper_gate.train_beta, paper_gate.train_tau) == (0.75, 0.1)
+    assert (req.to_config().train_beta, req.to_config().train_tau) == (None, None)  # the concept's own gate
     (allowed / "scan.tif").write_bytes(b"II*\x00")  # the CLI's loader reads .tif, so the API takes it too
     assert ".tif" in IMAGE_SUFFIXES
     assert parse_train_request({"name": "t", "superclass": "bear", "images": ["scan.tif"]}, [allowed]).image_paths
