@@ -4,8 +4,9 @@ Trained: the concept token embedding (lr 0.006) and one value target o*_V per at
 the toy model).
 Locked: the key target o*_K = W_k i_super, where i_super is the superclass word's encoding at the
 concept position (EMA over batches). The target input i* is the EMA (momentum 0.99) of the concept
-token's encoding, initialised from the superclass encoding; u = C⁻¹ i* follows it. Train-time gate
-β=0.75, τ=0.1. Batch via gradient accumulation; latents cached once; optional subject masks.
+token's encoding, initialised from the superclass encoding; u = C⁻¹ i* follows it. The train-time gate
+is the concept's inference gate (β 0.7, τ 0.15) unless the config sets one. Batch via gradient
+accumulation; latents cached once; optional subject masks.
 
 Runs are robust: checkpoints (state + a loadable concept) every N steps, written atomically; resume
 continues to the same result as an uninterrupted run; Ctrl-C / should_stop save and return; a
