@@ -3,6 +3,12 @@
     python -m benchmarks.quality [--concepts house lollipop …] [--rows perfusion paper_recipe …]
                                  [--seeds 4] [--steps N] [--quick] [--update-readme]
 
+On a machine with two or more cores, run one process per two-concept pair, then merge (about half the time):
+
+    OMP_NUM_THREADS=1 python -m benchmarks.quality --concepts house lollipop --out a.json --work w &
+    OMP_NUM_THREADS=1 python -m benchmarks.quality --concepts signpost duotone --out b.json --work w
+    python -m benchmarks.quality --merge a.json b.json --update-readme
+
 For each toy concept (in range: composites the base model can draw but no word names; out of range:
 sprites it cannot render) it measures two ceilings — the training images round-tripped through the VAE
 and judged, and the base model given the concept spelled out ("a red triangle on top of a white square
@@ -156,18 +162,23 @@ def ceilings(pipe, name: str, images_dir: Path, seeds: int, prompts) -> dict:
     return out
 
 
+def training_changes(row: str, concept) -> dict:
+    """The TrainConfig changes a row makes for this concept (its flip default included)."""
+    return {**ROWS[row], "flip": ROWS[row].get("flip", concept.mirrorable)}
+
+
 def train_row(pipe, backend, row: str, name: str, work: Path, steps: int | None, seed: int) -> tuple[Path, float]:
     """Train one row's concept; returns (concepts folder, seconds)."""
     from perfusion_ext.toy.concepts import CONCEPTS, write_training_set
     from perfusion_ext.training import TrainConfig, train
 
     concept = CONCEPTS[name]
-    changes = dict(ROWS[row])
+    changes = training_changes(row, concept)
     images = write_training_set(name, work / f"{name}-{row}-images", n=6, varied_captions=changes.pop("varied_captions", True))
     factor = changes.pop("steps_factor", 1)
     changes.pop("baseline", None)
     config = TrainConfig(name, concept.superclass, steps=steps, preview_every=0, seed=seed,
-                         masks_dir=str(images / "masks"), flip=changes.pop("flip", concept.mirrorable), **changes)
+                         masks_dir=str(images / "masks"), **changes)
     config = config.resolved(backend.family, backend.device)
     config = dataclasses.replace(config, steps=config.steps * factor)
     folder = work / f"{name}-{row}"
@@ -193,6 +204,12 @@ def run_concept(pipe, backend, name: str, rows, seeds: int, steps, work: Path, s
     print(name, "ceilings", entry["ceilings"], "base", entry["base"], flush=True)
     tag = f"<perfusion:{name}>"
     for row in rows:
+        default = training_changes("perfusion", concept)
+        if row != "perfusion" and "perfusion" in entry and training_changes(row, concept) == default:
+            # e.g. always_flip of a mirrorable concept: training is deterministic, so retraining would repeat the row
+            entry[row] = {**entry["perfusion"], "same_training_as": "perfusion"}
+            print(name, row, "= perfusion (the same training)", flush=True)
+            continue
         baseline = ROWS[row].get("baseline")
         started = time.time()
         if baseline:
@@ -301,6 +318,25 @@ def previous_report(out: Path, settings: dict) -> dict | None:
     return report
 
 
+def merge_reports(reports: list[dict]) -> dict:
+    """One report from runs split by concept: the same settings, no concept twice, two-concept rows joined."""
+    settings = reports[0]["settings"]
+    if any(r["settings"] != settings for r in reports):
+        raise SystemExit("the reports were written with different settings; merge only runs of one configuration")
+    concepts, two = {}, {}
+    for r in reports:
+        if set(r["concepts"]) & set(concepts):
+            raise SystemExit(f"concept(s) {sorted(set(r['concepts']) & set(concepts))} are in more than one report")
+        concepts.update(r["concepts"])
+        for row, by_pair in r.get("two_concepts", {}).items():
+            two.setdefault(row, {}).update(by_pair)
+    rows = [r for r in ROWS if any(r in entry for entry in concepts.values())]
+    return {"settings": settings, "concepts": concepts, "seconds": round(sum(r["seconds"] for r in reports), 1),
+            "machine": reports[0]["machine"], "rows": rows, "two_concepts": two,
+            "summary": summarise(concepts, rows), "complete": all(r.get("complete") for r in reports),
+            "merged_from": len(reports)}
+
+
 def write_report(out: Path, report: dict) -> None:
     """Write the report so far (atomically: a killed run leaves the last complete concept)."""
     from perfusion_ext.core.atomic import atomic_write_json
@@ -329,8 +365,17 @@ def main(argv=None) -> int:
                    help="keep the concepts --out already holds from a run with the same settings and measure only "
                         "the others (every concept is written to --out as soon as it is measured); needs the "
                         "earlier run's --work for the two-concept prompts")
+    p.add_argument("--merge", nargs="+", metavar="REPORT",
+                   help="combine the reports of runs split by --concepts (same settings, each its own --out; split "
+                        "by the two-concept pairs to keep those rows) into --out, then plot and, with "
+                        "--update-readme, write the README tables")
     p.add_argument("--update-readme", action="store_true")
     args = p.parse_args(argv)
+    if args.merge:
+        report = merge_reports([json.loads(Path(f).read_text()) for f in args.merge])
+        write_report(Path(args.out), report)
+        publish(report, args.update_readme)
+        return 0
     if args.resume and not args.work:
         p.error("--resume needs --work, the folder the earlier run trained its concepts in")
     if args.quick:

@@ -80,3 +80,33 @@ def test_two_concept_halves_keep_one_concept_each(layout):
     first_half, second_half = halves(image, layout)
     assert fidelity(first_half, a).is_concept and fidelity(second_half, b).is_concept
     assert not np.array_equal(first_half, second_half)
+
+
+def test_rows_that_train_like_the_default_are_recognised():
+    """always_flip trains a mirrorable concept exactly as the default does: the benchmark reuses that row."""
+    mirrorable = next(c for c in CONCEPTS.values() if c.mirrorable and c.in_range)
+    fixed = next(c for c in CONCEPTS.values() if not c.mirrorable and c.in_range)
+    assert quality.training_changes("always_flip", mirrorable) == quality.training_changes("perfusion", mirrorable)
+    assert quality.training_changes("always_flip", fixed) != quality.training_changes("perfusion", fixed)
+    assert quality.training_changes("perfusion", fixed) == {"flip": False}
+
+
+def test_reports_of_a_split_run_merge_into_one():
+    def report(names, pair):
+        concepts = {n: {"in_range": True, "base": {"fidelity": 0.0, "alignment": 0.8},
+                        "perfusion": {"fidelity": f, "alignment": 1.0, "leak": 0.02}} for n, f in names.items()}
+        return {"settings": {"seeds": 4}, "concepts": concepts, "seconds": 10.0, "machine": "m", "complete": True,
+                "two_concepts": {"perfusion": {pair: {n: {"fidelity_alone": 0.5} for n in names}}}}
+
+    merged = quality.merge_reports([report({"house": 0.4, "lollipop": 0.2}, "house+lollipop"),
+                                    report({"signpost": 0.6, "duotone": 0.2}, "signpost+duotone")])
+    assert set(merged["concepts"]) == {"house", "lollipop", "signpost", "duotone"} and merged["rows"] == ["perfusion"]
+    assert set(merged["two_concepts"]["perfusion"]) == {"house+lollipop", "signpost+duotone"}
+    assert merged["summary"]["in_range"]["perfusion"]["fidelity"] == pytest.approx(0.35)
+    assert merged["seconds"] == 20.0 and merged["complete"]
+    with pytest.raises(SystemExit, match="more than one report"):
+        quality.merge_reports([report({"house": 0.4}, "x"), report({"house": 0.5}, "y")])
+    other = report({"ring": 0.1}, "z")
+    other["settings"] = {"seeds": 1}
+    with pytest.raises(SystemExit, match="different settings"):
+        quality.merge_reports([report({"house": 0.4}, "x"), other])

@@ -30,8 +30,8 @@ class TrainConfig:
     lr_embedding: float = 0.006
     # The gate the edit is trained under. None: the concept's own inference gate (beta, tau), so the value
     # targets are fitted with the gate they will be sampled with, including how far it opens on other words.
-    # The paper trains with a sharper gate (0.75, 0.1); on the toy benchmark that lost 4 points of fidelity
-    # and 2 of alignment (8 and 2 over two training seeds; README, row paper_train_gate).
+    # The paper trains with a sharper gate (0.75, 0.1), which lost fidelity and alignment on the toy benchmark
+    # (README, row paper_train_gate).
     train_beta: float | None = None
     train_tau: float | None = None
     beta: float = DEFAULT_BETA  # inference defaults written to the file
@@ -46,12 +46,11 @@ class TrainConfig:
     # Recipe fixes over the paper's (paper_recipe() turns them off; the quality benchmark has a row each):
     init_from_captions: bool = True  # i* and o*_V start from the training captions, not generic templates
     # Outside the subject mask, match the frozen base's superclass prediction. Off by default: no measured
-    # gain on the toy benchmark (alignment 100 % with and without it) for ~35 % more time per step.
+    # gain on the toy benchmark (README, row with_background_distill) for ~35 % more time per step.
     background_distill: float = 0.0
-    # Weight of ‖e − e_super‖²/‖e_super‖²: keeps the learned word near its superclass. Off by default: on the
-    # quality benchmark's in-range concepts a weight of 1 cut fidelity from 43 % to 24 % (4 concepts × 42
-    # prompts × 4 seeds) with alignment 100 % without it; it was added against backgrounds taken over by the
-    # learned word on a model that could not draw the concept (the demo's house, world v1).
+    # Weight of ‖e − e_super‖²/‖e_super‖²: keeps the learned word near its superclass. Off by default: it costs
+    # fidelity on the quality benchmark (README, row with_embedding_pull) with alignment as good without it; it
+    # was added against backgrounds taken over by the learned word on a model that could not draw the concept.
     embedding_pull: float = 0.0
     # Weight of Σ relu(s − 0.3)² over the caption's other tokens: the learned word must not make the words
     # after it look like itself (the causal text encoder carries it into them, their gates open, and the
@@ -93,7 +92,8 @@ class TrainConfig:
 # field -> (type, minimum, maximum): what the CLI, the REST API and the tab accept.
 LIMITS: dict[str, tuple[type, float, float]] = {
     "steps": (int, 1, 100_000), "batch_size": (int, 1, 64), "micro_batch": (int, 1, 64),
-    "lr_value": (float, 1e-7, 10.0), "lr_embedding": (float, 1e-7, 10.0), "beta": (float, -5.0, 5.0),
+    "lr_value": (float, 1e-7, 10.0), "lr_embedding": (float, 1e-7, 10.0),
+    "beta": (float, -5.0, 5.0),
     "tau": (float, 1e-4, 10.0), "train_beta": (float, -5.0, 5.0), "train_tau": (float, 1e-4, 10.0),
     "resolution": (int, 8, 4096), "seed": (int, 0, 2**32 - 1),
     "checkpoint_every": (int, 1, 100_000), "preview_every": (int, 0, 100_000),
