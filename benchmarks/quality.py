@@ -1,7 +1,7 @@
 """Quality benchmark on the toy world: does a trained concept look like its subject while the prompt is obeyed?
 
     python -m benchmarks.quality [--concepts house lollipop …] [--rows perfusion paper_recipe …]
-                                 [--seeds 4] [--steps N] [--quick] [--update-readme]
+                                 [--seeds 4] [--training-seeds 1] [--steps N] [--quick] [--update-readme]
 
 On a machine with two or more cores, run one process per two-concept pair, then merge (about half the time):
 
@@ -167,8 +167,9 @@ def training_changes(row: str, concept) -> dict:
     return {**ROWS[row], "flip": ROWS[row].get("flip", concept.mirrorable)}
 
 
-def train_row(pipe, backend, row: str, name: str, work: Path, steps: int | None, seed: int) -> tuple[Path, float]:
-    """Train one row's concept; returns (concepts folder, seconds)."""
+def train_row(pipe, backend, row: str, name: str, work: Path, steps: int | None, seed: int,
+              folder_name: str | None = None) -> tuple[Path, float]:
+    """Train one row's concept into work/`folder_name` (default NAME-ROW); returns (concepts folder, seconds)."""
     from perfusion_ext.toy.concepts import CONCEPTS, write_training_set
     from perfusion_ext.training import TrainConfig, train
 
@@ -181,19 +182,15 @@ def train_row(pipe, backend, row: str, name: str, work: Path, steps: int | None,
                          masks_dir=str(images / "masks"), **changes)
     config = config.resolved(backend.family, backend.device)
     config = dataclasses.replace(config, steps=config.steps * factor)
-    folder = work / f"{name}-{row}"
+    folder = work / (folder_name or f"{name}-{row}")
     started = time.time()
     train(backend, config, images, folder, overwrite=True)
     return folder, time.time() - started
 
 
 def run_concept(pipe, backend, name: str, rows, seeds: int, steps, work: Path, seed: int,
-                max_prompts: int | None = None) -> dict:
-    from baselines import trained_weights
-
-    from perfusion_ext.core.concept import save_concept
+                max_prompts: int | None = None, training_seeds: int = 1) -> dict:
     from perfusion_ext.toy.concepts import CONCEPTS, write_training_set
-    from perfusion_ext.training import TrainConfig
 
     concept = CONCEPTS[name]
     prompts = unseen_prompts(name)[:max_prompts]
@@ -202,7 +199,6 @@ def run_concept(pipe, backend, name: str, rows, seeds: int, steps, work: Path, s
              "ceilings": ceilings(pipe, name, write_training_set(name, work / f"{name}-ceiling"), seeds, prompts),
              "base": measure(pipe, prompts, concept.superclass, name, seeds)}
     print(name, "ceilings", entry["ceilings"], "base", entry["base"], flush=True)
-    tag = f"<perfusion:{name}>"
     for row in rows:
         default = training_changes("perfusion", concept)
         if row != "perfusion" and "perfusion" in entry and training_changes(row, concept) == default:
@@ -210,27 +206,61 @@ def run_concept(pipe, backend, name: str, rows, seeds: int, steps, work: Path, s
             entry[row] = {**entry["perfusion"], "same_training_as": "perfusion"}
             print(name, row, "= perfusion (the same training)", flush=True)
             continue
-        baseline = ROWS[row].get("baseline")
-        started = time.time()
-        if baseline:
-            images = write_training_set(name, work / f"{name}-{row}-images")
-            config = TrainConfig(name, concept.superclass, steps=steps, preview_every=0, seed=seed,
-                                 flip=concept.mirrorable)
-            with trained_weights(pipe, backend, baseline, config, images, images / "masks") as trainer:
-                folder = work / f"{name}-{row}"
-                folder.mkdir(parents=True, exist_ok=True)
-                save_concept(trainer.concept(), folder / f"{name}.safetensors")
-                seconds = time.time() - started
-                entry[row] = measure(pipe, prompts, tag, name, seeds, folder, strength=0)
-        else:
-            folder, seconds = train_row(pipe, backend, row, name, work, steps, seed)
-            strength = 0 if ROWS[row].get("mode") == "textual_inversion" else None
-            entry[row] = measure(pipe, prompts, tag, name, seeds, folder, strength=strength)
-            if row == "perfusion":
-                entry["beta_sweep"] = {str(b): measure(pipe, prompts, tag, name, seeds, folder, beta=b) for b in BETAS}
-        entry[row]["train_seconds"] = round(seconds, 1)
+        # Training seeds seed, seed+1, …: one run's figures move by up to ~20 points with the seed alone.
+        runs = [measure_row(pipe, backend, row, name, work, steps, seed + k, seeds, prompts, k > 0)
+                for k in range(training_seeds)]
+        entry[row] = mean_figures([result for result, _ in runs])
+        if training_seeds > 1:
+            entry[row]["by_training_seed"] = [result for result, _ in runs]
+        if row == "perfusion":
+            entry["beta_sweep"] = {str(b): mean_figures([sweep[str(b)] for _, sweep in runs]) for b in BETAS}
         print(name, row, entry[row], flush=True)
     return entry
+
+
+def measure_row(pipe, backend, row: str, name: str, work: Path, steps, seed: int, seeds: int, prompts,
+                replicate: bool) -> tuple[dict, dict | None]:
+    """Train one row with one training seed and measure it; (figures with train_seconds, β sweep of the
+    perfusion row or None). A replicate trains into its own folder: the first seed's serves the two-concept
+    prompts."""
+    from baselines import trained_weights
+
+    from perfusion_ext.core.concept import save_concept
+    from perfusion_ext.toy.concepts import CONCEPTS, write_training_set
+    from perfusion_ext.training import TrainConfig
+
+    concept, tag = CONCEPTS[name], f"<perfusion:{name}>"
+    folder_name = f"{name}-{row}" + (f"-seed{seed}" if replicate else "")
+    baseline = ROWS[row].get("baseline")
+    sweep = None
+    started = time.time()
+    if baseline:
+        images = write_training_set(name, work / f"{name}-{row}-images")
+        config = TrainConfig(name, concept.superclass, steps=steps, preview_every=0, seed=seed,
+                             flip=concept.mirrorable)
+        with trained_weights(pipe, backend, baseline, config, images, images / "masks") as trainer:
+            folder = work / folder_name
+            folder.mkdir(parents=True, exist_ok=True)
+            save_concept(trainer.concept(), folder / f"{name}.safetensors")
+            seconds = time.time() - started
+            result = measure(pipe, prompts, tag, name, seeds, folder, strength=0)
+    else:
+        folder, seconds = train_row(pipe, backend, row, name, work, steps, seed, folder_name)
+        strength = 0 if ROWS[row].get("mode") == "textual_inversion" else None
+        result = measure(pipe, prompts, tag, name, seeds, folder, strength=strength)
+        if row == "perfusion":
+            sweep = {str(b): measure(pipe, prompts, tag, name, seeds, folder, beta=b) for b in BETAS}
+    result["train_seconds"] = round(seconds, 1)
+    return result, sweep
+
+
+def mean_figures(results: list[dict]) -> dict:
+    """The mean of each figure over training seeds (n stays the images per seed); one result is itself."""
+    if len(results) == 1:
+        return dict(results[0])
+    out = {key: float(np.mean([r[key] for r in results])) for key in results[0] if key != "n"}
+    out["n"], out["training_seeds"] = results[0]["n"], len(results)
+    return out
 
 
 def two_concepts(pipe, results: dict, work: Path, seeds: int) -> dict:
@@ -354,6 +384,9 @@ def main(argv=None) -> int:
     p.add_argument("--seeds", type=int, default=4, help="images per prompt (one seed each)")
     p.add_argument("--steps", type=int, default=None, help="training steps (default: the toy family's)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--training-seeds", type=int, default=1,
+                   help="train every row with this many seeds (--seed, --seed+1, …) and report the means, each "
+                        "seed's figures beside them")
     p.add_argument("--model", default="toy", help="toy (default) or a diffusers folder of the toy architecture")
     p.add_argument("--max-prompts", type=int, default=None, help="use only the first N unseen prompts per concept")
     p.add_argument("--quick", action="store_true",
@@ -394,6 +427,8 @@ def main(argv=None) -> int:
     out = Path(args.out)
     settings = {"seeds": args.seeds, "steps": args.steps, "seed": args.seed, "model": args.model,
                 "max_prompts": args.max_prompts, "betas": list(BETAS)}
+    if args.training_seeds > 1:  # absent at 1: reports written before the option stay resumable
+        settings["training_seeds"] = args.training_seeds
     report = previous_report(out, settings) if args.resume else None
     report = report or {"settings": settings, "concepts": {}, "seconds": 0.0}
     report["machine"] = f"{platform.machine()}, {torch.get_num_threads()} CPU threads, torch {torch.__version__}"
@@ -403,7 +438,7 @@ def main(argv=None) -> int:
             print(name, "kept from", out, flush=True)
             continue
         results[name] = run_concept(pipe, backend, name, args.rows, args.seeds, args.steps, work, args.seed,
-                                    args.max_prompts)
+                                    args.max_prompts, args.training_seeds)
         report["seconds"] = round(earlier_seconds + time.time() - started, 1)
         write_report(out, report)
     rows = [r for r in ROWS if any(r in entry for entry in results.values())]

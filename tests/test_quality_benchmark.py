@@ -20,7 +20,8 @@ def test_unseen_prompts(name):
 @pytest.mark.slow
 def test_quick_run_writes_every_figure_and_resumes(tmp_path):
     out = tmp_path / "quality.json"
-    assert quality.main(["--quick", "--out", str(out), "--work", str(tmp_path / "work")]) == 0
+    run = ["--quick", "--training-seeds", "2", "--out", str(out), "--work", str(tmp_path / "work")]
+    assert quality.main(run) == 0
     report = json.loads(out.read_text())
     assert report["complete"] and report["rows"] == ["perfusion", "textual_inversion"]
     entry = report["concepts"]["house"]
@@ -29,12 +30,18 @@ def test_quick_run_writes_every_figure_and_resumes(tmp_path):
         assert 0 <= entry[row]["fidelity"] <= 1 and 0 <= entry[row]["alignment"] <= 1 and entry[row]["n"] == 4
     assert 0 <= entry["perfusion"]["leak"] <= 1 and "leak" not in entry["textual_inversion"]
     assert set(entry["beta_sweep"]) == {str(b) for b in quality.BETAS}
+    # two training seeds: each seed's figures kept, the row is their mean, each trained into its own folder
+    for row in ("perfusion", "textual_inversion"):
+        by_seed = entry[row]["by_training_seed"]
+        assert len(by_seed) == 2 and entry[row]["training_seeds"] == 2
+        assert entry[row]["fidelity"] == pytest.approx((by_seed[0]["fidelity"] + by_seed[1]["fidelity"]) / 2)
+        assert (tmp_path / "work" / f"house-{row}").is_dir() and (tmp_path / "work" / f"house-{row}-seed1").is_dir()
 
     # A resumed run keeps the measured concept instead of training it again; other settings are refused.
-    assert quality.main(["--quick", "--out", str(out), "--work", str(tmp_path / "work"), "--resume"]) == 0
+    assert quality.main(run + ["--resume"]) == 0
     assert json.loads(out.read_text())["concepts"] == report["concepts"]
     with pytest.raises(SystemExit, match="other settings"):
-        quality.main(["--quick", "--seed", "1", "--out", str(out), "--work", str(tmp_path / "work"), "--resume"])
+        quality.main(run + ["--seed", "1", "--resume"])
 
 
 @pytest.mark.parametrize("method", ["custom_diffusion", "dreambooth"])
@@ -110,3 +117,10 @@ def test_reports_of_a_split_run_merge_into_one():
     other["settings"] = {"seeds": 1}
     with pytest.raises(SystemExit, match="different settings"):
         quality.merge_reports([report({"house": 0.4}, "x"), other])
+
+
+def test_figures_over_training_seeds_are_means():
+    one = {"fidelity": 0.5, "alignment": 1.0, "n": 168, "train_seconds": 60.0}
+    assert quality.mean_figures([one]) == one
+    two = quality.mean_figures([one, {"fidelity": 0.25, "alignment": 0.5, "n": 168, "train_seconds": 70.0}])
+    assert two == {"fidelity": 0.375, "alignment": 0.75, "train_seconds": 65.0, "n": 168, "training_seeds": 2}
