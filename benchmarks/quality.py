@@ -199,8 +199,8 @@ def run_concept(pipe, backend, name: str, rows, seeds: int, steps, work: Path, s
              "ceilings": ceilings(pipe, name, write_training_set(name, work / f"{name}-ceiling"), seeds, prompts),
              "base": measure(pipe, prompts, concept.superclass, name, seeds)}
     print(name, "ceilings", entry["ceilings"], "base", entry["base"], flush=True)
+    default = training_changes("perfusion", concept)
     for row in rows:
-        default = training_changes("perfusion", concept)
         if row != "perfusion" and "perfusion" in entry and training_changes(row, concept) == default:
             # e.g. always_flip of a mirrorable concept: training is deterministic, so retraining would repeat the row
             entry[row] = {**entry["perfusion"], "same_training_as": "perfusion"}
@@ -409,6 +409,8 @@ def main(argv=None) -> int:
         write_report(Path(args.out), report)
         publish(report, args.update_readme)
         return 0
+    if args.training_seeds < 1:
+        p.error("--training-seeds must be at least 1")
     if args.resume and not args.work:
         p.error("--resume needs --work, the folder the earlier run trained its concepts in")
     if args.quick:

@@ -119,6 +119,11 @@ def test_reports_of_a_split_run_merge_into_one():
         quality.merge_reports([report({"house": 0.4}, "x"), other])
 
 
+def test_training_seeds_must_be_positive(tmp_path):
+    with pytest.raises(SystemExit):
+        quality.main(["--training-seeds", "0", "--out", str(tmp_path / "q.json")])
+
+
 def test_figures_over_training_seeds_are_means():
     one = {"fidelity": 0.5, "alignment": 1.0, "n": 168, "train_seconds": 60.0}
     assert quality.mean_figures([one]) == one
