@@ -206,7 +206,7 @@ def run_concept(pipe, backend, name: str, rows, seeds: int, steps, work: Path, s
             entry[row] = {**entry["perfusion"], "same_training_as": "perfusion"}
             print(name, row, "= perfusion (the same training)", flush=True)
             continue
-        # Training seeds seed, seed+1, …: one run's figures move by up to ~20 points with the seed alone.
+        # Training seeds seed, seed+1, …: one run of one concept moves by up to 30 points with the seed alone.
         runs = [measure_row(pipe, backend, row, name, work, steps, seed + k, seeds, prompts, k > 0)
                 for k in range(training_seeds)]
         entry[row] = mean_figures([result for result, _ in runs])
