@@ -92,8 +92,7 @@ class TrainConfig:
 # field -> (type, minimum, maximum): what the CLI, the REST API and the tab accept.
 LIMITS: dict[str, tuple[type, float, float]] = {
     "steps": (int, 1, 100_000), "batch_size": (int, 1, 64), "micro_batch": (int, 1, 64),
-    "lr_value": (float, 1e-7, 10.0), "lr_embedding": (float, 1e-7, 10.0),
-    "beta": (float, -5.0, 5.0),
+    "lr_value": (float, 1e-7, 10.0), "lr_embedding": (float, 1e-7, 10.0), "beta": (float, -5.0, 5.0),
     "tau": (float, 1e-4, 10.0), "train_beta": (float, -5.0, 5.0), "train_tau": (float, 1e-4, 10.0),
     "resolution": (int, 8, 4096), "seed": (int, 0, 2**32 - 1),
     "checkpoint_every": (int, 1, 100_000), "preview_every": (int, 0, 100_000),
