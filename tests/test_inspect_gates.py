@@ -67,6 +67,23 @@ def test_leak_onto_another_word_is_warned(pipe, tmp_path):
     assert "mean gate on other tokens" in format_report(report)
 
 
+def test_a_gate_shut_on_the_concepts_own_token_is_warned(pipe, tmp_path):
+    # i* twice the own token's encoding (u = i*): s there is exactly 0.5, below β 0.7, so its gate is
+    # sigmoid(-0.2 / 0.15) ≈ 0.21
+    concept, encoded, own = concept_locked_to(pipe, lambda e: e.concept_positions[0]["teddy"][0], tmp_path)
+    concept.target_input = 2 * encoded.hidden[0, own].detach().clone()
+    concept.target_input_cinv = concept.target_input.clone()
+    pf.save_concept(concept, tmp_path / "teddy.safetensors")
+    report = inspect_prompt(pipe, PROMPT, concepts_dir=tmp_path)
+    assert report["tokens"][own]["s"]["teddy"] == pytest.approx(0.5, abs=1e-5)
+    gate = 1 / (1 + math.exp(-(0.5 - concept.beta) / concept.tau))
+    shut = [w for w in report["warnings"] if "own token is only" in w]
+    assert shut == [w for w in shut if f"only {gate:.2f} (s=0.50 < β={concept.beta:.2f})" in w] and len(shut) == 1
+    # open on its own token (s = 1): no such warning
+    concept_locked_to(pipe, lambda e: e.concept_positions[0]["teddy"][0], tmp_path)
+    assert not any("own token is only" in w for w in inspect_prompt(pipe, PROMPT, concepts_dir=tmp_path)["warnings"])
+
+
 def test_cli_inspect_prompt_json_and_file(pipe, tmp_path, capsys, monkeypatch):
     import perfusion_ext.pipelines.loading as loading
 

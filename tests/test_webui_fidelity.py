@@ -103,8 +103,9 @@ def test_inspector_line_follows_the_formula_and_warns_on_a_leak(folder, unet):
     g_own = 1 / (1 + math.exp(-(0.5 - 0.6) / 0.1))
     assert line.startswith(f"teddy: own {g_own:.2f}, 'white' {g_white:.2f}")
     assert any("leaks" in w and "'white'" in w and "token 4" in w for w in env.warnings)
+    assert any(f"own token is only {g_own:.2f} (s=0.50 < β=0.60)" in w for w in env.warnings)  # s 0.5 < β
     sampling.on_denoiser(act, 1, 20, text_cond)  # once per pass
-    assert sum("leaks" in w for w in env.warnings) == 1
+    assert sum("leaks" in w for w in env.warnings) == 1 and sum("own token is only" in w for w in env.warnings) == 1
     act.release()
 
 
