@@ -44,7 +44,9 @@ def test_compose_renders_three_panels_at_one_seed(toy_and_concepts):
     pipe, folder, _ = toy_and_concepts
     prompt = "a <perfusion:house> on the left, a <perfusion:kite> on the right"
     image, warnings = compose(pipe, prompt, folder, seed=4, num_inference_steps=2)
-    assert warnings == [] and image.size == (3 * 32, 32 + 14)
+    assert image.size == (3 * 32, 32 + 14)
+    # random concepts: only the gate inspector has something to say (their gates are shut on their own words)
+    assert warnings and all("own token is only" in w or "the concept leaks there" in w for w in warnings)
     panels = [np.asarray(image)[14:, 32 * i:32 * (i + 1)] for i in range(3)]
     alone, _ = generate(pipe, "a <perfusion:house> on the left, a triangle on the right", concepts_dir=folder, seed=4,
                         num_inference_steps=2)

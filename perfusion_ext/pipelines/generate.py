@@ -113,6 +113,10 @@ def generate(pipe, prompt: str, negative: str = "", concepts_dir=None, seed: int
     uncond = encoder.encode([[negative_text]], min_tokens=cond.hidden.shape[1])
     if uncond.hidden.shape[1] > cond.hidden.shape[1]:
         cond = encoder.encode([prepared.segments], embeddings, min_tokens=uncond.hidden.shape[1])
+    if prepared.concepts:  # the gate inspector's warnings (a leak, a gate shut on the concept's own token)
+        from .inspect import encoding_report  # inspect builds on this module
+
+        warnings += encoding_report(pipe, encoder, cond, prepared)["warnings"]
     embeds = {"prompt_embeds": cond.hidden, "negative_prompt_embeds": uncond.hidden}
     if cond.pooled is not None:  # SDXL: the pooled text_embeds too; an empty negative is zeros, as diffusers does
         zero = not negative_text.strip() and getattr(pipe.config, "force_zeros_for_empty_prompt", False)

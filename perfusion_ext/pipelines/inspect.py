@@ -2,7 +2,8 @@
 
 It explains why a concept did or did not appear: its gate should be open on its own token and shut on
 every other one. A gate higher on another token than on the concept's own (a colour word, padding)
-is the leak that makes a concept bleed into the rest of the prompt; the report warns about it.
+is the leak that makes a concept bleed into the rest of the prompt, and a gate below one half on its own
+token means it will hardly show; the report warns about both, and so does every generation.
 """
 from __future__ import annotations
 
@@ -19,15 +20,19 @@ def inspect_prompt(pipe, prompt: str, concepts_dir=None, loaded: dict[str, Conce
     """{"tokens": [{"index", "text", "s": {NAME: float}, "gate": {NAME: float}}],
     "concepts": {NAME: {"beta", "tau"}}, "warnings": [...]} for the prompt's conditional encoding."""
     prepared = prepare_prompt(prompt, concepts_dir, loaded)
-    concepts = [(concept.name, concept, concept.beta if beta is None else beta, concept.tau if tau is None else tau)
-                for concept, _, beta, tau in concept_entries(prepared)]
     encoder = prompt_encoder(pipe)  # SDXL: both encoders, the 2048-wide context the UNet reads
     embeddings = {tag.name: concept.embeddings for tag, concept in prepared.concepts}
-    encoded = encoder.encode([prepared.segments], embeddings)
-    texts = pipe.tokenizer.convert_ids_to_tokens([min(i, encoder.vocab_size - 1) for i in encoded.input_ids[0].tolist()])
-    report = gate_report(encoded.hidden[0], concepts, texts, encoded.concept_positions[0])
+    report = encoding_report(pipe, encoder, encoder.encode([prepared.segments], embeddings), prepared)
     report["warnings"] = list(prepared.warnings) + report["warnings"]
     return report
+
+
+def encoding_report(pipe, encoder, encoded, prepared) -> dict:
+    """The gate report of the first prompt of `encoded` (encoded from `prepared`); `generate` warns with it."""
+    concepts = [(concept.name, concept, concept.beta if beta is None else beta, concept.tau if tau is None else tau)
+                for concept, _, beta, tau in concept_entries(prepared)]
+    texts = pipe.tokenizer.convert_ids_to_tokens([min(i, encoder.vocab_size - 1) for i in encoded.input_ids[0].tolist()])
+    return gate_report(encoded.hidden[0], concepts, texts, encoded.concept_positions[0])
 
 
 def mean_leak(report: dict, name: str) -> float:

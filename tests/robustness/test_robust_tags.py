@@ -136,7 +136,8 @@ def test_the_same_concept_twice_with_different_options(unet, webui_folder, toy_f
                "(<perfusion:teddy:0.5>) is used" in w for w in warnings), warnings
     _, warnings = generate(toy_pipeline(), "<perfusion:teddy:0.5> and <perfusion:teddy:0.5>", concepts_dir=toy_folder,
                            **STEPS)
-    assert warnings == []  # the same options twice: nothing to say
+    # the same options twice: nothing to say about the tags (a random concept's shut gate is the inspector's)
+    assert not [w for w in warnings if "own token is only" not in w and "the concept leaks there" not in w]
 
 
 def test_tags_in_the_negative_prompt(unet, webui_folder, toy_folder):
