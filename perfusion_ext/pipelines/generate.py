@@ -10,6 +10,7 @@ import torch
 from ..core import families
 from ..core.concept import Concept
 from ..core.errors import PerfusionError
+from ..core.gate_report import gate_report
 from ..core.hooks import activation
 from ..core.layers import unet_family
 from ..core.library import load_named
@@ -63,6 +64,14 @@ def concept_entries(prepared: PreparedPrompt) -> list[tuple[Concept, float, floa
     return out
 
 
+def encoding_report(pipe, encoder, encoded, prepared: PreparedPrompt) -> dict:
+    """The gate inspector's report on the first prompt of `encoded` (encoded from `prepared`)."""
+    concepts = [(concept.name, concept, concept.beta if beta is None else beta, concept.tau if tau is None else tau)
+                for concept, _, beta, tau in concept_entries(prepared)]
+    texts = pipe.tokenizer.convert_ids_to_tokens([min(i, encoder.vocab_size - 1) for i in encoded.input_ids[0].tolist()])
+    return gate_report(encoded.hidden[0], concepts, texts, encoded.concept_positions[0])
+
+
 def scheduled_entries(prepared: PreparedPrompt) -> list[tuple]:
     """`concept_entries` with β/τ schedules kept whole (core.hooks.activation follows them step by step)."""
     seen, out = set(), []
@@ -114,8 +123,6 @@ def generate(pipe, prompt: str, negative: str = "", concepts_dir=None, seed: int
     if uncond.hidden.shape[1] > cond.hidden.shape[1]:
         cond = encoder.encode([prepared.segments], embeddings, min_tokens=uncond.hidden.shape[1])
     if prepared.concepts:  # the gate inspector's warnings (a leak, a gate shut on the concept's own token)
-        from .inspect import encoding_report  # inspect builds on this module
-
         warnings += encoding_report(pipe, encoder, cond, prepared)["warnings"]
     embeds = {"prompt_embeds": cond.hidden, "negative_prompt_embeds": uncond.hidden}
     if cond.pooled is not None:  # SDXL: the pooled text_embeds too; an empty negative is zeros, as diffusers does

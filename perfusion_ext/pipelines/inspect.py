@@ -10,9 +10,8 @@ from __future__ import annotations
 import torch
 
 from ..core.concept import Concept
-from ..core.gate_report import gate_report
 from .encoding import prompt_encoder
-from .generate import concept_entries, prepare_prompt
+from .generate import encoding_report, prepare_prompt
 
 
 @torch.no_grad()
@@ -25,14 +24,6 @@ def inspect_prompt(pipe, prompt: str, concepts_dir=None, loaded: dict[str, Conce
     report = encoding_report(pipe, encoder, encoder.encode([prepared.segments], embeddings), prepared)
     report["warnings"] = list(prepared.warnings) + report["warnings"]
     return report
-
-
-def encoding_report(pipe, encoder, encoded, prepared) -> dict:
-    """The gate report of the first prompt of `encoded` (encoded from `prepared`); `generate` warns with it."""
-    concepts = [(concept.name, concept, concept.beta if beta is None else beta, concept.tau if tau is None else tau)
-                for concept, _, beta, tau in concept_entries(prepared)]
-    texts = pipe.tokenizer.convert_ids_to_tokens([min(i, encoder.vocab_size - 1) for i in encoded.input_ids[0].tolist()])
-    return gate_report(encoded.hidden[0], concepts, texts, encoded.concept_positions[0])
 
 
 def mean_leak(report: dict, name: str) -> float:
