@@ -220,6 +220,27 @@ def test_png_info_finds_renamed_file_by_hash(trained):
         shutil.move(dst, src)
 
 
+def test_gate_shut_on_its_own_token_is_noted(trained):
+    """A copy of the concept with i* and u doubled halves every s, so its gate shuts on its own token: the
+    generation's note (the infotext comment) says so."""
+    import dataclasses
+
+    from perfusion_ext.core.concept import load_concept, save_concept
+
+    concept = load_concept(trained["filename"])
+    shut = dataclasses.replace(concept, name=f"{NAME}shut", token=f"{NAME}shut",
+                               target_input=2 * concept.target_input, target_input_cinv=2 * concept.target_input_cinv)
+    path = Path(trained["filename"]).parent / f"{NAME}shut.safetensors"
+    save_concept(shut, path)
+    try:
+        open_info = txt2img(f"a photo of a <perfusion:{NAME}>")["info"]
+        shut_info = txt2img(f"a photo of a <perfusion:{NAME}shut>")["info"]
+        assert "own token is only" not in open_info, open_info
+        assert f"<perfusion:{NAME}shut>'s gate on its own token is only" in shut_info, shut_info
+    finally:
+        path.unlink()
+
+
 def test_retrained_same_name_does_not_reuse_cached_conditioning(trained):
     prompt = f"a photo of a <perfusion:{NAME}> on the beach"
     before = pixels(txt2img(prompt)["images"][0])
