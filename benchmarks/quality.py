@@ -57,6 +57,7 @@ ROWS: dict[str, dict] = {
     "no_leak_penalty": {"leak_penalty": 0.0},
     "value_lr_0.03": {"lr_value": 0.03},
     "with_context_gate": {"context_gate": 1.0},
+    "with_phrasing_gate": {"phrasing_gate": 1.0},
     "always_flip": {"flip": True},
     "paper_train_gate": {"train_beta": PAPER_RECIPE["train_beta"], "train_tau": PAPER_RECIPE["train_tau"]},
     "textual_inversion": {"mode": "textual_inversion", "steps_factor": 2, "lr_embedding": 0.02},

@@ -97,8 +97,10 @@ def test_paper_recipe_and_cli_flags():
                                       "--background-distill", "0.5", "--embedding-pull", "2", "--leak-penalty", "0.3"])
     assert args.flip is False and args.background_distill == 0.5 and args.embedding_pull == 2.0
     assert args.leak_penalty == 0.3 and TrainConfig("x", "dog").leak_penalty == 0.1 and PAPER_RECIPE["leak_penalty"] == 0
-    assert build_parser().parse_args(["train", "--images", "d", "--name", "n", "--superclass", "dog",
-                                      "--context-gate", "2"]).context_gate == 2.0
+    gates = build_parser().parse_args(["train", "--images", "d", "--name", "n", "--superclass", "dog",
+                                       "--context-gate", "2", "--phrasing-gate", "1"])
+    assert gates.context_gate == 2.0 and gates.phrasing_gate == 1.0
+    assert TrainConfig("x", "dog").phrasing_gate == 0.0 and PAPER_RECIPE["phrasing_gate"] == 0
     assert build_parser().parse_args(["train", "--images", "d", "--name", "n", "--superclass", "dog"]).flip is True
     with pytest.raises(SystemExit):
         build_parser().parse_args(["train", "--images", "d", "--name", "n", "--superclass", "dog",
@@ -158,16 +160,19 @@ def test_textual_inversion_has_no_gate_so_no_leak_penalty(random_toy_backend, im
         assert torch.equal(plain.embedding[k], weighted.embedding[k])
 
 
-def test_context_gate_is_the_own_token_shortfall_after_another_object(random_toy_backend, images):
-    from perfusion_ext.training.trainer import CONTEXT_FLOOR
+def test_context_and_phrasing_gates_are_the_own_token_shortfall(random_toy_backend, images):
+    from perfusion_ext.training.trainer import CONTEXT_FLOOR, PHRASING_CAPTIONS
 
-    t = trainer(random_toy_backend, images, context_gate=1.0)
+    t = trainer(random_toy_backend, images, context_gate=1.0, phrasing_gate=1.0)
     for _ in range(3):
         t.train_step()
-    captions = t.context_templates()
-    assert all(c.index(t.cfg.superclass) < c.index("{}") for c in captions)  # the other object comes first
-    expected = np.mean([max(CONTEXT_FLOOR - v, 0.0) ** 2 for v in own_similarity(t, captions)])
-    assert t._context_gate(t._gate_direction()).item() == pytest.approx(expected, rel=1e-4, abs=1e-7)
+    context = t.context_templates()
+    assert all(c.index(t.cfg.superclass) < c.index("{}") for c in context)  # the other object comes first
+    assert all(any(w in c.split("{}")[0] for w in ("small", "large", "big", "tiny", ",", "of"))
+               for c in PHRASING_CAPTIONS)  # a size word or a style prefix comes first
+    for captions in (context, list(PHRASING_CAPTIONS)):
+        expected = np.mean([max(CONTEXT_FLOOR - v, 0.0) ** 2 for v in own_similarity(t, captions)])
+        assert t._own_gate_floor(captions, t._gate_direction()).item() == pytest.approx(expected, rel=1e-4, abs=1e-7)
 
 
 def test_context_gate_trains_the_own_gate_open_after_another_object(random_toy_backend, images, monkeypatch):

@@ -53,6 +53,7 @@ def cmd_train(args) -> int:
         masks_dir=args.masks, mode=args.mode, description=args.description, flip=args.flip,
         init_from_captions=args.init_from_captions, background_distill=args.background_distill,
         embedding_pull=args.embedding_pull, leak_penalty=args.leak_penalty, context_gate=args.context_gate,
+        phrasing_gate=args.phrasing_gate,
         train_beta=args.train_beta, train_tau=args.train_tau,
     )
     if args.paper_recipe:
@@ -264,6 +265,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="weight of keeping the gate shut on the words after the concept's (0.1 on the toy benchmark)")
     p.add_argument("--context-gate", type=_bounded("context_gate"), default=defaults["context_gate"],
                    help="weight of keeping the concept's own gate open when another object comes before it")
+    p.add_argument("--phrasing-gate", type=_bounded("phrasing_gate"), default=defaults["phrasing_gate"],
+                   help="weight of keeping the concept's own gate open after a size word or a style prefix")
     p.add_argument("--train-beta", type=_bounded("train_beta"), default=None,
                    help="the gate's β during training (default: the concept's inference β, 0.7; the paper: 0.75)")
     p.add_argument("--train-tau", type=_bounded("train_tau"), default=None,

@@ -61,6 +61,9 @@ class TrainConfig:
     # the training captions always put the concept first, and after another object its gate nearly shuts, so in
     # a prompt with two concepts the second is hardly edited. Not applied in textual_inversion mode.
     context_gate: float = 0.0
+    # Weight of the same floor in text-only captions with a size word or a style prefix before the concept
+    # (trainer.PHRASING_CAPTIONS): "a large <concept>" otherwise shuts its gate. Not applied in textual_inversion mode.
+    phrasing_gate: float = 0.0
     ema_momentum: float = 0.99
     mode: str = "perfusion"  # or the benchmark baselines: textual_inversion, no_key_lock
     description: str = ""
@@ -97,11 +100,11 @@ LIMITS: dict[str, tuple[type, float, float]] = {
     "resolution": (int, 8, 4096), "seed": (int, 0, 2**32 - 1),
     "checkpoint_every": (int, 1, 100_000), "preview_every": (int, 0, 100_000),
     "background_distill": (float, 0.0, 100.0), "embedding_pull": (float, 0.0, 100.0),
-    "leak_penalty": (float, 0.0, 100.0), "context_gate": (float, 0.0, 100.0),
+    "leak_penalty": (float, 0.0, 100.0), "context_gate": (float, 0.0, 100.0), "phrasing_gate": (float, 0.0, 100.0),
 }
 # The recipe of the paper and of the public re-implementations: every fix above off, flips on.
 PAPER_RECIPE: dict[str, Any] = {"flip": True, "init_from_captions": False, "background_distill": 0.0,
-                                "embedding_pull": 0.0, "leak_penalty": 0.0, "context_gate": 0.0,
+                                "embedding_pull": 0.0, "leak_penalty": 0.0, "context_gate": 0.0, "phrasing_gate": 0.0,
                                 "train_beta": 0.75, "train_tau": 0.1}
 
 
