@@ -266,7 +266,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--context-gate", type=_bounded("context_gate"), default=defaults["context_gate"],
                    help="weight of keeping the concept's own gate open when another object comes before it")
     p.add_argument("--phrasing-gate", type=_bounded("phrasing_gate"), default=defaults["phrasing_gate"],
-                   help="weight of keeping the concept's own gate open after a size word or a style prefix")
+                   help="weight of keeping the concept's own gate open after a size word or a style prefix "
+                        "(on, 1; 0 turns it off)")
     p.add_argument("--train-beta", type=_bounded("train_beta"), default=None,
                    help="the gate's β during training (default: the concept's inference β, 0.7; the paper: 0.75)")
     p.add_argument("--train-tau", type=_bounded("train_tau"), default=None,

@@ -62,8 +62,10 @@ class TrainConfig:
     # a prompt with two concepts the second is hardly edited. Not applied in textual_inversion mode.
     context_gate: float = 0.0
     # Weight of the same floor in text-only captions with a size word or a style prefix before the concept
-    # (trainer.PHRASING_CAPTIONS): "a large <concept>" otherwise shuts its gate. Not applied in textual_inversion mode.
-    phrasing_gate: float = 0.0
+    # (trainer.PHRASING_CAPTIONS): "a large <concept>" otherwise shuts its gate. On by default: on the quality
+    # benchmark, four training seeds, it raised fidelity on every seed and concept (README, Quality). Not applied
+    # in textual_inversion mode.
+    phrasing_gate: float = 1.0
     ema_momentum: float = 0.99
     mode: str = "perfusion"  # or the benchmark baselines: textual_inversion, no_key_lock
     description: str = ""
