@@ -8,6 +8,7 @@ On a machine with two or more cores, run one process per two-concept pair, then 
     OMP_NUM_THREADS=1 python -m benchmarks.quality --concepts house lollipop --out a.json --work w &
     OMP_NUM_THREADS=1 python -m benchmarks.quality --concepts signpost duotone --out b.json --work w
     python -m benchmarks.quality --merge a.json b.json --update-readme
+    python -m benchmarks.quality --merge a.json b.json --keep-from old.json   # runs of some --rows only
 
 For each toy concept (in range: composites the base model can draw but no word names; out of range:
 sprites it cannot render) it measures two ceilings — the training images round-tripped through the VAE
@@ -349,10 +350,14 @@ def previous_report(out: Path, settings: dict) -> dict | None:
     return report
 
 
-def merge_reports(reports: list[dict]) -> dict:
-    """One report from runs split by concept: the same settings, no concept twice, two-concept rows joined."""
+def merge_reports(reports: list[dict], earlier: dict | None = None) -> dict:
+    """One report from runs split by concept: the same settings, no concept twice, two-concept rows joined.
+
+    With `earlier` (a complete report of the same settings), a rerun of only the rows a change touches becomes
+    a whole report: every row and two-concept row the runs did not measure is taken from `earlier` and listed
+    under "kept_from_earlier_run", so the table says which figures are older."""
     settings = reports[0]["settings"]
-    if any(r["settings"] != settings for r in reports):
+    if any(r["settings"] != settings for r in reports + ([earlier] if earlier else [])):
         raise SystemExit("the reports were written with different settings; merge only runs of one configuration")
     concepts, two = {}, {}
     for r in reports:
@@ -361,11 +366,37 @@ def merge_reports(reports: list[dict]) -> dict:
         concepts.update(r["concepts"])
         for row, by_pair in r.get("two_concepts", {}).items():
             two.setdefault(row, {}).update(by_pair)
+    kept = keep_unmeasured_rows(concepts, two, earlier) if earlier else {}
     rows = [r for r in ROWS if any(r in entry for entry in concepts.values())]
-    return {"settings": settings, "concepts": concepts, "seconds": round(sum(r["seconds"] for r in reports), 1),
-            "machine": reports[0]["machine"], "rows": rows, "two_concepts": two,
-            "summary": summarise(concepts, rows), "complete": all(r.get("complete") for r in reports),
-            "merged_from": len(reports)}
+    report = {"settings": settings, "concepts": concepts, "seconds": round(sum(r["seconds"] for r in reports), 1),
+              "machine": reports[0]["machine"], "rows": rows, "two_concepts": two,
+              "summary": summarise(concepts, rows), "complete": all(r.get("complete") for r in reports),
+              "merged_from": len(reports)}
+    if kept:
+        report["kept_from_earlier_run"] = kept
+    return report
+
+
+def keep_unmeasured_rows(concepts: dict, two: dict, earlier: dict) -> dict:
+    """Copy into `concepts` and `two` (in place) the rows of `earlier` they lack; returns what was copied."""
+    if not earlier.get("complete"):
+        raise SystemExit("the earlier report is incomplete; keep rows only from a finished run")
+    missing = sorted(set(earlier["concepts"]) - set(concepts))
+    if missing:
+        raise SystemExit(f"concept(s) {missing} of the earlier report were not rerun; rerun them or merge without it")
+    kept = {}
+    for name, entry in concepts.items():
+        old = earlier["concepts"].get(name, {})
+        rows = [row for row in ROWS if row in old and row not in entry]
+        entry.update({row: old[row] for row in rows})
+        if rows:
+            kept[name] = rows
+    for row, by_pair in earlier.get("two_concepts", {}).items():
+        pairs = [pair for pair in by_pair if pair not in two.get(row, {})]
+        two.setdefault(row, {}).update({pair: by_pair[pair] for pair in pairs})
+        if pairs:
+            kept.setdefault("two_concepts", {})[row] = pairs
+    return kept
 
 
 def write_report(out: Path, report: dict) -> None:
@@ -403,13 +434,20 @@ def main(argv=None) -> int:
                    help="combine the reports of runs split by --concepts (same settings, each its own --out; split "
                         "by the two-concept pairs to keep those rows) into --out, then plot and, with "
                         "--update-readme, write the README tables")
+    p.add_argument("--keep-from", metavar="REPORT",
+                   help="with --merge: a complete earlier report of the same settings; the rows and two-concept rows "
+                        "the merged runs did not measure (rows a change does not touch) are taken from it and listed "
+                        "under kept_from_earlier_run")
     p.add_argument("--update-readme", action="store_true")
     args = p.parse_args(argv)
     if args.merge:
-        report = merge_reports([json.loads(Path(f).read_text()) for f in args.merge])
+        earlier = json.loads(Path(args.keep_from).read_text()) if args.keep_from else None
+        report = merge_reports([json.loads(Path(f).read_text()) for f in args.merge], earlier)
         write_report(Path(args.out), report)
         publish(report, args.update_readme)
         return 0
+    if args.keep_from:
+        p.error("--keep-from only goes with --merge")
     if args.training_seeds < 1:
         p.error("--training-seeds must be at least 1")
     if args.resume and not args.work:
@@ -474,11 +512,18 @@ def publish(report: dict, update_readme: bool) -> None:
     def cell(v):
         return "—" if v is None else f"{v:.1%}" if v <= 1 else f"{v:.2f}"
 
-    table = [[k] + [cell(report["summary"][g][k][m]) for g in ("in_range", "out_of_range")
-                    for m in ("fidelity", "alignment", "leak")] for k in ("base",) + tuple(rows)]
+    kept = report.get("kept_from_earlier_run", {})
+    kept_rows = {row for name, by in kept.items() if name != "two_concepts" for row in by}
+
+    def label(row, was_kept):
+        return f"{row} (earlier run)" if was_kept else row
+
+    table = [[label(k, k in kept_rows)] + [cell(report["summary"][g][k][m]) for g in ("in_range", "out_of_range")
+                                           for m in ("fidelity", "alignment", "leak")] for k in ("base",) + tuple(rows)]
     splice_readme("quality", markdown_table(
         ["row", "fidelity (in range)", "alignment", "leak", "fidelity (out of range)", "alignment", "leak"], table))
-    pairs = [[row, pair, name, cell(v["fidelity_alone"]), cell(v["fidelity_together"]),
+    pairs = [[label(row, pair in kept.get("two_concepts", {}).get(row, ())), pair, name, cell(v["fidelity_alone"]),
+              cell(v["fidelity_together"]),
               "—" if not v["fidelity_alone"] else f"{v['fidelity_together'] / v['fidelity_alone']:.2f}×"]
              for row, by_pair in report["two_concepts"].items() for pair, names in by_pair.items()
              for name, v in names.items()]

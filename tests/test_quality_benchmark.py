@@ -119,6 +119,32 @@ def test_reports_of_a_split_run_merge_into_one():
         quality.merge_reports([report({"house": 0.4}, "x"), other])
 
 
+def test_a_rerun_of_some_rows_keeps_the_others_from_the_earlier_report():
+    def entry(rows):
+        return {"in_range": True, "base": {"fidelity": 0.0, "alignment": 0.8},
+                **{row: {"fidelity": f, "alignment": 1.0, "leak": 0.02} for row, f in rows.items()}}
+
+    earlier = {"settings": {"seeds": 4}, "complete": True, "seconds": 99.0, "machine": "m",
+               "concepts": {"house": entry({"perfusion": 0.3, "textual_inversion": 0.1})},
+               "two_concepts": {"perfusion": {"house+lollipop": {}}, "textual_inversion": {"house+lollipop": {}}}}
+    rerun = {"settings": {"seeds": 4}, "complete": True, "seconds": 10.0, "machine": "m",
+             "concepts": {"house": entry({"perfusion": 0.5})}, "two_concepts": {"perfusion": {"house+lollipop": {"x": 1}}}}
+    merged = quality.merge_reports([rerun], earlier)
+    house = merged["concepts"]["house"]
+    assert house["perfusion"]["fidelity"] == 0.5 and house["textual_inversion"]["fidelity"] == 0.1
+    assert merged["rows"] == ["perfusion", "textual_inversion"]
+    assert merged["kept_from_earlier_run"] == {"house": ["textual_inversion"],
+                                               "two_concepts": {"textual_inversion": ["house+lollipop"]}}
+    assert merged["two_concepts"]["perfusion"]["house+lollipop"] == {"x": 1}
+    assert "kept_from_earlier_run" not in quality.merge_reports([rerun])
+    with pytest.raises(SystemExit, match="incomplete"):
+        quality.merge_reports([rerun], {**earlier, "complete": False})
+    with pytest.raises(SystemExit, match="not rerun"):
+        quality.merge_reports([rerun], {**earlier, "concepts": {**earlier["concepts"], "duotone": entry({})}})
+    with pytest.raises(SystemExit, match="different settings"):
+        quality.merge_reports([rerun], {**earlier, "settings": {"seeds": 1}})
+
+
 def test_training_seeds_must_be_positive(tmp_path):
     with pytest.raises(SystemExit):
         quality.main(["--training-seeds", "0", "--out", str(tmp_path / "q.json")])
