@@ -110,8 +110,10 @@ def unseen_prompts(name: str, minimum: int = 30) -> list[tuple[str, str, str]]:
     return out
 
 
-def measure(pipe, prompts, subject: str, name: str, seeds: int, concepts_dir=None, beta=None, strength=None) -> dict:
-    """Fidelity, alignment (background and position), and for a tag the mean gate on other tokens."""
+def measure(pipe, prompts, subject: str, name: str, seeds: int, concepts_dir=None, beta=None, strength=None,
+            judge=None) -> dict:
+    """Fidelity (the concept's judge, or `judge`), alignment (background and position), and for a tag the mean
+    gate on other tokens."""
     from perfusion_ext.pipelines.generate import generate
     from perfusion_ext.pipelines.inspect import inspect_prompt, mean_leak
     from perfusion_ext.toy.checkers import read_alignment
@@ -129,7 +131,7 @@ def measure(pipe, prompts, subject: str, name: str, seeds: int, concepts_dir=Non
         for image in images:
             image = np.asarray(image)
             background, position = read_alignment(image)
-            fid += fidelity(image, name).is_concept
+            fid += judge(image) if judge else fidelity(image, name).is_concept
             bg_ok += background == bg
             pos_ok += position == pos
             align += background == bg and position == pos
@@ -143,10 +145,15 @@ def measure(pipe, prompts, subject: str, name: str, seeds: int, concepts_dir=Non
 
 
 def ceilings(pipe, name: str, images_dir: Path, seeds: int, prompts) -> dict:
-    """VAE round trip of the training images (judged), and the base model given the spelled-out concept."""
+    """VAE round trip of the training images (judged); the base model given the spelled-out concept; and the
+    base model given the superclass word, judged as the two-part object that word names, on the prompts whose
+    background it can be seen on: how often this model draws a composite it *has* a word for (trained on it
+    for tens of thousands of steps) on these prompts, the most a new word can hope for."""
     from PIL import Image
 
-    from perfusion_ext.toy.concepts import CONCEPTS, fidelity
+    from perfusion_ext.toy.concepts import CONCEPTS, composite_fidelity, fidelity
+    from perfusion_ext.toy.named import MIRRORABLE, NAMED
+    from perfusion_ext.toy.named import backgrounds as named_backgrounds
 
     vae = pipe.vae
     hits = []
@@ -161,6 +168,12 @@ def ceilings(pipe, name: str, images_dir: Path, seeds: int, prompts) -> dict:
     concept = CONCEPTS[name]
     if concept.in_range:
         out["spelled_out"] = measure(pipe, prompts, concept.composite.description(), name, seeds)
+    word = concept.superclass
+    if word in NAMED:
+        readable = [p for p in prompts if p[1] in named_backgrounds(word)]
+        out["superclass_word"] = measure(
+            pipe, readable, word, name, seeds,
+            judge=lambda image: composite_fidelity(image, NAMED[word], word in MIRRORABLE).is_concept)
     return out
 
 
