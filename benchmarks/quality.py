@@ -31,6 +31,7 @@ and with --update-readme the README table.
 from __future__ import annotations
 
 import argparse
+import collections
 import dataclasses
 import json
 import platform
@@ -112,8 +113,8 @@ def unseen_prompts(name: str, minimum: int = 30) -> list[tuple[str, str, str]]:
 
 def measure(pipe, prompts, subject: str, name: str, seeds: int, concepts_dir=None, beta=None, strength=None,
             judge=None) -> dict:
-    """Fidelity (the concept's judge, or `judge`), alignment (background and position), and for a tag the mean
-    gate on other tokens."""
+    """Fidelity (the concept's judge, or `judge`: image -> Fidelity) with the judge's reasons for the images it
+    rejected, alignment (background and position), and for a tag the mean gate on other tokens."""
     from perfusion_ext.pipelines.generate import generate
     from perfusion_ext.pipelines.inspect import inspect_prompt, mean_leak
     from perfusion_ext.toy.checkers import read_alignment
@@ -123,22 +124,26 @@ def measure(pipe, prompts, subject: str, name: str, seeds: int, concepts_dir=Non
     if strength is not None:
         options = f":{strength}" + options
     tagged = subject.replace(">", f"{options}>") if subject.startswith("<") else subject
+    judge = judge or (lambda image: fidelity(image, name))
     fid = align = bg_ok = pos_ok = n = 0
-    leaks = []
+    leaks, rejected = [], collections.Counter()
     for template, bg, pos in prompts:
         text = template.format(tagged)
         images, _ = generate(pipe, text, concepts_dir=concepts_dir, seed=0, n=seeds)
         for image in images:
             image = np.asarray(image)
             background, position = read_alignment(image)
-            fid += judge(image) if judge else fidelity(image, name).is_concept
+            verdict = judge(image)
+            fid += verdict.is_concept
+            rejected[verdict.reason] += not verdict.is_concept
             bg_ok += background == bg
             pos_ok += position == pos
             align += background == bg and position == pos
             n += 1
         if concepts_dir is not None and strength != 0:
             leaks.append(mean_leak(inspect_prompt(pipe, text, concepts_dir), name))
-    out = {"fidelity": fid / n, "alignment": align / n, "background": bg_ok / n, "position": pos_ok / n, "n": n}
+    out = {"fidelity": fid / n, "alignment": align / n, "background": bg_ok / n, "position": pos_ok / n, "n": n,
+           "rejected": {reason: count for reason, count in rejected.most_common() if count}}
     if leaks:
         out["leak"] = float(np.mean(leaks))
     return out
@@ -173,7 +178,7 @@ def ceilings(pipe, name: str, images_dir: Path, seeds: int, prompts) -> dict:
         readable = [p for p in prompts if p[1] in named_backgrounds(word)]
         out["superclass_word"] = measure(
             pipe, readable, word, name, seeds,
-            judge=lambda image: composite_fidelity(image, NAMED[word], word in MIRRORABLE).is_concept)
+            judge=lambda image: composite_fidelity(image, NAMED[word], word in MIRRORABLE))
     return out
 
 
@@ -270,11 +275,14 @@ def measure_row(pipe, backend, row: str, name: str, work: Path, steps, seed: int
 
 
 def mean_figures(results: list[dict]) -> dict:
-    """The mean of each figure over training seeds (n stays the images per seed); one result is itself."""
+    """The mean of each figure over training seeds (n stays the images per seed; the judge's reasons are summed
+    over every seed's images); one result is itself."""
     if len(results) == 1:
         return dict(results[0])
-    out = {key: float(np.mean([r[key] for r in results])) for key in results[0] if key != "n"}
+    out = {key: float(np.mean([r[key] for r in results])) for key in results[0] if key not in ("n", "rejected")}
     out["n"], out["training_seeds"] = results[0]["n"], len(results)
+    if "rejected" in results[0]:
+        out["rejected"] = dict(sum((collections.Counter(r["rejected"]) for r in results), collections.Counter()))
     return out
 
 

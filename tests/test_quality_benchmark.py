@@ -1,6 +1,7 @@
 """The quality benchmark's prompts and its smoke run (the full run is `python -m benchmarks.quality`)."""
 import json
 
+import numpy as np
 import pytest
 
 from benchmarks import quality
@@ -155,3 +156,23 @@ def test_figures_over_training_seeds_are_means():
     assert quality.mean_figures([one]) == one
     two = quality.mean_figures([one, {"fidelity": 0.25, "alignment": 0.5, "n": 168, "train_seconds": 70.0}])
     assert two == {"fidelity": 0.375, "alignment": 0.75, "train_seconds": 65.0, "n": 168, "training_seeds": 2}
+
+
+def test_the_judges_reasons_are_summed_over_training_seeds():
+    seeds = [{"fidelity": 0.5, "n": 4, "rejected": {"shapes": 2}},
+             {"fidelity": 0.25, "n": 4, "rejected": {"shapes": 1, "colours": 2}}]
+    assert quality.mean_figures(seeds)["rejected"] == {"shapes": 3, "colours": 2}
+
+
+def test_measure_counts_why_the_judge_rejected_images(monkeypatch):
+    from PIL import Image
+
+    from perfusion_ext.pipelines import generate as generate_module
+    from perfusion_ext.toy.concepts import render_concept
+
+    scenes = [render_concept("house", "left", "blue")[0], np.full((32, 32, 3), 255, np.uint8)]
+    monkeypatch.setattr(generate_module, "generate",
+                        lambda pipe, text, concepts_dir=None, seed=0, n=1: ([Image.fromarray(s) for s in scenes], []))
+    out = quality.measure(None, [("a {} on the left, blue background", "blue", "left")], "rocket", "house", 2)
+    assert out["fidelity"] == 0.5 and out["n"] == 2
+    assert out["rejected"] == {"0 parts": 1}
