@@ -26,30 +26,37 @@ def markdown_table(header: list[str], rows: list[list]) -> str:
 
 
 def scatter(points: list[tuple[float, float, str, tuple[int, int, int]]], path: Path, xlabel: str, ylabel: str,
-            size=(720, 480)) -> None:
-    """Points (x, y, label, colour) in [0, 1]² with labels; lines join points that share a label prefix."""
+            size=(720, 480), x_range=(0.0, 1.0), y_range=(0.0, 1.0)) -> None:
+    """Points (x, y, label, colour) with labels; lines join points that share a label prefix; a point with an
+    empty label is drawn small and unlabelled (context, not a result to read off)."""
     w, h = size
     m = 60
     img = Image.new("RGB", size, "white")
     d = ImageDraw.Draw(img)
     d.rectangle([m, 20, w - 20, h - m], outline="black")
-    for v in (0.0, 0.25, 0.5, 0.75, 1.0):
-        x = m + v * (w - m - 20)
-        y = (h - m) - v * (h - m - 20)
-        d.text((x - 8, h - m + 6), f"{v:.2f}", fill="black")
-        d.text((m - 34, y - 6), f"{v:.2f}", fill="black")
-    d.text((w // 2 - 40, h - 24), xlabel, fill="black")
-    d.text((6, 4), ylabel, fill="black")
 
     def xy(px, py):
-        return m + px * (w - m - 20), (h - m) - py * (h - m - 20)
+        fx = (px - x_range[0]) / (x_range[1] - x_range[0])
+        fy = (py - y_range[0]) / (y_range[1] - y_range[0])
+        return m + fx * (w - m - 20), (h - m) - fy * (h - m - 20)
 
+    for k in range(5):
+        vx = x_range[0] + k / 4 * (x_range[1] - x_range[0])
+        vy = y_range[0] + k / 4 * (y_range[1] - y_range[0])
+        d.text((xy(vx, 0)[0] - 8, h - m + 6), f"{vx:.2f}", fill="black")
+        d.text((m - 34, xy(0, vy)[1] - 6), f"{vy:.2f}", fill="black")
+    d.text((w // 2 - 40, h - 24), xlabel, fill="black")
+    d.text((6, 4), ylabel, fill="black")
     series: dict[str, list] = {}
     for px, py, label, colour in points:
-        series.setdefault(label.split(" ")[0], []).append((xy(px, py), colour))
         cx, cy = xy(px, py)
+        if not label:
+            d.ellipse([cx - 2, cy - 2, cx + 2, cy + 2], fill=colour)
+            continue
+        series.setdefault(label.split(" ")[0], []).append(((cx, cy), colour))
         d.ellipse([cx - 4, cy - 4, cx + 4, cy + 4], fill=colour)
-        d.text((cx + 6, cy - 6), label, fill=colour)
+        width = d.textlength(label)
+        d.text((cx + 6 if cx + 6 + width < w else cx - 6 - width, cy - 6), label, fill=colour)
     for items in series.values():
         if len(items) > 1:
             d.line([p for p, _ in items], fill=items[0][1], width=1)

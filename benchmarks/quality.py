@@ -74,6 +74,8 @@ BETAS = (0.5, 0.6, 0.7, 0.8, 0.9)
 TWO_CONCEPT_PAIRS = (("house", "lollipop", "horizontal"), ("signpost", "duotone", "vertical"))
 # rows measured with two concepts in one prompt (where both concepts have them), and their tag options
 TWO_CONCEPT_ROWS = (("perfusion", ""), ("no_leak_penalty", ""), ("with_context_gate", ""), ("textual_inversion", ":0"))
+# the two-concept table's rows: the methods, then the base model's ceilings
+TWO_CONCEPT_ORDER = tuple(row for row, _ in TWO_CONCEPT_ROWS) + ("base_spelled_out", "base_superclass_words")
 TWO_CONCEPT_TEMPLATES = {
     "horizontal": ("a {a} on the left, a {b} on the right, {bg} background",
                    "{bg} background, {a} at the left and {b} at the right"),
@@ -520,13 +522,15 @@ def publish(report: dict, update_readme: bool) -> None:
     """The trade-off plot (docs/quality_tradeoff.png) and, with `update_readme`, the README's two tables."""
     results, rows = report["concepts"], report["rows"]
     in_range = report["summary"]["in_range"]
-    points = [(v["alignment"], v["fidelity"], k, COLOURS.get(k, (0, 0, 0))) for k, v in in_range.items()
-              if v["fidelity"] is not None]
+    # the methods labelled; the recipe ablations as small grey dots around our default
+    points = [(v["alignment"], v["fidelity"], k if k in COLOURS else "", COLOURS.get(k, (150, 150, 150)))
+              for k, v in in_range.items() if v["fidelity"] is not None]
     sweep = [entry["beta_sweep"] for entry in results.values() if "beta_sweep" in entry and entry["in_range"]]
     points += [(float(np.mean([s[str(b)]["alignment"] for s in sweep])), float(np.mean([s[str(b)]["fidelity"] for s in sweep])),
-                f"perfusion β={b}", COLOURS["perfusion"]) for b in BETAS if sweep]
+                f"beta {b}", COLOURS["perfusion"]) for b in BETAS if sweep]
     scatter(points, ROOT / "docs" / "quality_tradeoff.png", "alignment (background and position obeyed)",
-            "fidelity (the strict judge recognises the concept)")
+            "fidelity (the strict judge recognises the concept; in-range concepts)", x_range=(0.6, 1.0),
+            y_range=(0.0, 0.8))
     if not update_readme:
         return
 
@@ -546,8 +550,8 @@ def publish(report: dict, update_readme: bool) -> None:
     pairs = [[label(row, pair in kept.get("two_concepts", {}).get(row, ())), pair, name, cell(v["fidelity_alone"]),
               cell(v["fidelity_together"]),
               "—" if not v["fidelity_alone"] else f"{v['fidelity_together'] / v['fidelity_alone']:.2f}×"]
-             for row, by_pair in report["two_concepts"].items() for pair, names in by_pair.items()
-             for name, v in names.items()]
+             for row, by_pair in sorted(report["two_concepts"].items(), key=lambda item: TWO_CONCEPT_ORDER.index(item[0]))
+             for pair, names in by_pair.items() for name, v in sorted(names.items(), key=lambda n: pair.index(n[0]))]
     splice_readme("quality-two", markdown_table(
         ["method", "prompt pair", "concept", "fidelity alone", "fidelity together", "together / alone"], pairs))
 

@@ -26,9 +26,12 @@ def test_quick_run_writes_every_figure_and_resumes(tmp_path):
     report = json.loads(out.read_text())
     assert report["complete"] and report["rows"] == ["perfusion", "textual_inversion"]
     entry = report["concepts"]["house"]
-    assert set(entry["ceilings"]) == {"vae_round_trip", "spelled_out"}
+    assert set(entry["ceilings"]) == {"vae_round_trip", "spelled_out", "superclass_word"}
+    # the superclass word is judged only on the prompts whose background shows both parts of its object
+    assert 0 < entry["ceilings"]["superclass_word"]["n"] <= 4
     for row in ("base", "perfusion", "textual_inversion"):
         assert 0 <= entry[row]["fidelity"] <= 1 and 0 <= entry[row]["alignment"] <= 1 and entry[row]["n"] == 4
+        assert sum(entry[row]["rejected"].values()) == round((1 - entry[row]["fidelity"]) * 4 * 2 ** (row != "base"))
     assert 0 <= entry["perfusion"]["leak"] <= 1 and "leak" not in entry["textual_inversion"]
     assert set(entry["beta_sweep"]) == {str(b) for b in quality.BETAS}
     # two training seeds: each seed's figures kept, the row is their mean, each trained into its own folder
