@@ -401,25 +401,26 @@ def merge_reports(reports: list[dict], earlier: dict | None = None) -> dict:
 
 
 def keep_unmeasured_rows(concepts: dict, two: dict, earlier: dict) -> dict:
-    """Copy into `concepts` and `two` (in place) the rows of `earlier` they lack; returns what was copied."""
+    """Copy into `concepts` and `two` (in place) the rows of `earlier` they lack; returns what was copied:
+    {"rows": {concept: [row, …]}, "two_concepts": {row: [pair, …]}}."""
     if not earlier.get("complete"):
         raise SystemExit("the earlier report is incomplete; keep rows only from a finished run")
     missing = sorted(set(earlier["concepts"]) - set(concepts))
     if missing:
         raise SystemExit(f"concept(s) {missing} of the earlier report were not rerun; rerun them or merge without it")
-    kept = {}
+    kept = {"rows": {}, "two_concepts": {}}
     for name, entry in concepts.items():
         old = earlier["concepts"].get(name, {})
         rows = [row for row in ROWS if row in old and row not in entry]
         entry.update({row: old[row] for row in rows})
         if rows:
-            kept[name] = rows
+            kept["rows"][name] = rows
     for row, by_pair in earlier.get("two_concepts", {}).items():
         pairs = [pair for pair in by_pair if pair not in two.get(row, {})]
         two.setdefault(row, {}).update({pair: by_pair[pair] for pair in pairs})
         if pairs:
-            kept.setdefault("two_concepts", {})[row] = pairs
-    return kept
+            kept["two_concepts"][row] = pairs
+    return {part: by for part, by in kept.items() if by}
 
 
 def write_report(out: Path, report: dict) -> None:
@@ -538,7 +539,7 @@ def publish(report: dict, update_readme: bool) -> None:
         return "—" if v is None else f"{v:.1%}" if v <= 1 else f"{v:.2f}"
 
     kept = report.get("kept_from_earlier_run", {})
-    kept_rows = {row for name, by in kept.items() if name != "two_concepts" for row in by}
+    kept_rows = {row for rows in kept.get("rows", {}).values() for row in rows}
 
     def label(row, was_kept):
         return f"{row} (earlier run)" if was_kept else row

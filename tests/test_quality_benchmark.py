@@ -137,7 +137,7 @@ def test_a_rerun_of_some_rows_keeps_the_others_from_the_earlier_report():
     house = merged["concepts"]["house"]
     assert house["perfusion"]["fidelity"] == 0.5 and house["textual_inversion"]["fidelity"] == 0.1
     assert merged["rows"] == ["perfusion", "textual_inversion"]
-    assert merged["kept_from_earlier_run"] == {"house": ["textual_inversion"],
+    assert merged["kept_from_earlier_run"] == {"rows": {"house": ["textual_inversion"]},
                                                "two_concepts": {"textual_inversion": ["house+lollipop"]}}
     assert merged["two_concepts"]["perfusion"]["house+lollipop"] == {"x": 1}
     assert "kept_from_earlier_run" not in quality.merge_reports([rerun])
