@@ -26,11 +26,25 @@ def test_every_word_is_one_token_and_no_concept_is_named(tokenizer):
         assert spec not in concept_specs and mirrored not in concept_specs, word
 
 
+def test_added_words_take_new_colour_pairs_in_the_first_words_arrangements():
+    arrangements = {}
+    for word, spec in named.NAMED.items():
+        arrangements.setdefault((spec.shape_a, spec.size_a, spec.relation, spec.shape_b, spec.size_b), []).append(
+            (spec.colour_a, spec.colour_b))
+    assert len(arrangements) == 10 and all(len(pairs_) == 4 for pairs_ in arrangements.values())
+    assert all(len(set(pairs_)) == 4 for pairs_ in arrangements.values())
+    for name in (c for c in CONCEPTS if CONCEPTS[c].in_range):  # neither the concept's colours nor their swap
+        spec = CONCEPTS[name].composite
+        taken = arrangements[(spec.shape_a, spec.size_a, spec.relation, spec.shape_b, spec.size_b)]
+        assert (spec.colour_a, spec.colour_b) not in taken and (spec.colour_b, spec.colour_a) not in taken, name
+
+
 def test_renders_are_judged_as_themselves_and_nothing_else():
     rng = np.random.default_rng(0)
     found = [(*named.random_scene(rng), "") for _ in range(200)]
     images = np.stack([pairs.render(scene) for _, scene, _ in found])
-    assert score_named(images, found) == {"named": 1.0, "named_background": 1.0, "named_position": 1.0}
+    assert score_named(images, found) == {"named": 1.0, "named_background": 1.0, "named_position": 1.0,
+                                          "named_first_words": 1.0, "named_added_words": 1.0}
     for (word, _, _), image in zip(found, images):
         others = [w for w in named.NAMED if w != word]
         assert not any(composite_fidelity(image, named.NAMED[w], w in named.MIRRORABLE).is_concept for w in others)

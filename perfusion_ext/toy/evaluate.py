@@ -104,14 +104,21 @@ def evaluate_pairs(pipe, n_prompts: int = 120, seed: int = 0, grid_path: Path | 
 
 
 def score_named(images: np.ndarray, found: list[tuple[str, pairs.PairScene, str]]) -> dict[str, float]:
-    """Share of images the strict composite judge reads as the named object, and background and position."""
+    """Share of images the strict composite judge reads as the named object (over all words, and over the
+    first ten and the added words apart where the prompts have both), and background and position."""
     hits = {"named": 0, "named_background": 0, "named_position": 0}
+    by_group = {"named_first_words": [], "named_added_words": []}
     for img, (word, scene, _) in zip(images, found):
-        hits["named"] += composite_fidelity(img, named.NAMED[word], word in named.MIRRORABLE).is_concept
+        right = composite_fidelity(img, named.NAMED[word], word in named.MIRRORABLE).is_concept
+        hits["named"] += right
+        by_group["named_added_words" if word in named.ADDED_WORDS else "named_first_words"].append(right)
         background, position = checkers.read_alignment(img)
         hits["named_background"] += background == scene.background
         hits["named_position"] += position == scene.position
-    return {k: v / len(found) for k, v in hits.items()}
+    result = {k: v / len(found) for k, v in hits.items()}
+    if all(by_group.values()):
+        result.update({k: float(np.mean(v)) for k, v in by_group.items()})
+    return result
 
 
 def evaluate_named(pipe, n_prompts: int = 60, seed: int = 0, grid_path: Path | None = None) -> dict:

@@ -18,7 +18,7 @@ import numpy as np
 from . import world
 from .pairs import Composite, PairScene
 
-NAMED: dict[str, Composite] = {
+_FIRST_WORDS: dict[str, Composite] = {
     "rocket": Composite("white", "triangle", 11.0, "above", "blue", "square", 11.0),
     "tree": Composite("green", "triangle", 11.0, "above", "black", "square", 9.0),
     "lantern": Composite("green", "circle", 9.0, "above", "yellow", "square", 11.0),
@@ -30,7 +30,54 @@ NAMED: dict[str, Composite] = {
     "domino": Composite("black", "square", 9.0, "left", "white", "square", 9.0),
     "glasses": Composite("blue", "circle", 9.0, "left", "black", "circle", 9.0),
 }
-MIRRORABLE = frozenset({"rocket", "tree", "lantern", "mushroom", "tower", "bell", "glasses"})
+# Three more words per arrangement of the first ten, in other colour pairs: each colour used ten times,
+# never a concept's pair or its swap, a mirror image of another word, or a pair that a word of a similar
+# arrangement has (the judge's size tolerance would read one as the other). With ten words the model had
+# learnt ten fixed looks; a concept is a new word asking for a new colour pair in a known arrangement,
+# which only a model that has learnt many colour pairs per arrangement, one word each, renders from one token.
+ADDED_WORDS: dict[str, Composite] = {
+    "kite": Composite("black", "triangle", 11.0, "above", "yellow", "square", 11.0),  # as rocket
+    "lamp": Composite("blue", "triangle", 11.0, "above", "red", "square", 11.0),
+    "robot": Composite("white", "triangle", 11.0, "above", "green", "square", 11.0),
+    "hat": Composite("black", "triangle", 11.0, "above", "blue", "square", 9.0),  # as tree
+    "candle": Composite("yellow", "triangle", 11.0, "above", "red", "square", 9.0),
+    "key": Composite("white", "triangle", 11.0, "above", "yellow", "square", 9.0),
+    "boat": Composite("black", "circle", 9.0, "above", "red", "square", 11.0),  # as lantern
+    "car": Composite("blue", "circle", 9.0, "above", "green", "square", 11.0),
+    "cup": Composite("yellow", "circle", 9.0, "above", "white", "square", 11.0),
+    "drum": Composite("green", "circle", 11.0, "above", "black", "square", 9.0),  # as mushroom
+    "clock": Composite("blue", "circle", 11.0, "above", "yellow", "square", 9.0),
+    "chair": Composite("white", "circle", 11.0, "above", "red", "square", 9.0),
+    "bottle": Composite("black", "square", 11.0, "above", "green", "square", 11.0),  # as tower
+    "shoe": Composite("white", "square", 11.0, "above", "yellow", "square", 11.0),
+    "book": Composite("red", "square", 11.0, "above", "blue", "square", 11.0),
+    "door": Composite("red", "triangle", 11.0, "above", "green", "circle", 9.0),  # as bell
+    "window": Composite("yellow", "triangle", 11.0, "above", "black", "circle", 9.0),
+    "bird": Composite("white", "triangle", 11.0, "above", "blue", "circle", 9.0),
+    "fish": Composite("red", "square", 11.0, "left", "white", "triangle", 9.0),  # as arrow
+    "cat": Composite("black", "square", 11.0, "left", "green", "triangle", 9.0),
+    "dog": Composite("red", "square", 11.0, "left", "yellow", "triangle", 9.0),
+    "apple": Composite("blue", "square", 11.0, "left", "white", "square", 9.0),  # as flag
+    "cake": Composite("black", "square", 11.0, "left", "green", "square", 9.0),
+    "bus": Composite("blue", "square", 11.0, "left", "yellow", "square", 9.0),
+    "truck": Composite("green", "square", 9.0, "left", "black", "square", 9.0),  # as domino
+    "plane": Composite("yellow", "square", 9.0, "left", "red", "square", 9.0),
+    "ship": Composite("red", "square", 9.0, "left", "white", "square", 9.0),
+    "fork": Composite("white", "circle", 9.0, "left", "green", "circle", 9.0),  # as glasses
+    "spoon": Composite("red", "circle", 9.0, "left", "black", "circle", 9.0),
+    "bowl": Composite("yellow", "circle", 9.0, "left", "blue", "circle", 9.0),
+}
+NAMED: dict[str, Composite] = {**_FIRST_WORDS, **ADDED_WORDS}
+_MIRRORABLE_FIRST = frozenset({"rocket", "tree", "lantern", "mushroom", "tower", "bell", "glasses"})
+
+
+def _arrangement(spec: Composite) -> tuple:
+    return spec.shape_a, spec.size_a, spec.relation, spec.shape_b, spec.size_b
+
+
+# A word may be drawn mirrored where the first word of its arrangement may.
+MIRRORABLE = frozenset(w for w, spec in NAMED.items()
+                       if any(_arrangement(spec) == _arrangement(_FIRST_WORDS[m]) for m in _MIRRORABLE_FIRST))
 # Size words scale both parts ("a small rocket"), as size words scale the one-object shapes; without them
 # "a small <concept>" was a prompt the model had never seen for any named object, and drew one square.
 # Captions without a size word draw the object at scale 1, as often as both size words together.
