@@ -27,6 +27,11 @@ applied at strength 0 so only the learned word acts); Perfusion without key lock
 DreamBooth with prior preservation (ceilings). A β sweep for our recipe, and two concepts in one prompt
 ("<a> on the left, <b> on the right", or top and bottom). Results: benchmarks/results/quality.json, docs/quality_tradeoff.png,
 and with --update-readme the README table.
+
+Controls (`--concepts mushroom_control rocket_control`, never by default): objects the base model already
+draws from a word of their own, learned like the concepts under another named word; averaged apart from the
+concepts, with a fourth ceiling, the base model given the object's own word. They say whether a concept's
+fidelity is limited by the recipe or by what the base model can render.
 """
 from __future__ import annotations
 
@@ -92,11 +97,11 @@ def unseen_prompts(name: str, minimum: int = 30) -> list[tuple[str, str, str]]:
     """(prompt template with {} for the subject, background, position): every readable background ×
     position pair the training images never showed, phrased in turn with size words, background first
     and a style prefix; repeated with other phrasings until there are at least `minimum`."""
-    from perfusion_ext.toy.concepts import CONCEPTS, training_scenes
+    from perfusion_ext.toy.concepts import get_concept, training_scenes
     from perfusion_ext.toy.world import POSITION_PHRASES, POSITIONS
 
     seen = {(s["background"], s["position"]) for s in training_scenes(name)}
-    pairs = [(bg, pos) for bg in CONCEPTS[name].readable_backgrounds() for pos in POSITIONS if (bg, pos) not in seen]
+    pairs = [(bg, pos) for bg in get_concept(name).readable_backgrounds() for pos in POSITIONS if (bg, pos) not in seen]
     phrasings = (
         "a photo of a {{}} {pos}, {bg} background",
         "{bg} background, a small {{}} {pos}",
@@ -155,10 +160,11 @@ def ceilings(pipe, name: str, images_dir: Path, seeds: int, prompts) -> dict:
     """VAE round trip of the training images (judged); the base model given the spelled-out concept; and the
     base model given the superclass word, judged as the two-part object that word names, on the prompts whose
     background it can be seen on: how often this model draws a composite it *has* a word for (trained on it
-    for tens of thousands of steps) on these prompts, the most a new word can hope for."""
+    for tens of thousands of steps) on these prompts, the most a new word can hope for. A control has a fourth:
+    the base model given the object's own word, judged as the control."""
     from PIL import Image
 
-    from perfusion_ext.toy.concepts import CONCEPTS, composite_fidelity, fidelity
+    from perfusion_ext.toy.concepts import composite_fidelity, fidelity, get_concept
     from perfusion_ext.toy.named import MIRRORABLE, NAMED
     from perfusion_ext.toy.named import backgrounds as named_backgrounds
 
@@ -172,9 +178,11 @@ def ceilings(pipe, name: str, images_dir: Path, seeds: int, prompts) -> dict:
         image = ((recon.float().clamp(-1, 1) + 1) * 127.5).round().byte().permute(1, 2, 0).numpy()
         hits.append(fidelity(image, name).is_concept)
     out = {"vae_round_trip": float(np.mean(hits))}
-    concept = CONCEPTS[name]
+    concept = get_concept(name)
     if concept.in_range:
         out["spelled_out"] = measure(pipe, prompts, concept.composite.description(), name, seeds)
+    if concept.known_as:
+        out["known_word"] = measure(pipe, prompts, concept.known_as, name, seeds)
     word = concept.superclass
     if word in NAMED:
         readable = [p for p in prompts if p[1] in named_backgrounds(word)]
@@ -192,10 +200,10 @@ def training_changes(row: str, concept) -> dict:
 def train_row(pipe, backend, row: str, name: str, work: Path, steps: int | None, seed: int,
               folder_name: str | None = None) -> tuple[Path, float]:
     """Train one row's concept into work/`folder_name` (default NAME-ROW); returns (concepts folder, seconds)."""
-    from perfusion_ext.toy.concepts import CONCEPTS, write_training_set
+    from perfusion_ext.toy.concepts import get_concept, write_training_set
     from perfusion_ext.training import TrainConfig, train
 
-    concept = CONCEPTS[name]
+    concept = get_concept(name)
     changes = training_changes(row, concept)
     images = write_training_set(name, work / f"{name}-{row}-images", n=6, varied_captions=changes.pop("varied_captions", True))
     factor = changes.pop("steps_factor", 1)
@@ -212,11 +220,12 @@ def train_row(pipe, backend, row: str, name: str, work: Path, steps: int | None,
 
 def run_concept(pipe, backend, name: str, rows, seeds: int, steps, work: Path, seed: int,
                 max_prompts: int | None = None, training_seeds: int = 1) -> dict:
-    from perfusion_ext.toy.concepts import CONCEPTS, write_training_set
+    from perfusion_ext.toy.concepts import CONTROLS, get_concept, write_training_set
 
-    concept = CONCEPTS[name]
+    concept = get_concept(name)
     prompts = unseen_prompts(name)[:max_prompts]
     entry = {"superclass": concept.superclass, "in_range": concept.in_range, "mirrorable": concept.mirrorable,
+             "control": name in CONTROLS,
              "prompts": [t for t, _, _ in prompts],
              "ceilings": ceilings(pipe, name, write_training_set(name, work / f"{name}-ceiling"), seeds, prompts),
              "base": measure(pipe, prompts, concept.superclass, name, seeds)}
@@ -248,10 +257,10 @@ def measure_row(pipe, backend, row: str, name: str, work: Path, steps, seed: int
     from baselines import trained_weights
 
     from perfusion_ext.core.concept import save_concept
-    from perfusion_ext.toy.concepts import CONCEPTS, write_training_set
+    from perfusion_ext.toy.concepts import get_concept, write_training_set
     from perfusion_ext.training import TrainConfig
 
-    concept, tag = CONCEPTS[name], f"<perfusion:{name}>"
+    concept, tag = get_concept(name), f"<perfusion:{name}>"
     folder_name = f"{name}-{row}" + (f"-seed{seed}" if replicate else "")
     baseline = ROWS[row].get("baseline")
     sweep = None
@@ -352,13 +361,18 @@ def two_subject_fidelity(pipe, layout: str, backgrounds, subjects: dict, judges:
 
 
 def summarise(results: dict, rows) -> dict:
+    """Means over the in-range concepts, the out-of-range ones and (where measured) the controls, apart."""
+    def group_of(entry):
+        return "controls" if entry.get("control") else "in_range" if entry["in_range"] else "out_of_range"
+
     def mean(group, key, metric):
-        values = [c[key][metric] for c in results.values() if c["in_range"] == group and key in c and metric in c[key]]
+        values = [c[key][metric] for c in results.values() if group_of(c) == group and key in c and metric in c[key]]
         return float(np.mean(values)) if values else None
 
-    return {group_name: {key: {m: mean(group, key, m) for m in ("fidelity", "alignment", "leak")}
-                         for key in ("base",) + tuple(rows)}
-            for group_name, group in (("in_range", True), ("out_of_range", False))}
+    groups = ("in_range", "out_of_range") + (("controls",) if any(c.get("control") for c in results.values()) else ())
+    return {group: {key: {m: mean(group, key, m) for m in ("fidelity", "alignment", "leak")}
+                    for key in ("base",) + tuple(rows)}
+            for group in groups}
 
 
 def previous_report(out: Path, settings: dict) -> dict | None:
@@ -432,10 +446,12 @@ def write_report(out: Path, report: dict) -> None:
 
 
 def main(argv=None) -> int:
-    from perfusion_ext.toy.concepts import CONCEPTS, IN_RANGE
+    from perfusion_ext.toy.concepts import CONCEPTS, CONTROLS, IN_RANGE
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--concepts", nargs="+", default=list(CONCEPTS), choices=list(CONCEPTS))
+    p.add_argument("--concepts", nargs="+", default=list(CONCEPTS), choices=list(CONCEPTS) + list(CONTROLS),
+                   help="the concepts to measure (default: all); the controls, objects the base model already "
+                        "names learned as concepts under another word, only when named here")
     p.add_argument("--rows", nargs="+", default=list(DEFAULT_ROWS), choices=list(ROWS))
     p.add_argument("--seeds", type=int, default=4, help="images per prompt (one seed each)")
     p.add_argument("--steps", type=int, default=None, help="training steps (default: the toy family's)")

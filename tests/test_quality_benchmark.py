@@ -5,15 +5,15 @@ import numpy as np
 import pytest
 
 from benchmarks import quality
-from perfusion_ext.toy.concepts import CONCEPTS, training_scenes
+from perfusion_ext.toy.concepts import CONCEPTS, CONTROLS, get_concept, training_scenes
 
 
-@pytest.mark.parametrize("name", list(CONCEPTS))
+@pytest.mark.parametrize("name", list(CONCEPTS) + list(CONTROLS))
 def test_unseen_prompts(name):
     prompts = quality.unseen_prompts(name)
     assert len(prompts) >= 30 and len({p for p, _, _ in prompts}) == len(prompts)
     seen = {(s["background"], s["position"]) for s in training_scenes(name)}
-    assert all((bg, pos) not in seen and bg in CONCEPTS[name].readable_backgrounds() for _, bg, pos in prompts)
+    assert all((bg, pos) not in seen and bg in get_concept(name).readable_backgrounds() for _, bg, pos in prompts)
     assert all(p.count("{}") == 1 for p, _, _ in prompts)
     assert any(p.startswith(bg) for p, bg, _ in prompts) and any(" small " in p for p, _, _ in prompts)
 
@@ -152,6 +152,21 @@ def test_a_rerun_of_some_rows_keeps_the_others_from_the_earlier_report():
 def test_training_seeds_must_be_positive(tmp_path):
     with pytest.raises(SystemExit):
         quality.main(["--training-seeds", "0", "--out", str(tmp_path / "q.json")])
+
+
+def test_controls_are_averaged_apart_from_the_concepts():
+    def entry(fidelity, in_range=True, control=False):
+        return {"in_range": in_range, "control": control, "base": {"fidelity": 0.0, "alignment": 1.0},
+                "perfusion": {"fidelity": fidelity, "alignment": 0.9, "leak": 0.01}}
+
+    results = {"house": entry(0.4), "lollipop": entry(0.2), "teddy": entry(0.1, in_range=False),
+               "mushroom_control": entry(0.8, control=True)}
+    summary = quality.summarise(results, ["perfusion"])
+    assert summary["in_range"]["perfusion"]["fidelity"] == pytest.approx(0.3)
+    assert summary["out_of_range"]["perfusion"]["fidelity"] == pytest.approx(0.1)
+    assert summary["controls"]["perfusion"]["fidelity"] == pytest.approx(0.8)
+    del results["mushroom_control"]
+    assert set(quality.summarise(results, ["perfusion"])) == {"in_range", "out_of_range"}
 
 
 def test_figures_over_training_seeds_are_means():

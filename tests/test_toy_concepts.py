@@ -7,6 +7,7 @@ import pytest
 from perfusion_ext.toy import named, pairs, world
 from perfusion_ext.toy.concepts import (
     CONCEPTS,
+    CONTROLS,
     IN_RANGE,
     OUT_OF_RANGE,
     fidelity,
@@ -75,6 +76,19 @@ def test_judge_rejects_the_superclass_alone():
         assert spec.relation == CONCEPTS[name].composite.relation
         for background in named.backgrounds(superclass):
             assert not fidelity(pairs.render(spec.scene("centre", background)), name).is_concept
+
+
+@pytest.mark.parametrize("name", list(CONTROLS))
+def test_controls_are_named_objects_under_another_named_word(name):
+    control = CONTROLS[name]
+    assert control.composite == named.NAMED[control.known_as] and control.superclass in named.NAMED
+    assert control.superclass != control.known_as and name not in CONCEPTS
+    assert control.mirrorable == (control.known_as in named.MIRRORABLE)
+    assert not set(control.backgrounds) & {control.composite.colour_a, control.composite.colour_b}
+    for background in control.readable_backgrounds():
+        assert fidelity(render_concept(name, "left", background)[0], name).is_concept
+    superclass = named.NAMED[control.superclass]
+    assert not fidelity(pairs.render(superclass.scene("centre", named.backgrounds(control.superclass)[0])), name).is_concept
 
 
 def test_training_captions_vary_and_name_background_and_position(tmp_path):

@@ -23,6 +23,7 @@ import numpy as np
 from PIL import Image
 
 from . import checkers, pairs
+from .named import MIRRORABLE, NAMED
 from .pairs import MIRROR, Composite
 from .world import COLOURS, IMAGE_SIZE, POSITION_PHRASES, POSITIONS, SHAPES, TRAIN_TEMPLATES, _grid, shape_mask
 
@@ -73,6 +74,7 @@ class ToyConcept:
     composite: Composite | None = None
     mirrorable: bool = True  # a horizontal flip shows the same object (training may flip it)
     min_correlation: float = 0.75  # sprites: the judge's reject threshold, calibrated on random blobs
+    known_as: str | None = None  # controls: the word the base model already draws this object from
 
     @property
     def in_range(self) -> bool:
@@ -108,10 +110,33 @@ IN_RANGE = tuple(n for n, c in CONCEPTS.items() if c.in_range)
 OUT_OF_RANGE = tuple(n for n, c in CONCEPTS.items() if not c.in_range)
 
 
+def _control(name: str, word: str, superclass: str) -> ToyConcept:
+    spec = NAMED[word]
+    backgrounds = tuple(c for c in ("blue", "green", "yellow", "white", "black", "red")
+                        if c not in (spec.colour_a, spec.colour_b))[:3]
+    return dataclasses.replace(_composite(name, superclass, backgrounds, spec, mirrorable=word in MIRRORABLE),
+                               known_as=word)
+
+
+# Controls, which settle whether a concept's fidelity is limited by the recipe or by what the base model can
+# render: objects the base model already draws from a word of their own, learned exactly like the concepts
+# but under another named word as the superclass (so the superclass gives nothing of their look away).
+# Not concepts: they are not part of the concepts' means, and the benchmark runs them only when asked.
+CONTROLS = {
+    "mushroom_control": _control("mushroom_control", "mushroom", superclass="lantern"),
+    "rocket_control": _control("rocket_control", "rocket", superclass="tree"),
+}
+
+
+def get_concept(name: str) -> ToyConcept:
+    """A toy concept or control by name."""
+    return CONCEPTS[name] if name in CONCEPTS else CONTROLS[name]
+
+
 def render_concept(name: str, position: str, background: str, side: float = 13.0, dx=0.0, dy=0.0,
                    mirrored: bool = False):
     """(uint8 image, bool mask) of the concept at a named position (composites keep their own sizes)."""
-    concept = CONCEPTS[name]
+    concept = get_concept(name)
     if concept.in_range:
         scene = concept.composite.scene(position, background, dx, dy, mirrored)
         mask_a, mask_b = pairs.part_masks(scene)
@@ -128,7 +153,7 @@ def render_concept(name: str, position: str, background: str, side: float = 13.0
 
 def training_scenes(name: str, n: int = 6, seed: int = 0) -> list[dict]:
     """The scenes of a concept's training set: background, position, size and jitter per image."""
-    concept = CONCEPTS[name]
+    concept = get_concept(name)
     rng = np.random.default_rng(seed)
     positions = list(POSITIONS)
     order = rng.permutation(len(positions))  # with backgrounds cycling too, no (background, position) repeats
@@ -205,8 +230,9 @@ class Fidelity:
 
 def fidelity(img: np.ndarray, name: str) -> Fidelity:
     """Does the image show the concept? Strict, with a reason when it does not."""
-    if CONCEPTS[name].in_range:
-        return composite_fidelity(img, CONCEPTS[name].composite, CONCEPTS[name].mirrorable)
+    concept = get_concept(name)
+    if concept.in_range:
+        return composite_fidelity(img, concept.composite, concept.mirrorable)
     return _sprite_fidelity(img, name)
 
 
