@@ -54,7 +54,7 @@ def cmd_train(args) -> int:
         masks_dir=args.masks, mode=args.mode, description=args.description, flip=args.flip,
         init_from_captions=args.init_from_captions, background_distill=args.background_distill,
         embedding_pull=args.embedding_pull, leak_penalty=args.leak_penalty, context_gate=args.context_gate,
-        phrasing_gate=args.phrasing_gate,
+        phrasing_gate=args.phrasing_gate, leading_object=args.leading_object,
         train_beta=args.train_beta, train_tau=args.train_tau,
     )
     if args.paper_recipe:
@@ -278,6 +278,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--phrasing-gate", type=_bounded("phrasing_gate"), default=defaults["phrasing_gate"],
                    help="weight of keeping the concept's own gate open after a size word or a style prefix "
                         "(on, 1; 0 turns it off)")
+    p.add_argument("--leading-object", type=_bounded("leading_object"), default=defaults["leading_object"],
+                   help="share of training captions that start with another object's clause (\"a SUPERCLASS on "
+                        "the left, …\"), so the concept also works as the second object of a prompt (0 to 1)")
     p.add_argument("--train-beta", type=_bounded("train_beta"), default=None,
                    help="the gate's β during training (default: the concept's inference β, 0.7; the paper: 0.75)")
     p.add_argument("--train-tau", type=_bounded("train_tau"), default=None,
