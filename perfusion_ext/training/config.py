@@ -111,7 +111,8 @@ LIMITS: dict[str, tuple[type, float, float]] = {
 }
 # The recipe of the paper and of the public re-implementations: every fix above off, flips on.
 PAPER_RECIPE: dict[str, Any] = {"flip": True, "init_from_captions": False, "background_distill": 0.0,
-                                "embedding_pull": 0.0, "leak_penalty": 0.0, "context_gate": 0.0, "phrasing_gate": 0.0, "leading_object": 0.0,
+                                "embedding_pull": 0.0, "leak_penalty": 0.0, "context_gate": 0.0, "phrasing_gate": 0.0,
+                                "leading_object": 0.0,
                                 "train_beta": 0.75, "train_tau": 0.1}
 
 
