@@ -77,10 +77,14 @@ BETAS = (0.5, 0.6, 0.7, 0.8, 0.9)
 # Two concepts in one 32 px image only fit side by side when both are narrow (the upright composites, 11 px
 # wide) and one above the other when both are flat (the horizontal ones, ≤ 11 px tall).
 TWO_CONCEPT_PAIRS = (("house", "lollipop", "horizontal"), ("signpost", "duotone", "vertical"))
-# rows measured with two concepts in one prompt (where both concepts have them), and their tag options
-TWO_CONCEPT_ROWS = (("perfusion", ""), ("no_leak_penalty", ""), ("with_context_gate", ""), ("textual_inversion", ":0"))
+# rows measured with two concepts in one prompt (where both concepts have the trained row): (label, the row whose
+# concepts it uses, their tag options, competitive gates)
+TWO_CONCEPT_ROWS = (("perfusion", "perfusion", "", False), ("perfusion_competitive_gates", "perfusion", "", True),
+                    ("no_leak_penalty", "no_leak_penalty", "", False),
+                    ("with_context_gate", "with_context_gate", "", False),
+                    ("textual_inversion", "textual_inversion", ":0", False))
 # the two-concept table's rows: the methods, then the base model's ceilings
-TWO_CONCEPT_ORDER = tuple(row for row, _ in TWO_CONCEPT_ROWS) + ("base_spelled_out", "base_superclass_words")
+TWO_CONCEPT_ORDER = tuple(label for label, *_ in TWO_CONCEPT_ROWS) + ("base_spelled_out", "base_superclass_words")
 TWO_CONCEPT_TEMPLATES = {
     "horizontal": ("a {a} on the left, a {b} on the right, {bg} background",
                    "{bg} background, {a} at the left and {b} at the right"),
@@ -299,8 +303,8 @@ def mean_figures(results: list[dict]) -> dict:
 
 def two_concepts(pipe, results: dict, work: Path, seeds: int) -> dict:
     """"<a> on the left, <b> on the right" (or top and bottom): each concept judged in its half, against its
-    fidelity alone; for our recipe (with and without the leak penalty) and, beside it, two textual
-    inversions in one prompt (their words alone: strength 0). Two ceilings on the same prompts: the base
+    fidelity alone; for our recipe (with plain and with competitive gates, and without the leak penalty) and,
+    beside it, two textual inversions in one prompt (their words alone: strength 0). Two ceilings on the same prompts: the base
     model given both concepts spelled out, and given the two superclass words (each half judged as its
     named object: can the base model draw two named objects in this layout at all?)."""
     from perfusion_ext.toy import world
@@ -314,7 +318,7 @@ def two_concepts(pipe, results: dict, work: Path, seeds: int) -> dict:
             continue
         backgrounds = [c for c in CONCEPTS[a].readable_backgrounds() if c in CONCEPTS[b].readable_backgrounds()]
         judges = {n: (lambda image, n=n: fidelity(image, n).is_concept) for n in (a, b)}
-        for row, option in TWO_CONCEPT_ROWS:
+        for label, row, option, competitive in TWO_CONCEPT_ROWS:
             if not all(row in results[n] for n in (a, b)):
                 continue
             folder = work / f"two-{row}-{a}-{b}"
@@ -323,8 +327,8 @@ def two_concepts(pipe, results: dict, work: Path, seeds: int) -> dict:
                 (folder / f"{n}.safetensors").write_bytes((work / f"{n}-{row}" / f"{n}.safetensors").read_bytes())
             subjects = {n: f"<perfusion:{n}{option}>" for n in (a, b)}
             alone = {n: results[n][row]["fidelity"] for n in (a, b)}
-            out.setdefault(row, {})[f"{a}+{b}"] = two_subject_fidelity(
-                pipe, layout, backgrounds, subjects, judges, alone, seeds, folder)
+            out.setdefault(label, {})[f"{a}+{b}"] = two_subject_fidelity(
+                pipe, layout, backgrounds, subjects, judges, alone, seeds, folder, competitive)
         spelled = {n: CONCEPTS[n].composite.description() for n in (a, b)}
         alone = {n: results[n]["ceilings"]["spelled_out"]["fidelity"] for n in (a, b)}
         out.setdefault("base_spelled_out", {})[f"{a}+{b}"] = two_subject_fidelity(
@@ -342,7 +346,7 @@ def two_concepts(pipe, results: dict, work: Path, seeds: int) -> dict:
 
 
 def two_subject_fidelity(pipe, layout: str, backgrounds, subjects: dict, judges: dict, alone: dict, seeds: int,
-                         concepts_dir: Path | None = None) -> dict:
+                         concepts_dir: Path | None = None, competitive: bool = False) -> dict:
     """Each subject's share of images judged right in its own half, beside its fidelity alone."""
     from perfusion_ext.pipelines.generate import generate
     from perfusion_ext.toy.two_named import halves
@@ -352,7 +356,7 @@ def two_subject_fidelity(pipe, layout: str, backgrounds, subjects: dict, judges:
     for bg in backgrounds:
         for template in TWO_CONCEPT_TEMPLATES[layout]:
             images, _ = generate(pipe, template.format(a=subjects[a], b=subjects[b], bg=bg), concepts_dir=concepts_dir,
-                                 n=seeds)
+                                 n=seeds, competitive_gates=competitive)
             for image in images:
                 for name, half in zip((a, b), halves(np.asarray(image), layout)):
                     hits[name] += judges[name](half)

@@ -3,7 +3,7 @@
 Public API (pinned):
     load_concept(path) -> Concept          validated concept file
     save_concept(concept, path)            atomic write
-    activate(unet, concepts, strength=1.0, beta=None, tau=None)   context manager
+    activate(unet, concepts, strength=1.0, beta=None, tau=None, competitive=False)   context manager
     PerfusionError                         every user-fixable problem (a ValueError)
     load_pipeline("toy" | DIR | FILE)      a diffusers StableDiffusionPipeline, offline
 

@@ -96,3 +96,28 @@ def test_cli_inspect_prompt_json_and_file(pipe, tmp_path, capsys, monkeypatch):
     assert cli_main(["inspect", str(tmp_path / "teddy.safetensors")]) == 0
     assert "teddy" in capsys.readouterr().out
     assert cli_main(["inspect"]) != 0
+
+
+def test_competitive_gates_leave_each_token_its_most_open_gate(pipe, tmp_path, capsys, monkeypatch):
+    import perfusion_ext.pipelines.loading as loading
+
+    concept_locked_to(pipe, lambda e: e.concept_positions[0]["teddy"][0], tmp_path)
+    ring = make_concept(pipe.unet, name="ring", family="toy", superclass="circle")
+    ring.embeddings = {"clip_l": torch.randn(1, 128)}
+    encoded = encoding(pipe, ring, "a <perfusion:teddy> on a white background")
+    ring.target_input = encoded.hidden[0, 4].detach().clone()  # "a", "teddy", "on", "a": the ring sits on "a"
+    ring.target_input_cinv = ring.target_input.clone()
+    pf.save_concept(ring, tmp_path / "ring.safetensors")
+    prompt = "a <perfusion:teddy> on a <perfusion:ring> and a white background"
+    plain = inspect_prompt(pipe, prompt, concepts_dir=tmp_path)
+    monkeypatch.setattr(loading, "load_pipeline", lambda *a, **k: pipe)
+    assert cli_main(["inspect", "--concepts", str(tmp_path), "--prompt", prompt, "--json", "--competitive-gates"]) == 0
+    competitive = json.loads(capsys.readouterr().out)
+    assert [t["s"] for t in competitive["tokens"]] == [t["s"] for t in plain["tokens"]]
+    for mine, theirs in zip(competitive["tokens"], plain["tokens"]):
+        strongest = max(theirs["gate"], key=theirs["gate"].get)
+        assert mine["gate"][strongest] == theirs["gate"][strongest]
+        assert all(mine["gate"][n] == 0.0 for n in theirs["gate"] if theirs["gate"][n] < theirs["gate"][strongest])
+    # the teddy's own token keeps only the teddy's gate
+    teddy = next(t for t in competitive["tokens"] if t["text"] == "<perfusion:teddy>")
+    assert teddy["gate"]["ring"] == 0.0 and teddy["gate"]["teddy"] > 0.5

@@ -162,3 +162,35 @@ def test_gate_runs_in_fp32_for_half_inputs(setup):
     assert delta16.dtype == torch.float32
     ref = edit.delta(e.half().double(), W.half().double())
     assert ((delta16.double() - ref).norm() / ref.norm()) < 1e-5
+
+
+def test_competitive_gates_keep_only_each_tokens_most_open_gate(setup):
+    W, cov, i_star, _, o_v, g = setup
+    i2 = torch.randn(D, generator=g, dtype=torch.float64)
+    o2 = torch.randn(OUT, generator=g, dtype=torch.float64)
+    e = torch.randn(7, D, generator=g, dtype=torch.float64)
+    e[0], e[1], e[2] = i_star, i2, 0.6 * i_star + 0.55 * i2  # each concept's own word, then a word near both
+    plain = edit_for([i_star, i2], cov, [o_v, o2], strengths=[1.0, 0.8])
+    competitive = edit_for([i_star, i2], cov, [o_v, o2], strengths=[1.0, 0.8])
+    competitive.competitive = True
+    # the formula, in float64: g_k·[g_k = max_j g_j] replaces g_k; the projection α is unchanged
+    U = torch.linalg.solve(cov, torch.stack([i_star, i2]).T).T
+    s = (e @ U.T) / (U * torch.stack([i_star, i2])).sum(-1)
+    gates = torch.sigmoid((s - 0.7) / 0.15)
+    kept = gates * (gates == gates.max(-1, keepdim=True).values)
+    alpha, _ = plain.coefficients(e)
+    w = torch.tensor([1.0, 0.8], dtype=torch.float64)
+    expected = (w * kept) @ torch.stack([o_v, o2]) - (w * alpha) @ (torch.stack([i_star, i2]) @ W.T)
+    assert torch.allclose(competitive.delta(e, W), expected, rtol=1e-12, atol=1e-12)
+    # on each concept's own word only its own gate acts; where the gates differ the delta differs
+    _, kept_gates = competitive.coefficients(e)
+    full = 1 / (1 + math.exp(-(1 - 0.7) / 0.15))  # s = 1 on the concept's own word
+    assert kept_gates[0, 1] == 0 and kept_gates[1, 0] == 0
+    assert math.isclose(kept_gates[0, 0], full, rel_tol=1e-12) and math.isclose(kept_gates[1, 1], full, rel_tol=1e-12)
+    assert (kept_gates > 0).sum(-1).eq(1).all()
+    assert not torch.allclose(competitive.delta(e, W)[2], plain.delta(e, W)[2])
+    # one concept: competitive gates are the plain gates, bit for bit
+    alone = edit_for([i_star], cov, [o_v])
+    alone_competitive = edit_for([i_star], cov, [o_v])
+    alone_competitive.competitive = True
+    assert torch.equal(alone.delta(e, W), alone_competitive.delta(e, W))

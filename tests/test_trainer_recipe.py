@@ -99,8 +99,8 @@ def test_paper_recipe_and_cli_flags():
     assert args.flip is False and args.background_distill == 0.5 and args.embedding_pull == 2.0
     assert args.leak_penalty == 0.3 and TrainConfig("x", "dog").leak_penalty == 0.1 and PAPER_RECIPE["leak_penalty"] == 0
     gates = build_parser().parse_args(["train", "--images", "d", "--name", "n", "--superclass", "dog",
-                                       "--context-gate", "2", "--phrasing-gate", "1"])
-    assert gates.context_gate == 2.0 and gates.phrasing_gate == 1.0
+                                       "--context-gate", "2", "--phrasing-gate", "1", "--leading-object", "0.3"])
+    assert gates.context_gate == 2.0 and gates.phrasing_gate == 1.0 and gates.leading_object == 0.3
     assert TrainConfig("x", "dog").phrasing_gate == 1.0 and PAPER_RECIPE["phrasing_gate"] == 0
     assert build_parser().parse_args(["train", "--images", "d", "--name", "n", "--superclass", "dog"]).flip is True
     with pytest.raises(SystemExit):
@@ -159,6 +159,24 @@ def test_textual_inversion_has_no_gate_so_no_leak_penalty(random_toy_backend, im
     assert first_loss(plain) == first_loss(weighted)
     for k in plain.embedding:
         assert torch.equal(plain.embedding[k], weighted.embedding[k])
+
+
+def test_leading_object_puts_another_objects_clause_before_a_share_of_captions(random_toy_backend, images):
+    from perfusion_ext.training.trainer import LEADING_CLAUSES
+
+    seen = []
+    t = trainer(random_toy_backend, images, leading_object=0.5)
+    real = t.backend.encode_prompts
+    t.backend.encode_prompts = lambda prompts, embeddings: seen.extend(prompts) or real(prompts, embeddings)
+    for _ in range(6):
+        t.train_step()
+    texts = [segments[0] for segments in seen if isinstance(segments[0], str)]
+    leading = [text for text in texts if any(text.startswith(c.replace("{s}", "square")) for c in LEADING_CLAUSES)]
+    assert 0 < len(leading) < len(seen)  # some captions, not all
+    # off (the default): the captions and the random stream are the plain recipe's, bit for bit
+    assert TrainConfig("x", "dog").leading_object == 0.0 and PAPER_RECIPE["leading_object"] == 0.0
+    assert first_loss(trainer(random_toy_backend, images)) == first_loss(
+        trainer(random_toy_backend, images, leading_object=0.0))
 
 
 def test_context_and_phrasing_gates_are_the_own_token_shortfall(random_toy_backend, images):

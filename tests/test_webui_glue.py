@@ -93,8 +93,8 @@ def test_mismatch_reason():
 
 # ---- activation lifecycle ----------------------------------------------------------------------
 class FakeEnv:
-    def __init__(self, unet, replacement=None):
-        self._unet, self.replacement = unet, replacement
+    def __init__(self, unet, replacement=None, competitive_gates=False):
+        self._unet, self.replacement, self.competitive_gates = unet, replacement, competitive_gates
         self.registered, self.warnings, self.closed = {}, [], 0
 
     def unet(self):
@@ -114,7 +114,7 @@ class FakeEnv:
         return self.replacement
 
     def defaults(self):
-        return {"beta": 0.0, "tau": 0.0}
+        return {"beta": 0.0, "tau": 0.0, "competitive_gates": self.competitive_gates}
 
     def warn(self, p, message):
         self.warnings.append(message)
@@ -164,6 +164,23 @@ def test_activate_rewrites_prompts_hooks_and_releases_bit_exact(folder, unet):
     act.release()
     assert not env.registered and not act.handles
     assert torch.equal(run_unet(unet, x, t, ctx), before)  # bit for bit
+
+
+def test_competitive_gates_setting_reaches_the_edits_with_two_concepts(folder, unet):
+    x, t, ctx = unet_inputs(unet)
+    outputs = {}
+    for competitive in (False, True):
+        env = FakeEnv(unet, competitive_gates=competitive)
+        act = Activator(ConceptStore(lambda: folder), env)
+        act.activate(FakeP(["<perfusion:teddy> and <perfusion:other>"], [""], batch_size=1))
+        assert act.competitive is competitive
+        assert all(edit.competitive is competitive for edit in act.edits.edits.values())
+        outputs[competitive] = run_unet(unet, x, t, ctx)
+        act.release()
+        act.activate(FakeP(["<perfusion:teddy> alone"], [""], batch_size=1))
+        assert act.competitive is False  # one concept: nothing to compete with
+        act.release()
+    assert not torch.equal(outputs[False], outputs[True])
 
 
 def test_hires_pass_uses_hires_prompt_concepts(folder, unet):

@@ -26,7 +26,8 @@ def _inspect_gates(args) -> int:
     from ..core.library import default_concepts_dir
     from ..pipelines.inspect import format_report, inspect_prompt
 
-    report = inspect_prompt(_load(args), args.prompt, concepts_dir=args.concepts or default_concepts_dir())
+    report = inspect_prompt(_load(args), args.prompt, concepts_dir=args.concepts or default_concepts_dir(),
+                            competitive_gates=args.competitive_gates)
     print(json.dumps(report, indent=2) if args.json else format_report(report))
     return 0
 
@@ -53,7 +54,7 @@ def cmd_train(args) -> int:
         masks_dir=args.masks, mode=args.mode, description=args.description, flip=args.flip,
         init_from_captions=args.init_from_captions, background_distill=args.background_distill,
         embedding_pull=args.embedding_pull, leak_penalty=args.leak_penalty, context_gate=args.context_gate,
-        phrasing_gate=args.phrasing_gate,
+        phrasing_gate=args.phrasing_gate, leading_object=args.leading_object,
         train_beta=args.train_beta, train_tau=args.train_tau,
     )
     if args.paper_recipe:
@@ -124,7 +125,8 @@ def cmd_generate(args) -> int:
     else:
         concepts_dir = args.concepts or default_concepts_dir()
         images, warnings = generate(_load(args), args.prompt, args.negative, concepts_dir, seed=args.seed, n=args.n,
-                                    num_inference_steps=args.steps, guidance_scale=args.guidance)
+                                    competitive_gates=args.competitive_gates, num_inference_steps=args.steps,
+                                    guidance_scale=args.guidance)
     for w in warnings:
         print(f"warning: {w}", file=sys.stderr)
     for i, image in enumerate(images):
@@ -141,7 +143,8 @@ def cmd_compose(args) -> int:
     from ..pipelines.compose import compose
 
     image, warnings = compose(_load(args), args.prompt, args.concepts or default_concepts_dir(), seed=args.seed,
-                              negative=args.negative, num_inference_steps=args.steps, guidance_scale=args.guidance)
+                              negative=args.negative, competitive_gates=args.competitive_gates,
+                              num_inference_steps=args.steps, guidance_scale=args.guidance)
     for w in warnings:
         print(f"warning: {w}", file=sys.stderr)
     out = Path(args.out)
@@ -222,6 +225,13 @@ def _add_sampling_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--guidance", type=float, default=None)
     p.add_argument("--device", default="cpu")
     p.add_argument("--prediction-type", choices=["epsilon", "v_prediction"], default=None, help=PREDICTION_HELP)
+    _add_competitive_arg(p)
+
+
+def _add_competitive_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--competitive-gates", action="store_true",
+                   help="with several concepts in a prompt, each word opens only the gate of the concept it is "
+                        "closest to, so one concept's edit never acts on another's word")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -268,6 +278,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--phrasing-gate", type=_bounded("phrasing_gate"), default=defaults["phrasing_gate"],
                    help="weight of keeping the concept's own gate open after a size word or a style prefix "
                         "(on, 1; 0 turns it off)")
+    p.add_argument("--leading-object", type=_bounded("leading_object"), default=defaults["leading_object"],
+                   help="share of training captions that start with another object's clause (\"a SUPERCLASS on "
+                        "the left, …\"), so the concept also works as the second object of a prompt (0 to 1)")
     p.add_argument("--train-beta", type=_bounded("train_beta"), default=None,
                    help="the gate's β during training (default: the concept's inference β, 0.7; the paper: 0.75)")
     p.add_argument("--train-tau", type=_bounded("train_tau"), default=None,
@@ -308,6 +321,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", default="toy", help="with --prompt: toy, a diffusers folder or a checkpoint")
     p.add_argument("--concepts", default=None, help="with --prompt: the concepts folder")
     p.add_argument("--device", default="cpu")
+    _add_competitive_arg(p)
     p.set_defaults(func=cmd_inspect)
     p = sub.add_parser("steps", help="a training run's checkpoints with their previews and losses; --promote STEP "
                                      "makes that step the concept (the replaced file goes to the trash)")

@@ -24,16 +24,17 @@ def token_label(text: str) -> str:
 
 @torch.no_grad()
 def gate_report(hidden: torch.Tensor, concepts: list[tuple], texts: list[str],
-                positions: dict[str, list[int]]) -> dict:
+                positions: dict[str, list[int]], competitive: bool = False) -> dict:
     """`hidden` [T, d]: one prompt's conditioning; `concepts`: (name, Concept, beta, tau); `texts`: a label per
-    token (missing ones become `#i`); `positions`: each concept's own token indices.
+    token (missing ones become `#i`); `positions`: each concept's own token indices; `competitive`: the gates
+    as competitive gates leave them (each token keeps only its most open one).
 
     Returns {"tokens": [{"index", "text", "s": {NAME: float}, "gate": {NAME: float}}],
     "concepts": {NAME: {"beta", "tau"}}, "warnings": [...]} — the shape `perfusion inspect --json` prints."""
     hidden = hidden.detach().to("cpu", torch.float64)
     names = [name for name, *_ in concepts]
     if concepts:
-        edit = gate_edit([(concept, beta, tau) for _, concept, beta, tau in concepts])
+        edit = gate_edit([(concept, beta, tau) for _, concept, beta, tau in concepts], competitive)
         similarity = edit.similarity(hidden)
         gate = edit.gate(similarity)
     else:

@@ -12,6 +12,10 @@ For one concept α = s, the paper's formula. Gate and projection run in fp32 eve
 models (an fp16 gate measurably blurs the concept boundary), in fp64 for fp64 inputs (tests);
 only the final delta is cast to the model's dtype.
 
+Competitive gates (an option for prompts with several concepts): each token keeps only its most open
+gate, g_k(e)·[g_k(e) = max_j g_j(e)] in place of g_k(e), so a concept's edit never acts on another
+concept's word; the projection α still removes every i*_k.
+
 The fast path (inference): α and g depend only on the text and the concepts, not on the layer, so the
 edits of one activation share them through a `CoefficientCache` (computed once per text tensor, not
 once per projection, and once per prompt where a pipeline passes the same text at every step); each
@@ -69,6 +73,7 @@ class ProjectionEdit:
     betas: torch.Tensor  # [n]
     taus: torch.Tensor  # [n]
     linear_gate: bool = False  # g = s: the ungated ROME update (tests, ablations)
+    competitive: bool = False  # each token keeps only its most open gate (several concepts in one prompt)
     cache: CoefficientCache | None = None  # shared with the other edits of the same concepts (hooks)
     concept_key: tuple = ()  # which concepts, in which order: edits with equal keys share coefficients
 
@@ -121,11 +126,14 @@ class ProjectionEdit:
         return (e.to(t["energies"].dtype) @ t["target_inputs_cinv"].T) / t["energies"]
 
     def gate(self, similarity: torch.Tensor) -> torch.Tensor:
-        """g_k = sigmoid((s_k − β_k) / τ_k), or s_k itself for the ungated update."""
+        """g_k = sigmoid((s_k − β_k) / τ_k), or s_k itself for the ungated update; competitive gates keep only
+        each token's largest."""
         if self.linear_gate:
-            return similarity
-        t = self._tensors(similarity.dtype, similarity.device)
-        return torch.sigmoid((similarity - t["betas"]) / t["taus"])
+            gate = similarity
+        else:
+            t = self._tensors(similarity.dtype, similarity.device)
+            gate = torch.sigmoid((similarity - t["betas"]) / t["taus"])
+        return strongest_only(gate) if self.competitive else gate
 
     def project(self, e: torch.Tensor) -> torch.Tensor:
         """P(e): the C⁻¹-orthogonal projection of e onto span{i*_k}."""
@@ -144,7 +152,7 @@ class ProjectionEdit:
 
     def scaled_coefficients(self, e: torch.Tensor) -> torch.Tensor:
         """[w g | w α], [..., 2n]; from the shared cache when another edit of these concepts computed it."""
-        key = (self.concept_key, e.dtype, e.device)
+        key = (self.concept_key, self.competitive, e.dtype, e.device)
         cached = self.cache.lookup(e, key) if self.cache is not None else None
         if cached is None:
             alpha, gate = self.coefficients(e)
@@ -170,12 +178,20 @@ class ProjectionEdit:
         return base_output + self.delta(e, weight).to(base_output.dtype)
 
 
+def strongest_only(gate: torch.Tensor) -> torch.Tensor:
+    """The gates [..., n] with all but each token's largest set to 0 (ties keep theirs): competitive gates."""
+    if gate.shape[-1] < 2:
+        return gate
+    return gate * (gate == gate.amax(dim=-1, keepdim=True)).to(gate.dtype)
+
+
 def stack_edit(concepts, kind: str, layer: str, linear_gate: bool = False, cache: CoefficientCache | None = None,
-               concept_key: tuple = ()) -> ProjectionEdit:
+               concept_key: tuple = (), competitive: bool = False) -> ProjectionEdit:
     """Build the ProjectionEdit of `layer` for `kind` ('key' or 'value').
 
     `concepts` holds (Concept, strength, beta, tau) tuples; every concept must carry the layer. Edits given
     one `cache` and equal `concept_key`s share their coefficients (the same concepts in the same order).
+    `competitive`: each token keeps only its most open gate.
     """
     def stack(values):
         return torch.stack([v.double() for v in values])
@@ -187,11 +203,11 @@ def stack_edit(concepts, kind: str, layer: str, linear_gate: bool = False, cache
         strengths=torch.tensor([float(w) for _, w, _, _ in concepts], dtype=torch.float64),
         betas=torch.tensor([float(b) for _, _, b, _ in concepts], dtype=torch.float64),
         taus=torch.tensor([float(t) for _, _, _, t in concepts], dtype=torch.float64),
-        linear_gate=linear_gate, cache=cache, concept_key=concept_key,
+        linear_gate=linear_gate, cache=cache, concept_key=concept_key, competitive=competitive,
     )
 
 
-def gate_edit(concepts) -> ProjectionEdit:
+def gate_edit(concepts, competitive: bool = False) -> ProjectionEdit:
     """A ProjectionEdit for reading similarities and gates only (no layer, no targets): the inspector's.
     `concepts` holds (Concept, beta, tau) tuples."""
     return ProjectionEdit(
@@ -201,6 +217,7 @@ def gate_edit(concepts) -> ProjectionEdit:
         strengths=torch.ones(len(concepts), dtype=torch.float64),
         betas=torch.tensor([float(b) for _, b, _ in concepts], dtype=torch.float64),
         taus=torch.tensor([float(t) for _, _, t in concepts], dtype=torch.float64),
+        competitive=competitive,
     )
 
 

@@ -148,9 +148,9 @@ class Edits:
         return True
 
 
-def prepare_edits(unet: torch.nn.Module, entries: list[ResolvedConcept]) -> Edits:
+def prepare_edits(unet: torch.nn.Module, entries: list[ResolvedConcept], competitive: bool = False) -> Edits:
     """Validate every concept against the UNet and stack one ProjectionEdit per edited Linear, with the
-    gates of the first sampling step."""
+    gates of the first sampling step. `competitive`: each token keeps only its most open gate."""
     layers = cross_attention_layers(unet)
     family = model_family(layers)
     for entry in entries:
@@ -163,15 +163,17 @@ def prepare_edits(unet: torch.nn.Module, entries: list[ResolvedConcept]) -> Edit
         if not indices:
             continue
         present = [(entries[i].concept, entries[i].strength, *start[i]) for i in indices]
-        edits[layer.to_k] = stack_edit(present, "key", name, cache=cache, concept_key=tuple(indices))
-        edits[layer.to_v] = stack_edit(present, "value", name, cache=cache, concept_key=tuple(indices))
+        for kind, module in (("key", layer.to_k), ("value", layer.to_v)):
+            edits[module] = stack_edit(present, kind, name, cache=cache, concept_key=tuple(indices),
+                                       competitive=competitive)
         members[layer.to_k] = members[layer.to_v] = indices
     return Edits(edits, list(entries), members, start)
 
 
-def build_edits(unet: torch.nn.Module, entries: list[ResolvedConcept]) -> dict[torch.nn.Linear, ProjectionEdit]:
+def build_edits(unet: torch.nn.Module, entries: list[ResolvedConcept],
+                competitive: bool = False) -> dict[torch.nn.Linear, ProjectionEdit]:
     """Validate every concept against the UNet and stack one ProjectionEdit per edited Linear."""
-    return prepare_edits(unet, entries).edits
+    return prepare_edits(unet, entries, competitive).edits
 
 
 def _make_hook(edit: ProjectionEdit):
@@ -194,23 +196,25 @@ def detach(handles: list[torch.utils.hooks.RemovableHandle]) -> None:
 
 @contextlib.contextmanager
 def activate(unet: torch.nn.Module, concepts: Iterable[ConceptEntry], strength: float = 1.0,
-             beta: float | None = None, tau: float | None = None) -> Iterator[torch.nn.Module]:
+             beta: float | None = None, tau: float | None = None, competitive: bool = False) -> Iterator[torch.nn.Module]:
     """Within the block, the UNet's attn2 K/V carry the concepts' gated rank-1 edits.
 
     `concepts` holds Concept objects or (Concept, strength) pairs. Everything is validated before any
     hook is attached, so a concept that does not fit raises PerfusionError with the model untouched.
+    `competitive`: with several concepts, each token keeps only its most open gate, so no concept's edit
+    acts on another concept's word.
     """
-    with activation(unet, concepts, strength, beta, tau):
+    with activation(unet, concepts, strength, beta, tau, competitive):
         yield unet
 
 
 @contextlib.contextmanager
 def activation(unet: torch.nn.Module, concepts: Iterable[ConceptEntry], strength: float = 1.0,
-               beta: float | None = None, tau: float | None = None) -> Iterator[Edits]:
+               beta: float | None = None, tau: float | None = None, competitive: bool = False) -> Iterator[Edits]:
     """`activate`, yielding the Edits: call `.set_progress(fraction)` at each sampling step to follow
     per-step β/τ schedules (entries whose beta/tau are schedules)."""
     entries = resolve(concepts, strength, beta, tau)
-    edits = prepare_edits(unet, entries) if entries else Edits({}, [], {})
+    edits = prepare_edits(unet, entries, competitive) if entries else Edits({}, [], {})
     handles = attach(edits.edits)
     try:
         yield edits

@@ -64,12 +64,13 @@ def concept_entries(prepared: PreparedPrompt) -> list[tuple[Concept, float, floa
     return out
 
 
-def encoding_report(pipe, encoder, encoded, prepared: PreparedPrompt) -> dict:
-    """The gate inspector's report on the first prompt of `encoded` (encoded from `prepared`)."""
+def encoding_report(pipe, encoder, encoded, prepared: PreparedPrompt, competitive: bool = False) -> dict:
+    """The gate inspector's report on the first prompt of `encoded` (encoded from `prepared`), with the gates
+    the hooks use (`competitive`: each token's most open gate only)."""
     concepts = [(concept.name, concept, concept.beta if beta is None else beta, concept.tau if tau is None else tau)
                 for concept, _, beta, tau in concept_entries(prepared)]
     texts = pipe.tokenizer.convert_ids_to_tokens([min(i, encoder.vocab_size - 1) for i in encoded.input_ids[0].tolist()])
-    return gate_report(encoded.hidden[0], concepts, texts, encoded.concept_positions[0])
+    return gate_report(encoded.hidden[0], concepts, texts, encoded.concept_positions[0], competitive)
 
 
 def scheduled_entries(prepared: PreparedPrompt) -> list[tuple]:
@@ -101,8 +102,9 @@ def sampling_defaults(pipe) -> dict:
 
 @torch.no_grad()
 def generate(pipe, prompt: str, negative: str = "", concepts_dir=None, seed: int = 0, n: int = 1,
-             loaded: dict[str, Concept] | None = None, **overrides):
-    """Images for a prompt with tags; returns (PIL images, warnings). Never fails on a bad tag."""
+             loaded: dict[str, Concept] | None = None, competitive_gates: bool = False, **overrides):
+    """Images for a prompt with tags; returns (PIL images, warnings). Never fails on a bad tag.
+    `competitive_gates`: with several concepts, each token keeps only its most open gate (core.gated_edit)."""
     prepared = prepare_prompt(prompt, concepts_dir, loaded)
     warnings = list(prepared.warnings)
     model_hash_ = model_hash(pipe) if prepared.concepts else ""
@@ -123,7 +125,7 @@ def generate(pipe, prompt: str, negative: str = "", concepts_dir=None, seed: int
     if uncond.hidden.shape[1] > cond.hidden.shape[1]:
         cond = encoder.encode([prepared.segments], embeddings, min_tokens=uncond.hidden.shape[1])
     if prepared.concepts:  # the gate inspector's warnings (a leak, a gate shut on the concept's own token)
-        warnings += encoding_report(pipe, encoder, cond, prepared)["warnings"]
+        warnings += encoding_report(pipe, encoder, cond, prepared, competitive_gates)["warnings"]
     embeds = {"prompt_embeds": cond.hidden, "negative_prompt_embeds": uncond.hidden}
     if cond.pooled is not None:  # SDXL: the pooled text_embeds too; an empty negative is zeros, as diffusers does
         zero = not negative_text.strip() and getattr(pipe.config, "force_zeros_for_empty_prompt", False)
@@ -135,7 +137,7 @@ def generate(pipe, prompt: str, negative: str = "", concepts_dir=None, seed: int
     for w in warnings:
         log.warning(w)
     generator = torch.Generator(device="cpu").manual_seed(seed)
-    with activation(pipe.unet, scheduled_entries(prepared)) as edits:
+    with activation(pipe.unet, scheduled_entries(prepared), competitive=competitive_gates) as edits:
         if edits.scheduled:  # per-step β/τ: the pipeline reports each finished step
             edits.set_progress(0.0)
             settings["callback_on_step_end"] = step_callback(edits, int(settings.get("num_inference_steps") or 1))

@@ -54,6 +54,9 @@ CONTEXT_FLOOR = 0.9  # s at least this on the concept's own token keeps its gate
 # Text-only captions for the context gate: another object's word *before* the concept's ({s}: the superclass).
 CONTEXT_CAPTIONS = ("a {s} and a {}", "a {s} on the left and a {} on the right", "a {s} next to a {}",
                     "a {s} at the top and a {} at the bottom")
+# Clauses put before a training caption (TrainConfig.leading_object): another object first, as in a prompt with
+# two concepts ({s}: the superclass).
+LEADING_CLAUSES = ("a {s} on the left, ", "a {s} at the top, ", "a {s} and ", "a {s}, ")
 # Text-only captions for the phrasing gate: size words and style prefixes just before the concept's word, which
 # training captions rarely have (after "a large" the toy house's gate fell to 0.33 and it was never drawn).
 PHRASING_CAPTIONS = ("a small {}", "a large {}", "a large {} and nothing else", "sketch of a {}",
@@ -147,6 +150,14 @@ class ConceptTrainer:
         if caption and "{}" in caption:
             return caption
         return TEMPLATES[int(self.rng.integers(len(TEMPLATES)))]
+
+    def _caption(self, index: int) -> str:
+        """The image's training caption, with another object's clause before it in a `leading_object` share."""
+        template = self._template(index)
+        if self.cfg.leading_object > 0 and self.rng.random() < self.cfg.leading_object:
+            clause = LEADING_CLAUSES[int(self.rng.integers(len(LEADING_CLAUSES)))]
+            template = clause.replace("{s}", self.cfg.superclass) + template
+        return template
 
     def _initial_templates(self) -> list[str]:
         """Captions i* and o*_V start from: the training captions (with "{}"), else generic templates."""
@@ -245,7 +256,7 @@ class ConceptTrainer:
         cfg, tag = self.cfg, ConceptTag(self.cfg.name)
         idx = self._next_indices(n)
         flips = (self.rng.random(n) < 0.5).astype(int) if cfg.flip else np.zeros(n, int)
-        prompts = [self._segments(self._template(i), tag) for i in idx]
+        prompts = [self._segments(self._caption(i), tag) for i in idx]
         latents = self.latents[idx, flips].to(self.backend.device)
         noise = torch.randn(latents.shape, generator=self.noise_gen).to(latents.device)
         t = torch.randint(0, self.backend.num_train_timesteps, (n,), generator=self.noise_gen).to(latents.device)

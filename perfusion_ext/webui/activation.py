@@ -193,6 +193,7 @@ class Activator:
         self.hires = False
         self.pass_concepts: dict[str, ResolvedConcept] = {}
         self.pass_words: dict[str, str] = {}
+        self.competitive = False  # competitive gates on this pass (the setting, with two or more concepts)
         self.inspect_pending = False
 
     # ---- cleanup ---------------------------------------------------------------------------
@@ -277,7 +278,8 @@ class Activator:
             )
         elif pass_names:
             try:
-                self.edits = prepare_edits(self.env.unet(), [resolved[n] for n in pass_names])
+                self.competitive = bool(defaults.get("competitive_gates")) and len(pass_names) > 1
+                self.edits = prepare_edits(self.env.unet(), [resolved[n] for n in pass_names], self.competitive)
                 self.handles = attach(self.edits.edits)
             except PerfusionError as exc:
                 warnings.append(f"Perfusion concepts not applied: {exc}")

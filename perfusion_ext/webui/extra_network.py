@@ -103,7 +103,8 @@ class WebuiEnv:
 
     def defaults(self):
         return {"beta": float(getattr(shared.opts, "perfusion_default_beta", 0) or 0),
-                "tau": float(getattr(shared.opts, "perfusion_default_tau", 0) or 0)}
+                "tau": float(getattr(shared.opts, "perfusion_default_tau", 0) or 0),
+                "competitive_gates": bool(getattr(shared.opts, "perfusion_competitive_gates", False))}
 
     def warn(self, p, message):
         warned = getattr(p, "_perfusion_warned", None)

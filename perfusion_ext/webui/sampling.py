@@ -67,7 +67,7 @@ def inspect_pass(activator, text_cond) -> dict | None:
     if not concepts:
         return None
     positions = {name: positions[name] for name, *_ in concepts}
-    report = gate_report(hidden, concepts, texts, positions)
+    report = gate_report(hidden, concepts, texts, positions, activator.competitive)
     p.extra_generation_params[HIRES_GATES_KEY if activator.hires else GATES_KEY] = gate_line(report, positions)
     for warning in report["warnings"]:
         activator.env.warn(p, warning)
