@@ -38,6 +38,9 @@ def add_parser(sub) -> None:
     p.add_argument("--opset", type=int, default=18, choices=[18, 19])
     p.add_argument("--slots", type=int, help="reserve N concept slots (refit-able initializers)")
     p.add_argument("--slot", type=int, help="(refit) the slot to replace")
+    p.add_argument("--competitive-gates", action="store_true",
+                   help="bake competitive gates: each token keeps only its most open concept gate (as the WebUI "
+                        "setting and `perfusion generate --competitive-gates`)")
     p.add_argument("--no-verify", action="store_true", help="skip the CPU verification (not recommended)")
     p.add_argument("--build-trt", action="store_true", help="also build a TensorRT engine (needs tensorrt + GPU)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out folder")
@@ -69,6 +72,9 @@ def run(args) -> int:
     if not args.out:
         raise PerfusionError("--out DIR is required.")
     if args.layout == "triton":
+        if args.competitive_gates:
+            raise PerfusionError("--competitive-gates is not available for Triton libraries yet (their gates are "
+                                 "computed per request); export another layout, or the library without it.")
         from .serving.repository import export_library
 
         info = export_library(args.model, args.concept, args.out, n_slots=args.library, backend=args.triton_backend,
@@ -95,7 +101,8 @@ def run(args) -> int:
         name = name or _model_name(args.model)
     info = export_pipeline(model, concepts, args.out, layout=args.layout, precision=args.precision,
                            opset=args.opset, slots=args.slots, beta=args.beta, tau=args.tau,
-                           verify_export=not args.no_verify, overwrite=args.overwrite, model_name=name)
+                           verify_export=not args.no_verify, overwrite=args.overwrite, model_name=name,
+                           competitive_gates=args.competitive_gates)
     if args.build_trt:
         from .trt import build_engine
 
