@@ -72,15 +72,12 @@ def run(args) -> int:
     if not args.out:
         raise PerfusionError("--out DIR is required.")
     if args.layout == "triton":
-        if args.competitive_gates:
-            raise PerfusionError("--competitive-gates is not available for Triton libraries yet (their gates are "
-                                 "computed per request); export another layout, or the library without it.")
         from .serving.repository import export_library
 
         info = export_library(args.model, args.concept, args.out, n_slots=args.library, backend=args.triton_backend,
                               opset=args.opset, pipeline_instances=args.pipeline_instances,
                               overwrite=args.overwrite, verify_export=not args.no_verify,
-                              tensorrt=args.triton_tensorrt)
+                              tensorrt=args.triton_tensorrt, competitive_gates=args.competitive_gates)
         print(json.dumps({"out": str(args.out), "library": args.library, "concepts": [c["name"] for c in info["concepts"]],
                           "unet_max_rel": info.get("verification", {}).get("unet", {}).get("max_rel")}, indent=2))
         return 0
