@@ -328,3 +328,24 @@ def test_two_exports_of_the_same_inputs_are_byte_identical(toy, files, two_slots
     assert names == sorted(p.relative_to(second).as_posix() for p in second.rglob("*") if p.is_file())
     for name in names:
         assert (first / name).read_bytes() == (second / name).read_bytes(), name
+
+
+@pytest.mark.slow
+def test_competitive_gates_are_baked_and_verified(toy, files, two_slots, exports):
+    out = exports / "competitive"
+    info = export_pipeline(toy, [files["teddy"], files["robot"]], out, layout="unet-only", slots=3,
+                           competitive_gates=True)
+    assert info["competitive_gates"] is True and two_slots[1]["competitive_gates"] is False
+    v = info["verification"]["unet"]  # ORT against the hooks with competitive gates, every shape and level
+    assert v["max_rel"] <= 1e-4 and v["concept_effect_rel"] >= 1e-3
+    # the verifier's inputs mix the concepts' i* at some tokens: there the two graphs differ
+    from perfusion_ext.core.concept import load_concept
+
+    teddy, robot = (load_concept(files[n]).target_input.float() for n in ("teddy", "robot"))
+    x, t, e = toy_inputs()
+    e[:, 1], e[:, 2] = teddy, 0.6 * teddy + 0.5 * robot
+    assert verify.rel(unet_run(out, x, t, e), unet_run(two_slots[0], x, t, e)) > 1e-4
+    import onnx
+
+    ops = [n.op_type for n in onnx.load(str(out / "unet" / "model.onnx"), load_external_data=False).graph.node]
+    assert {"ReduceMax", "Equal"} <= set(ops)

@@ -9,6 +9,7 @@ together and each answer equals the request run alone.
 from __future__ import annotations
 
 import concurrent.futures
+import itertools
 import json
 import socket
 import time
@@ -83,18 +84,21 @@ def test_library_weight_equals_the_multi_concept_edit_for_any_subset(toy, concep
     e = torch.randn(2, 9, weight.shape[1], generator=g, dtype=torch.float64)
     e[:, 2] = concepts[0].target_input.double()
     e[:, 5] = concepts[2].target_input.double()
-    for subset, strength in (([0], 1.0), ([1, 2], 0.6), ([0, 1, 2], 1.3), ([], 1.0)):
+    e[:, 7] = 0.6 * concepts[0].target_input.double() + 0.5 * concepts[1].target_input.double()  # near two
+    for (subset, strength), competitive in itertools.product(
+            (([0], 1.0), ([1, 2], 0.6), ([0, 1, 2], 1.3), ([], 1.0)), (False, True)):
         active = [(entries[k].slot, ResolvedConcept(concepts[k], strength, 0.6 + 0.1 * k, 0.1 + 0.05 * k))
                   for k in subset]
-        channels = library.coefficient_channels(e, active, n).double()
+        channels = library.coefficient_channels(e, active, n, competitive=competitive).double()
         assert torch.count_nonzero(channels[..., [s for s in range(n) if s not in {a[0] for a in active}]]) == 0
         ours = torch.cat([e, channels], dim=-1) @ lib
         ref = e @ weight.T
         if active:
-            edit = stack_edit([(r.concept, r.strength, r.beta, r.tau) for _, r in active], "value", name)
+            edit = stack_edit([(r.concept, r.strength, r.beta, r.tau) for _, r in active], "value", name,
+                              competitive=competitive)
             ref = ref + edit.delta(e, weight)
         rel = float(((ours - ref).norm() / ref.norm()).detach())
-        assert rel < 1e-6, (subset, rel)  # channels are fp32; everything else float64
+        assert rel < 1e-6, (subset, competitive, rel)  # channels are fp32; everything else float64
 
 
 def model_config_parser():
@@ -170,6 +174,22 @@ def test_local_pipeline_equals_perfusion_generate(repo, toy, concept_dir):
         assert psnr(images[prompt], np.asarray(ref[0])) >= 40, prompt
     plain = lib.generate("a photo of a bear on a red background", seed=3, steps=4)
     assert psnr(images[PROMPTS[0]], plain) < 40  # the concept changes the image
+
+
+@pytest.mark.slow
+def test_a_library_with_competitive_gates_serves_what_generate_draws_with_them(toy, concept_dir, tmp_path):
+    from perfusion_export.serving.repository import export_library
+    from perfusion_export.serving.runtime import local_pipeline
+    from perfusion_ext.pipelines.generate import generate
+
+    out = tmp_path / "repo"
+    info = export_library(toy, [concept_dir / "teddy.safetensors", concept_dir / "robot.safetensors"], out,
+                          n_slots=3, backend="python", pipeline_instances=1, competitive_gates=True)
+    assert info["competitive_gates"] is True and info["verification"]["unet"]["max_rel"] <= 1e-4
+    lib = local_pipeline(out, threads=1)
+    served = lib.generate(PROMPTS[1], seed=3, steps=4)
+    ref, _ = generate(toy, PROMPTS[1], concepts_dir=concept_dir, seed=3, num_inference_steps=4, competitive_gates=True)
+    assert psnr(served, np.asarray(ref[0])) >= 40
 
 
 @pytest.mark.slow

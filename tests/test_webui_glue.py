@@ -6,6 +6,7 @@ import base64
 import io
 import threading
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -366,16 +367,21 @@ def test_job_failures_become_state_not_crashes():
 
 
 def test_export_request_validation():
-    from perfusion_ext.webui.export import ExportRequest, parse_export_request
+    from perfusion_ext.webui.export import ExportRequest, child_args, parse_export_request
     from perfusion_ext.webui.train_request import ApiError
 
     assert parse_export_request({"concepts": ["teddy", "teddy", "ring"]}) == ExportRequest(("teddy", "ring"))
     assert parse_export_request({"concepts": ["a"], "layout": "optimum", "precision": "fp32", "beta": 0.6}) == \
         ExportRequest(("a",), "optimum", "fp32", 0.6, None)
+    competitive = parse_export_request({"concepts": ["a", "b"], "competitive_gates": True})
+    assert competitive.competitive_gates is True
+    assert "--competitive-gates" in child_args(competitive, Path("m.safetensors"), [Path("a"), Path("b")], Path("o"), "n",
+                                               False)
     for body, why in (([], "JSON object"), ({"concepts": []}, "non-empty"), ({"concepts": ["../x"]}, "non-empty"),
                       ({"concepts": ["a"], "layout": "tensorrt"}, "layout"), ({"concepts": ["a"], "precision": "int8"},
                       "precision"), ({"concepts": ["a"], "tau": 0}, "tau"), ({"concepts": ["a"], "beta": "x"}, "beta"),
-                      ({"concepts": ["a"], "out_dir": "/etc"}, "unknown field")):
+                      ({"concepts": ["a"], "out_dir": "/etc"}, "unknown field"),
+                      ({"concepts": ["a"], "competitive_gates": "yes"}, "competitive_gates")):
         with pytest.raises(ApiError, match=why) as err:
             parse_export_request(body)
         assert 400 <= err.value.status < 500

@@ -32,10 +32,16 @@ class SlotEntry:
     tau: float
 
 
+# An empty slot's gate bias: its gate is sigmoid(−1e4) = 0 for every token, so with competitive gates it never
+# outranks a concept (its K/V rows are zero, so without them its gate value does not matter).
+EMPTY_SLOT_BIAS = -1e4
+
+
 def gate_parameters(entries: list[SlotEntry], n_slots: int, dim: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(A [d, N], b [N]) in float64; empty slots are all-zero (their K/V columns are zero too)."""
+    """(A [d, N], b [N]) in float64; empty slots have zero weights and a gate shut by EMPTY_SLOT_BIAS (their K/V
+    rows are zero too)."""
     weight = torch.zeros(dim, n_slots, dtype=torch.float64)
-    bias = torch.zeros(n_slots, dtype=torch.float64)
+    bias = torch.full((n_slots,), EMPTY_SLOT_BIAS, dtype=torch.float64)
     for e in entries:
         u = e.concept.target_input_cinv.double()
         energy = u @ e.concept.target_input.double()

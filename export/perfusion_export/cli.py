@@ -38,6 +38,9 @@ def add_parser(sub) -> None:
     p.add_argument("--opset", type=int, default=18, choices=[18, 19])
     p.add_argument("--slots", type=int, help="reserve N concept slots (refit-able initializers)")
     p.add_argument("--slot", type=int, help="(refit) the slot to replace")
+    p.add_argument("--competitive-gates", action="store_true",
+                   help="bake competitive gates: each token keeps only its most open concept gate (as the WebUI "
+                        "setting and `perfusion generate --competitive-gates`)")
     p.add_argument("--no-verify", action="store_true", help="skip the CPU verification (not recommended)")
     p.add_argument("--build-trt", action="store_true", help="also build a TensorRT engine (needs tensorrt + GPU)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out folder")
@@ -74,7 +77,7 @@ def run(args) -> int:
         info = export_library(args.model, args.concept, args.out, n_slots=args.library, backend=args.triton_backend,
                               opset=args.opset, pipeline_instances=args.pipeline_instances,
                               overwrite=args.overwrite, verify_export=not args.no_verify,
-                              tensorrt=args.triton_tensorrt)
+                              tensorrt=args.triton_tensorrt, competitive_gates=args.competitive_gates)
         print(json.dumps({"out": str(args.out), "library": args.library, "concepts": [c["name"] for c in info["concepts"]],
                           "unet_max_rel": info.get("verification", {}).get("unet", {}).get("max_rel")}, indent=2))
         return 0
@@ -95,7 +98,8 @@ def run(args) -> int:
         name = name or _model_name(args.model)
     info = export_pipeline(model, concepts, args.out, layout=args.layout, precision=args.precision,
                            opset=args.opset, slots=args.slots, beta=args.beta, tau=args.tau,
-                           verify_export=not args.no_verify, overwrite=args.overwrite, model_name=name)
+                           verify_export=not args.no_verify, overwrite=args.overwrite, model_name=name,
+                           competitive_gates=args.competitive_gates)
     if args.build_trt:
         from .trt import build_engine
 

@@ -106,11 +106,13 @@ def unet_contract(unet, layout: str) -> layouts.Contract:
     return layouts.unet_contract(layout, cfg.in_channels, cfg.out_channels, text_dim(unet), text_time(unet))
 
 
-def export_unet(unet, entries, n_slots: int, layout: str, precision: str, opset: int, path: Path) -> list[str]:
-    """Export the UNet; returns the names of its concept-dependent initializers (empty for the base)."""
+def export_unet(unet, entries, n_slots: int, layout: str, precision: str, opset: int, path: Path,
+                competitive: bool = False) -> list[str]:
+    """Export the UNet (`competitive`: with competitive gates); returns the names of its concept-dependent
+    initializers (empty for the base)."""
     dtype = DTYPES[precision]
     tensors = unet_tensors(cross_attention_layers(unet), entries, n_slots, dtype)
-    gate = GatedTextInput(tensors[GATE_WEIGHT], tensors[GATE_BIAS]) if tensors else None
+    gate = GatedTextInput(tensors[GATE_WEIGHT], tensors[GATE_BIAS], competitive) if tensors else None
     lookup = {layer.module_path: layer for layer in cross_attention_layers(unet).values()}
     weights = {(path_, proj): tensors[baked_name(path_, proj)] for path_ in lookup for proj in ("to_k", "to_v")
                if baked_name(path_, proj) in tensors}

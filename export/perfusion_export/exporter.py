@@ -74,9 +74,11 @@ def _model_name(model) -> str:
 
 def export_pipeline(model, concepts=(), out="export", *, layout: str = "optimum", precision: str = "fp32",
                     opset: int = 18, slots: int | None = None, beta: float | None = None, tau: float | None = None,
-                    verify_export: bool = True, overwrite: bool = False, model_name: str | None = None) -> dict:
+                    verify_export: bool = True, overwrite: bool = False, model_name: str | None = None,
+                    competitive_gates: bool = False) -> dict:
     """Export `model` ('toy', a diffusers folder, a .safetensors file, or a loaded pipeline) with `concepts`
-    (paths, Concept objects or (Concept, strength) pairs) baked in. Returns the manifest.
+    (paths, Concept objects or (Concept, strength) pairs) baked in; `competitive_gates`: each token keeps only
+    its most open gate, as `activate(..., competitive=True)`. Returns the manifest.
     """
     from .staging import check_destination, staged
 
@@ -99,22 +101,23 @@ def export_pipeline(model, concepts=(), out="export", *, layout: str = "optimum"
     name = model_name or _model_name(model)
     with staged(out, overwrite) as tmp:
         info = _write(pipe, entries, n_slots, slots is not None, layout, precision, opset, name, tmp, family,
-                      verify_export)
+                      verify_export, competitive_gates)
         manifest.write(tmp, info)
     return info
 
 
-def _write(pipe, entries, n_slots, slot_mode, layout, precision, opset, name, tmp: Path, family, verify_export) -> dict:
+def _write(pipe, entries, n_slots, slot_mode, layout, precision, opset, name, tmp: Path, family, verify_export,
+           competitive: bool) -> dict:
     unet_rel = layouts.unet_path(layout, name)
     unet_file = tmp / unet_rel
     log.info("exporting the UNet (%s, %s, %d concept slots)", layout, precision, n_slots)
-    baked = components.export_unet(pipe.unet, entries, n_slots, layout, precision, opset, unet_file)
+    baked = components.export_unet(pipe.unet, entries, n_slots, layout, precision, opset, unet_file, competitive)
     contract = components.unet_contract(pipe.unet, layout)
     info = {
         "format_version": manifest.FORMAT_VERSION, "layout": layout, "precision": precision, "opset": opset,
         "base_family": family, "base_hash": _base_hash(pipe), "model_name": name,
         "files": {"unet": unet_rel}, "io": {"unet": contract.as_table()},
-        "slots": {"count": n_slots, "fixed": slot_mode, "initializers": baked},
+        "slots": {"count": n_slots, "fixed": slot_mode, "initializers": baked}, "competitive_gates": competitive,
         "concepts": [_concept_info(e) for e in entries], "tools": manifest.tool_versions(),
     }
     token_slots, rows = None, None
@@ -124,7 +127,7 @@ def _write(pipe, entries, n_slots, slot_mode, layout, precision, opset, name, tm
         slot_store.save(tmp, pipe.unet, entries)
     if verify_export:
         info["verification"] = _verify(pipe, entries, tmp, unet_file, contract, layout, precision, opset,
-                                       token_slots, rows)
+                                       token_slots, rows, competitive)
     return info
 
 
@@ -235,7 +238,8 @@ def _jsonable(value):
     return str(value)
 
 
-def _verify(pipe, entries, tmp: Path, unet_file: Path, contract, layout, precision, opset, token_slots, rows) -> dict:
+def _verify(pipe, entries, tmp: Path, unet_file: Path, contract, layout, precision, opset, token_slots, rows,
+            competitive: bool = False) -> dict:
     log.info("verifying (onnx.checker, I/O contract, op allow-list, ORT parity)")
     figures = {}
     files = sorted(tmp.rglob("*.onnx"))
@@ -244,7 +248,7 @@ def _verify(pipe, entries, tmp: Path, unet_file: Path, contract, layout, precisi
         figures.setdefault("ops", {})[str(f.relative_to(tmp))] = verify.check_ops(f)
     verify.check_contract(unet_file, contract)
     figures["unet"] = verify.unet_parity(pipe.unet, entries, unet_file, contract, precision,
-                                         components.latent_factor(pipe.unet), layout)
+                                         components.latent_factor(pipe.unet), layout, competitive)
     if precision == "fp16" and entries:
         figures["gate_dtypes"] = verify.check_gate_fp32(unet_file)
     if layout == "optimum":

@@ -11,6 +11,7 @@ import contextlib
 
 import torch
 
+from perfusion_ext.core.gated_edit import strongest_only
 from perfusion_ext.core.layers import is_diffusers_unet
 
 GATE_WEIGHT, GATE_BIAS = "perfusion_gate.weight", "perfusion_gate.bias"
@@ -21,15 +22,18 @@ def baked_name(module_path: str, proj: str) -> str:
 
 
 class GatedTextInput(torch.nn.Module):
-    """e_aug = Concat(e, Sigmoid(e·A + b)): MatMul, Add, Sigmoid, Concat once for the whole UNet, in fp32."""
+    """e_aug = Concat(e, Sigmoid(e·A + b)): MatMul, Add, Sigmoid, Concat once for the whole UNet, in fp32.
+    Competitive gates keep each token's largest gate only (ReduceMax, Equal, Cast, Mul after the Sigmoid)."""
 
-    def __init__(self, weight: torch.Tensor, bias: torch.Tensor):
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor, competitive: bool = False):
         super().__init__()
         self.weight = torch.nn.Parameter(weight.float(), requires_grad=False)
         self.bias = torch.nn.Parameter(bias.float(), requires_grad=False)
+        self.competitive = competitive
 
     def forward(self, e: torch.Tensor) -> torch.Tensor:
-        return torch.cat([e, torch.sigmoid(e @ self.weight + self.bias)], dim=-1)
+        gate = torch.sigmoid(e @ self.weight + self.bias)
+        return torch.cat([e, strongest_only(gate) if self.competitive else gate], dim=-1)
 
 
 class ExtendedProjection(torch.nn.Module):

@@ -125,13 +125,13 @@ def unet_inputs(batch, height, width, tokens, channels, dim, entries, per_sample
     return x, t, e
 
 
-def torch_unet(unet, x, t, e, entries=(), extra=(), layout: str = "optimum"):
+def torch_unet(unet, x, t, e, entries=(), extra=(), layout: str = "optimum", competitive: bool = False):
     """The PyTorch reference: the hooks with each concept's baked strength, β and τ (and SDXL's added inputs,
-    as the layout feeds them)."""
+    as the layout feeds them; `competitive`: competitive gates)."""
     from .components import added_kind, unet_inputs_as
     from .modules import added_cond_kwargs
 
-    edits = build_edits(unet, [ResolvedConcept(s.concept, s.strength, s.beta, s.tau) for s in entries])
+    edits = build_edits(unet, [ResolvedConcept(s.concept, s.strength, s.beta, s.tau) for s in entries], competitive)
     handles = attach(edits)
     kind = added_kind(unet, layout)
     try:
@@ -144,7 +144,7 @@ def torch_unet(unet, x, t, e, entries=(), extra=(), layout: str = "optimum"):
 
 
 def unet_parity(unet, entries, path: Path, contract: Contract, precision: str, factor: int,
-                layout: str = "optimum") -> dict:
+                layout: str = "optimum", competitive: bool = False) -> dict:
     """ORT vs the torch hooks at every shape set and both ORT optimisation levels; the concepts' effect."""
     from .components import added_inputs
 
@@ -156,7 +156,7 @@ def unet_parity(unet, entries, path: Path, contract: Contract, precision: str, f
         x, t, e = unet_inputs(batch, h, w, tokens, contract.inputs[0].dims[1], contract.inputs[2].dims[2],
                               entries, per_sample_t)
         extra = added_inputs(unet, layout, batch, h, w, seed=batch)
-        ref = torch_unet(unet, x, t, e, entries, extra, layout)
+        ref = torch_unet(unet, x, t, e, entries, extra, layout, competitive)
         for level, sess in sessions.items():
             feed = (x.numpy(), t.numpy(), e.numpy()) + tuple(a.numpy() for a in extra)
             out = sess.run(None, dict(zip(names, feed)))[0]

@@ -29,12 +29,13 @@ class ExportRequest:
     precision: str = "fp16"
     beta: float | None = None
     tau: float | None = None
+    competitive_gates: bool = False  # baked as the setting of the same name applies them in the WebUI
 
 
 def parse_export_request(body) -> ExportRequest:
     if not isinstance(body, dict):
         raise ApiError(422, 'body must be a JSON object like {"concepts": ["teddy"], "layout": "a1111-trt"}')
-    unknown = set(body) - {"concepts", "layout", "precision", "beta", "tau"}
+    unknown = set(body) - {"concepts", "layout", "precision", "beta", "tau", "competitive_gates"}
     if unknown:
         raise ApiError(422, f"unknown field(s): {', '.join(sorted(unknown))}")
     names = body.get("concepts")
@@ -53,7 +54,10 @@ def parse_export_request(body) -> ExportRequest:
         numbers[key] = None if value is None else float(value)
     if numbers["tau"] is not None and numbers["tau"] <= 0:
         raise ApiError(422, "tau must be > 0")
-    return ExportRequest(tuple(dict.fromkeys(names)), layout, precision, numbers["beta"], numbers["tau"])
+    competitive = body.get("competitive_gates", False)
+    if not isinstance(competitive, bool):
+        raise ApiError(422, "competitive_gates must be true or false")
+    return ExportRequest(tuple(dict.fromkeys(names)), layout, precision, numbers["beta"], numbers["tau"], competitive)
 
 
 def child_args(request: ExportRequest, checkpoint: Path, concept_files: list[Path], out: Path, name: str,
@@ -66,6 +70,8 @@ def child_args(request: ExportRequest, checkpoint: Path, concept_files: list[Pat
     for key in ("beta", "tau"):
         if getattr(request, key) is not None:
             args += [f"--{key}", repr(getattr(request, key))]
+    if request.competitive_gates:
+        args.append("--competitive-gates")
     if v_prediction:  # the WebUI knows it (yaml or its own test); a single file does not say
         args += ["--prediction-type", "v_prediction"]
     return args

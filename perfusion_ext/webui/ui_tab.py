@@ -89,8 +89,9 @@ def interrupt():
 
 def export(names, layout, precision):
     try:
-        result = export_from_body({"concepts": list(names or []), "layout": layout, "precision": precision},
-                                  state.store())
+        competitive = bool(getattr(shared.opts, "perfusion_competitive_gates", False))
+        result = export_from_body({"concepts": list(names or []), "layout": layout, "precision": precision,
+                                   "competitive_gates": competitive}, state.store())
     except ApiError as exc:
         return html.escape(exc.message)
     lines = [f"Exported to {result['out']}"] + ([f"TensorRT extension file: {result['unet_onnx']}"]

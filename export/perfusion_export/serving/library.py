@@ -45,14 +45,15 @@ def unet_tensors(layers, entries: list[SlotEntry], n_slots: int, dtype: torch.dt
 
 
 def coefficient_channels(context: torch.Tensor, active: list[tuple[int, ResolvedConcept]], n_slots: int,
-                         fraction: float = 0.0) -> torch.Tensor:
+                         fraction: float = 0.0, competitive: bool = False) -> torch.Tensor:
     """[B, T, 2N] float32: c_o = w g(e) in channels k, c_a = w α(e) in channels N + k, zero outside the active
-    (slot, concept) pairs; gates at `fraction` of the sampling steps (β/τ schedules). The gates and the joint
-    projection are the PyTorch hooks' own (`gate_edit`: fp32 for fp32 text)."""
+    (slot, concept) pairs; gates at `fraction` of the sampling steps (β/τ schedules), competitive among the
+    active concepts with `competitive`. The gates and the joint projection are the PyTorch hooks' own
+    (`gate_edit`: fp32 for fp32 text)."""
     out = torch.zeros(*context.shape[:-1], 2 * n_slots, dtype=torch.float32)
     if not active:
         return out
-    edit = gate_edit([(r.concept, *r.gate_at(fraction)) for _, r in active])
+    edit = gate_edit([(r.concept, *r.gate_at(fraction)) for _, r in active], competitive)
     alpha, gate = edit.coefficients(context.float())
     strengths = torch.tensor([r.strength for _, r in active], dtype=alpha.dtype)
     slots = torch.tensor([slot for slot, _ in active])

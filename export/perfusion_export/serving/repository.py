@@ -76,9 +76,10 @@ def check_options(n_slots: int, backend: str, n_concepts: int) -> None:
 
 def export_library(model, concepts=(), out="triton_repo", *, n_slots: int = 16, backend: str = "onnxruntime",
                    opset: int = 18, pipeline_instances: int = 4, overwrite: bool = False,
-                   verify_export: bool = True, tensorrt: bool = False) -> dict:
+                   verify_export: bool = True, tensorrt: bool = False, competitive_gates: bool = False) -> dict:
     """Write a Triton model repository for `model` with a library of `n_slots` concept slots, the first filled
-    with `concepts` (paths or Concept objects). Returns the manifest."""
+    with `concepts` (paths or Concept objects); `competitive_gates`: every request's concepts get competitive
+    gates. Returns the manifest."""
     check_export_options("optimum", "fp32", opset, None, 0)
     check_options(n_slots, backend, len(concepts))
     if tensorrt and backend != "onnxruntime":
@@ -100,16 +101,18 @@ def export_library(model, concepts=(), out="triton_repo", *, n_slots: int = 16, 
                              "(SDXL's two text encoders and added conditioning are not in the serving pipeline).")
     entries = slot_entries(pipe.unet, [(c, 1.0) for c in loaded], None, None)
     with staged(out, overwrite) as tmp:
-        info = _write(pipe, entries, n_slots, backend, opset, pipeline_instances, tmp, family, tensorrt)
+        info = _write(pipe, entries, n_slots, backend, opset, pipeline_instances, tmp, family, tensorrt,
+                      competitive_gates)
         info["base_hash"] = _base_hash(pipe)
         if verify_export:
             info["verification"] = {"unet": library_unet_parity(pipe.unet, entries, n_slots,
-                                                                  tmp / "unet" / "1" / "model.onnx")}
+                                                                  tmp / "unet" / "1" / "model.onnx", competitive_gates)}
         manifest.write(tmp, info)
     return info
 
 
-def _write(pipe, entries, n_slots, backend, opset, instances, tmp: Path, family: str, tensorrt: bool) -> dict:
+def _write(pipe, entries, n_slots, backend, opset, instances, tmp: Path, family: str, tensorrt: bool,
+           competitive: bool) -> dict:
     te, unet, vae = pipe.text_encoder, pipe.unet, pipe.vae
     lib = tmp / "pipeline" / "library"
     vocab = te.get_input_embeddings().num_embeddings
@@ -133,14 +136,14 @@ def _write(pipe, entries, n_slots, backend, opset, instances, tmp: Path, family:
                      "guidance_rescale": defaults.get("guidance_rescale", 0.0),
                      "width": defaults["width"], "height": defaults["height"]},
         "token_slots": [{"slot": s.slot, "ids": s.ids, "rows": s.n_rows} for s in token_slots],
-        "concepts": [slot_concept(e, s) for e, s in zip(entries, token_slots)],
+        "concepts": [slot_concept(e, s) for e, s in zip(entries, token_slots)], "competitive_gates": competitive,
     }
     write_json(lib / LIBRARY_JSON, lib_info)
     dims = {"text": te.config.hidden_size, "context": components.text_dim(unet) + 2 * n_slots,
             "latent": unet.config.in_channels, "image": vae.config.out_channels}
     triton_config.write_repository(tmp, backend, dims, instances, tensorrt)
     return {"format_version": manifest.FORMAT_VERSION, "layout": "triton", "triton_backend": backend,
-            "tensorrt": tensorrt,
+            "tensorrt": tensorrt, "competitive_gates": competitive,
             "base_family": family, "opset": opset, "precision": "fp32",
             "library": {"slots": n_slots, "rows_per_slot": rows_per_slot, "unet_initializers": initializers},
             "files": {name: f"{name}/1/model.onnx" for name in NETWORKS},
@@ -160,9 +163,9 @@ def write_json(path: Path, data: dict) -> None:
     atomic_write_json(data, path)  # a refit's library.json is read by a live server
 
 
-def library_unet_parity(unet, entries: list[SlotEntry], n_slots: int, path: Path) -> dict:
+def library_unet_parity(unet, entries: list[SlotEntry], n_slots: int, path: Path, competitive: bool = False) -> dict:
     """ORT library UNet vs the PyTorch hooks for the empty set, each concept alone and all together, at several
-    strengths; per-sample timesteps."""
+    strengths; per-sample timesteps; `competitive`: with competitive gates on both sides."""
     from perfusion_ext.core.hooks import ResolvedConcept
 
     sess = verify.session(path)
@@ -176,9 +179,9 @@ def library_unet_parity(unet, entries: list[SlotEntry], n_slots: int, path: Path
                                      False, seed=i)
         t = torch.tensor([700.0, 30.0])
         active = [(s.slot, ResolvedConcept(s.concept, s.strength, s.beta, s.tau)) for s in subset]
-        context = torch.cat([e, library.coefficient_channels(e, active, n_slots)], dim=-1)
+        context = torch.cat([e, library.coefficient_channels(e, active, n_slots, competitive=competitive)], dim=-1)
         out = sess.run(None, {"sample": x.numpy(), "timestep": t.numpy(), "encoder_hidden_states": context.numpy()})[0]
-        ref = verify.torch_unet(unet, x, t, e, subset)
+        ref = verify.torch_unet(unet, x, t, e, subset, competitive=competitive)
         name = "+".join(s.concept.name for s in subset) or "none"
         figures[f"{name}@{strength}"] = r = verify.rel(out, ref)
         worst = max(worst, r)

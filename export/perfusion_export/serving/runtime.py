@@ -117,13 +117,15 @@ class LibraryPipeline:
         if guidance <= 1.0:
             text = text[1:]
         scheduled = any(r.scheduled for _, r in active)
-        channels = coefficient_channels(text, active, self.n_slots)
+        competitive = bool(self.info.get("competitive_gates", False))
+        channels = coefficient_channels(text, active, self.n_slots, competitive=competitive)
         context = np.ascontiguousarray(torch.cat([text, channels], dim=-1).numpy())
 
         def predict(sample, t, index):
             nonlocal context
             if scheduled:
-                channels = coefficient_channels(text, active, self.n_slots, fraction=index / steps)
+                channels = coefficient_channels(text, active, self.n_slots, fraction=index / steps,
+                                                competitive=competitive)
                 context = np.ascontiguousarray(torch.cat([text, channels], dim=-1).numpy())
             return self.unet(sample.astype(np.float32), np.full(len(sample), t, dtype=np.float32), context)
 
