@@ -258,7 +258,7 @@ def test_wrong_family_refused_before_writing(toy, tmp_path):
 
 
 def test_failed_export_leaves_nothing(toy, files, tmp_path, monkeypatch):
-    def broken(unet, entries, n_slots, layout, precision, opset, path):
+    def broken(unet, entries, n_slots, layout, precision, opset, path, competitive=False):
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_bytes(b"partial")
         raise RuntimeError("disk full")
