@@ -22,7 +22,8 @@ images never showed; size words, background-first phrasings, style prefixes) × 
 - the base model with the superclass word on the same prompts: its alignment, and the judge's false
   positives on its images.
 
-Rows: our recipe; the paper's recipe; each of our fixes removed alone; textual inversion (its own budget,
+Rows: our recipe; the paper's recipe; each of our fixes removed alone; options off by default (background
+distillation, embedding pull, context gate, leading-object captions at 0.3); textual inversion (its own budget,
 applied at strength 0 so only the learned word acts); Perfusion without key locking; Custom Diffusion and
 DreamBooth with prior preservation (ceilings). A β sweep for our recipe, and two concepts in one prompt
 ("<a> on the left, <b> on the right", or top and bottom). Results: benchmarks/results/quality.json, docs/quality_tradeoff.png,
@@ -66,6 +67,7 @@ ROWS: dict[str, dict] = {
     "value_lr_0.03": {"lr_value": 0.03},
     "with_context_gate": {"context_gate": 1.0},
     "always_flip": {"flip": True},
+    "leading_object_0.3": {"leading_object": 0.3},
     "paper_train_gate": {"train_beta": PAPER_RECIPE["train_beta"], "train_tau": PAPER_RECIPE["train_tau"]},
     "textual_inversion": {"mode": "textual_inversion", "steps_factor": 2, "lr_embedding": 0.02},
     "no_key_lock": {"mode": "no_key_lock"},
@@ -80,6 +82,7 @@ TWO_CONCEPT_PAIRS = (("house", "lollipop", "horizontal"), ("signpost", "duotone"
 # rows measured with two concepts in one prompt (where both concepts have the trained row): (label, the row whose
 # concepts it uses, their tag options, competitive gates)
 TWO_CONCEPT_ROWS = (("perfusion", "perfusion", "", False), ("perfusion_competitive_gates", "perfusion", "", True),
+                    ("leading_object_0.3_competitive_gates", "leading_object_0.3", "", True),
                     ("no_leak_penalty", "no_leak_penalty", "", False),
                     ("with_context_gate", "with_context_gate", "", False),
                     ("textual_inversion", "textual_inversion", ":0", False))
@@ -303,7 +306,8 @@ def mean_figures(results: list[dict]) -> dict:
 
 def two_concepts(pipe, results: dict, work: Path, seeds: int) -> dict:
     """"<a> on the left, <b> on the right" (or top and bottom): each concept judged in its half, against its
-    fidelity alone; for our recipe (with plain and with competitive gates, and without the leak penalty) and,
+    fidelity alone; for our recipe (with plain and with competitive gates, and without the leak penalty), for
+    leading-object captions (with competitive gates: they exist to make the second concept drawable) and,
     beside it, two textual inversions in one prompt (their words alone: strength 0). Two ceilings on the same prompts: the base
     model given both concepts spelled out, and given the two superclass words (each half judged as its
     named object: can the base model draw two named objects in this layout at all?)."""

@@ -230,8 +230,8 @@ def _add_sampling_args(p: argparse.ArgumentParser) -> None:
 
 def _add_competitive_arg(p: argparse.ArgumentParser) -> None:
     p.add_argument("--competitive-gates", action="store_true",
-                   help="with several concepts in a prompt, each word opens only the gate of the concept it is "
-                        "closest to, so one concept's edit never acts on another's word")
+                   help="with several concepts in a prompt, each word keeps only its most open concept gate, so "
+                        "one concept's edit never acts on another's word")
 
 
 def build_parser() -> argparse.ArgumentParser:
