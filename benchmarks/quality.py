@@ -396,7 +396,9 @@ def previous_report(out: Path, settings: dict) -> dict | None:
 
 
 def merge_reports(reports: list[dict], earlier: dict | None = None) -> dict:
-    """One report from runs split by concept: the same settings, no concept twice, two-concept rows joined.
+    """One report from runs split by concept or by rows: the same settings, no row of a concept twice,
+    two-concept rows joined. Runs split by rows measure a concept's ceilings and base model again: being
+    deterministic, those must agree, or the runs came from different code or base models.
 
     With `earlier` (a complete report of the same settings), a rerun of only the rows a change touches becomes
     a whole report: every row and two-concept row the runs did not measure is taken from `earlier` and listed
@@ -406,11 +408,14 @@ def merge_reports(reports: list[dict], earlier: dict | None = None) -> dict:
         raise SystemExit("the reports were written with different settings; merge only runs of one configuration")
     concepts, two = {}, {}
     for r in reports:
-        if set(r["concepts"]) & set(concepts):
-            raise SystemExit(f"concept(s) {sorted(set(r['concepts']) & set(concepts))} are in more than one report")
-        concepts.update(r["concepts"])
+        for name, entry in r["concepts"].items():
+            concepts[name] = join_rows(name, concepts[name], entry) if name in concepts else entry
         for row, by_pair in r.get("two_concepts", {}).items():
-            two.setdefault(row, {}).update(by_pair)
+            for pair, figures in by_pair.items():
+                if two.get(row, {}).get(pair, figures) != figures:
+                    raise SystemExit(f"two-concept row {row} ({pair}) differs between the reports; merge only runs "
+                                     f"of one code and base model")
+                two.setdefault(row, {})[pair] = figures
     kept = keep_unmeasured_rows(concepts, two, earlier) if earlier else {}
     rows = [r for r in ROWS if any(r in entry for entry in concepts.values())]
     report = {"settings": settings, "concepts": concepts, "seconds": round(sum(r["seconds"] for r in reports), 1),
@@ -420,6 +425,18 @@ def merge_reports(reports: list[dict], earlier: dict | None = None) -> dict:
     if kept:
         report["kept_from_earlier_run"] = kept
     return report
+
+
+def join_rows(name: str, entry: dict, other: dict) -> dict:
+    """One concept's entry from two runs of other rows; everything that is not a row must be the same."""
+    both = set(entry) & set(other)
+    if both & set(ROWS):
+        raise SystemExit(f"row(s) {sorted(both & set(ROWS))} of {name} are in more than one report")
+    differing = sorted(key for key in both if entry[key] != other[key])
+    if differing:
+        raise SystemExit(f"{name}'s {', '.join(differing)} differ between the reports; merge only runs of one code "
+                         f"and base model")
+    return {**entry, **other}
 
 
 def keep_unmeasured_rows(concepts: dict, two: dict, earlier: dict) -> dict:
@@ -479,8 +496,8 @@ def main(argv=None) -> int:
                         "the others (every concept is written to --out as soon as it is measured); needs the "
                         "earlier run's --work for the two-concept prompts")
     p.add_argument("--merge", nargs="+", metavar="REPORT",
-                   help="combine the reports of runs split by --concepts (same settings, each its own --out; split "
-                        "by the two-concept pairs to keep those rows) into --out, then plot and, with "
+                   help="combine the reports of runs split by --concepts or by --rows (same settings, each its own "
+                        "--out; split by the two-concept pairs to keep those rows) into --out, then plot and, with "
                         "--update-readme, write the README tables")
     p.add_argument("--keep-from", metavar="REPORT",
                    help="with --merge: a complete earlier report of the same settings; the rows and two-concept rows "

@@ -123,6 +123,27 @@ def test_reports_of_a_split_run_merge_into_one():
         quality.merge_reports([report({"house": 0.4}, "x"), other])
 
 
+def test_runs_split_by_rows_merge_into_one():
+    def report(row, fidelity, base=0.0, two=None):
+        entry = {"in_range": True, "base": {"fidelity": base, "alignment": 0.8},
+                 row: {"fidelity": fidelity, "alignment": 1.0, "leak": 0.02}}
+        return {"settings": {"seeds": 4}, "concepts": {"house": entry}, "seconds": 5.0, "machine": "m",
+                "complete": True, "two_concepts": {"base_superclass_words": {"house+lollipop": two or {"house": 1}},
+                                                   row: {"house+lollipop": {"house": fidelity}}}}
+
+    merged = quality.merge_reports([report("perfusion", 0.6), report("leading_object_0.3", 0.5)])
+    house = merged["concepts"]["house"]
+    assert house["perfusion"]["fidelity"] == 0.6 and house["leading_object_0.3"]["fidelity"] == 0.5
+    assert merged["rows"] == ["perfusion", "leading_object_0.3"] and "kept_from_earlier_run" not in merged
+    assert set(merged["two_concepts"]) == {"base_superclass_words", "perfusion", "leading_object_0.3"}
+    with pytest.raises(SystemExit, match="house's base differ"):
+        quality.merge_reports([report("perfusion", 0.6), report("leading_object_0.3", 0.5, base=0.1)])
+    with pytest.raises(SystemExit, match="row\\(s\\) \\['perfusion'\\] of house"):
+        quality.merge_reports([report("perfusion", 0.6), report("perfusion", 0.5)])
+    with pytest.raises(SystemExit, match="base_superclass_words"):
+        quality.merge_reports([report("perfusion", 0.6), report("leading_object_0.3", 0.5, two={"house": 0})])
+
+
 def test_a_rerun_of_some_rows_keeps_the_others_from_the_earlier_report():
     def entry(rows):
         return {"in_range": True, "base": {"fidelity": 0.0, "alignment": 0.8},
