@@ -549,7 +549,8 @@ def main(argv=None) -> int:
         write_report(out, report)
     rows = [r for r in ROWS if any(r in entry for entry in results.values())]
     report["rows"] = rows
-    report["two_concepts"] = two_concepts(pipe, results, work, args.seeds) if "perfusion" in rows else {}
+    measured_together = any(row in rows for _, row, *_ in TWO_CONCEPT_ROWS)
+    report["two_concepts"] = two_concepts(pipe, results, work, args.seeds) if measured_together else {}
     report["summary"] = summarise(results, rows)
     report["complete"] = True
     report["seconds"] = round(earlier_seconds + time.time() - started, 1)
