@@ -28,7 +28,7 @@ def test_every_word_is_one_token_and_no_concept_is_named(tokenizer):
 
 def test_added_words_take_new_colour_pairs_in_the_first_words_arrangements():
     arrangements = {}
-    for word, spec in named.NAMED.items():
+    for spec in named.NAMED.values():
         arrangements.setdefault((spec.shape_a, spec.size_a, spec.relation, spec.shape_b, spec.size_b), []).append(
             (spec.colour_a, spec.colour_b))
     assert len(arrangements) == 10 and all(len(pairs_) == 4 for pairs_ in arrangements.values())
