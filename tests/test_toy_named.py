@@ -29,13 +29,12 @@ def test_every_word_is_one_token_and_no_concept_is_named(tokenizer):
 def test_added_words_take_new_colour_pairs_in_the_first_words_arrangements():
     arrangements = {}
     for spec in named.NAMED.values():
-        arrangements.setdefault((spec.shape_a, spec.size_a, spec.relation, spec.shape_b, spec.size_b), []).append(
-            (spec.colour_a, spec.colour_b))
+        arrangements.setdefault(named.arrangement(spec), []).append((spec.colour_a, spec.colour_b))
     assert len(arrangements) == 10 and all(len(pairs_) == 4 for pairs_ in arrangements.values())
     assert all(len(set(pairs_)) == 4 for pairs_ in arrangements.values())
     for name in (c for c in CONCEPTS if CONCEPTS[c].in_range):  # neither the concept's colours nor their swap
         spec = CONCEPTS[name].composite
-        taken = arrangements[(spec.shape_a, spec.size_a, spec.relation, spec.shape_b, spec.size_b)]
+        taken = arrangements[named.arrangement(spec)]
         assert (spec.colour_a, spec.colour_b) not in taken and (spec.colour_b, spec.colour_a) not in taken, name
 
 

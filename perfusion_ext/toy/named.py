@@ -71,13 +71,14 @@ NAMED: dict[str, Composite] = {**_FIRST_WORDS, **ADDED_WORDS}
 _MIRRORABLE_FIRST = frozenset({"rocket", "tree", "lantern", "mushroom", "tower", "bell", "glasses"})
 
 
-def _arrangement(spec: Composite) -> tuple:
+def arrangement(spec: Composite) -> tuple:
+    """Everything of a composite but its colours: the words that share it differ only in their colour pair."""
     return spec.shape_a, spec.size_a, spec.relation, spec.shape_b, spec.size_b
 
 
 # A word may be drawn mirrored where the first word of its arrangement may.
 MIRRORABLE = frozenset(w for w, spec in NAMED.items()
-                       if any(_arrangement(spec) == _arrangement(_FIRST_WORDS[m]) for m in _MIRRORABLE_FIRST))
+                       if any(arrangement(spec) == arrangement(_FIRST_WORDS[m]) for m in _MIRRORABLE_FIRST))
 # Size words scale both parts ("a small rocket"), as size words scale the one-object shapes; without them
 # "a small <concept>" was a prompt the model had never seen for any named object, and drew one square.
 # Captions without a size word draw the object at scale 1, as often as both size words together.
