@@ -68,6 +68,8 @@ ROWS: dict[str, dict] = {
     "with_context_gate": {"context_gate": 1.0},
     "always_flip": {"flip": True},
     "leading_object_0.3": {"leading_object": 0.3},
+    "pair_scenes_6": {"pair_scenes": 6},
+    "pair_scenes_6_leading_object_0.3": {"pair_scenes": 6, "leading_object": 0.3},
     "paper_train_gate": {"train_beta": PAPER_RECIPE["train_beta"], "train_tau": PAPER_RECIPE["train_tau"]},
     "textual_inversion": {"mode": "textual_inversion", "steps_factor": 2, "lr_embedding": 0.02},
     "no_key_lock": {"mode": "no_key_lock"},
@@ -83,6 +85,7 @@ TWO_CONCEPT_PAIRS = (("house", "lollipop", "horizontal"), ("signpost", "duotone"
 # concepts it uses, their tag options, competitive gates)
 TWO_CONCEPT_ROWS = (("perfusion", "perfusion", "", False), ("perfusion_competitive_gates", "perfusion", "", True),
                     ("leading_object_0.3_competitive_gates", "leading_object_0.3", "", True),
+                    ("pair_scenes_6_competitive_gates", "pair_scenes_6", "", True),
                     ("no_leak_penalty", "no_leak_penalty", "", False),
                     ("with_context_gate", "with_context_gate", "", False),
                     ("textual_inversion", "textual_inversion", ":0", False))

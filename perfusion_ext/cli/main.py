@@ -54,7 +54,7 @@ def cmd_train(args) -> int:
         masks_dir=args.masks, mode=args.mode, description=args.description, flip=args.flip,
         init_from_captions=args.init_from_captions, background_distill=args.background_distill,
         embedding_pull=args.embedding_pull, leak_penalty=args.leak_penalty, context_gate=args.context_gate,
-        phrasing_gate=args.phrasing_gate, leading_object=args.leading_object,
+        phrasing_gate=args.phrasing_gate, leading_object=args.leading_object, pair_scenes=args.pair_scenes,
         train_beta=args.train_beta, train_tau=args.train_tau,
     )
     if args.paper_recipe:
@@ -281,6 +281,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--leading-object", type=_bounded("leading_object"), default=defaults["leading_object"],
                    help="share of training captions that start with another object's clause (\"a SUPERCLASS on "
                         "the left, …\"), so the concept also works as the second object of a prompt (0 to 1)")
+    p.add_argument("--pair-scenes", type=_bounded("pair_scenes"), default=defaults["pair_scenes"],
+                   help="add N two-object scenes to the training images: the subject (cut out by its mask, so it "
+                        "needs --masks or transparent images) pasted beside the base model's own SUPERCLASS, so "
+                        "the concept also works as the second of two concepts in a prompt (0: off)")
     p.add_argument("--train-beta", type=_bounded("train_beta"), default=None,
                    help="the gate's β during training (default: the concept's inference β, 0.7; the paper: 0.75)")
     p.add_argument("--train-tau", type=_bounded("train_tau"), default=None,

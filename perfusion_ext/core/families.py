@@ -78,6 +78,10 @@ class Plugin:
     captions: Callable[[], list[str]] | None = None  # a covariance corpus its text encoder understands
     random_pipeline: Callable[..., Any] | None = None  # its architecture with random weights (tests, demo)
     tokenizer_dir: Path | None = None  # CLIP BPE tokenizer files it ships (single-file loading reuses them)
+    # (object word, setting) pairs its model draws well that fit a layout ("horizontal": side by side, "vertical":
+    # one above the other): the other object of pair scenes (training.pair_scenes) and words appended to its prompt
+    # and caption, before or after (the toy model draws clean scenes only when told the background: "blue background")
+    pair_objects: Callable[[str], tuple[tuple[str, str], ...]] | None = None
 
     def model_ready(self) -> bool:
         return self.model_dir is not None and (self.model_dir / "model_index.json").is_file()
@@ -254,6 +258,18 @@ def caption_corpus(name: str) -> list[str] | None:
     """Captions for this family's covariance when its text encoder only knows its own words, else None."""
     extra = plugin(name)
     return extra.captions() if extra is not None and extra.captions is not None else None
+
+
+# Words every Stable Diffusion draws, for the other object of pair scenes (a plug-in's model may know others).
+COMMON_OBJECTS = ("dog", "cat", "car", "chair", "vase", "lamp", "bicycle", "teapot", "backpack", "clock")
+
+
+def pair_objects(name: str, layout: str) -> tuple[tuple[str, str], ...]:
+    """(object word, setting) pairs this family's model draws that fit `layout` (training.pair_scenes)."""
+    extra = plugin(name)
+    if extra is not None and extra.pair_objects is not None:
+        return extra.pair_objects(layout)
+    return tuple((word, "") for word in COMMON_OBJECTS)
 
 
 def named_model(spec: str) -> Path | None:

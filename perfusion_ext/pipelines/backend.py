@@ -13,6 +13,7 @@ from ..core import families
 from ..core.covariance import cached_covariance
 from ..core.tags import format_tag
 from ..training.backend import Backend
+from ..training.dataset import pixels_of
 from .encoding import model_hash, prompt_encoder, text_encoders, time_ids, unet_kwargs
 from .generate import generate
 
@@ -98,6 +99,10 @@ class DiffusersBackend(Backend):
     @property
     def base_hash(self) -> str:
         return model_hash(self.pipe)
+
+    def sample(self, prompt: str, seed: int, size: int):
+        images, _ = generate(self.pipe, prompt, seed=seed)
+        return pixels_of(images[0], size)
 
     def preview(self, prompt_template: str, concept, seed: int = 0):
         images, _ = generate(self.pipe, prompt_template.format(format_tag(concept.name)), seed=seed,

@@ -44,9 +44,20 @@ def tiny_random_pipeline(seed: int = 0):
     )
 
 
+def pair_objects(layout: str) -> tuple[tuple[str, str], ...]:
+    """The named objects that fit the layout, each on every background it stands out from (without a background
+    word the toy model paints blotches)."""
+    from .named import NAMED
+    from .two_named import words_for
+    from .world import COLOURS
+
+    return tuple((word, f"{colour} background") for word in words_for(layout) for colour in COLOURS
+                 if colour not in (NAMED[word].colour_a, NAMED[word].colour_b))
+
+
 PLUGIN = families.Plugin(
     model_dir=MODEL_DIR, model_hint=f"train it with `{TRAIN_COMMAND}`.", sampling=sampling, captions=captions,
-    random_pipeline=tiny_random_pipeline, tokenizer_dir=MODEL_DIR / "tokenizer",
+    random_pipeline=tiny_random_pipeline, tokenizer_dir=MODEL_DIR / "tokenizer", pair_objects=pair_objects,
 )
 
 

@@ -12,9 +12,11 @@ from __future__ import annotations
 
 import abc
 
+import numpy as np
 import torch
 
 from ..core import families
+from ..core.errors import PerfusionError
 from ..core.layers import unet_family
 from ..core.text import EncodedPrompts, PromptEncoder
 
@@ -78,6 +80,11 @@ class Backend(abc.ABC):
     @property
     @abc.abstractmethod
     def num_train_timesteps(self) -> int: ...
+
+    def sample(self, prompt: str, seed: int, size: int) -> np.ndarray:
+        """The base model's own picture of a plain prompt, float32 [3, size, size] in [-1, 1] (for pair scenes)."""
+        raise PerfusionError(f"{type(self).__name__} cannot draw pictures, so it cannot build pair scenes; train "
+                             "without them")
 
     @abc.abstractmethod
     def text_covariance(self) -> torch.Tensor:

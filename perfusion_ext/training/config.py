@@ -70,6 +70,11 @@ class TrainConfig:
     # the concept is otherwise only ever learned as the first object, and after another object its encoding moves
     # away from what its edit was fitted on. The loss stays on the subject's mask.
     leading_object: float = 0.0
+    # Number of two-object scenes added to the training images (training.pair_scenes): the subject, cut out by its
+    # mask, pasted beside the base model's drawing of the superclass word, captioned "a {s} on the left and a {} on
+    # the right" (or top and bottom), mostly in second place. A concept learned only alone is lost when it comes
+    # second in a prompt with two concepts. Needs subject masks.
+    pair_scenes: int = 0
     ema_momentum: float = 0.99
     mode: str = "perfusion"  # or the benchmark baselines: textual_inversion, no_key_lock
     description: str = ""
@@ -107,12 +112,12 @@ LIMITS: dict[str, tuple[type, float, float]] = {
     "checkpoint_every": (int, 1, 100_000), "preview_every": (int, 0, 100_000),
     "background_distill": (float, 0.0, 100.0), "embedding_pull": (float, 0.0, 100.0),
     "leak_penalty": (float, 0.0, 100.0), "context_gate": (float, 0.0, 100.0), "phrasing_gate": (float, 0.0, 100.0),
-    "leading_object": (float, 0.0, 1.0),
+    "leading_object": (float, 0.0, 1.0), "pair_scenes": (int, 0, 256),
 }
 # The recipe of the paper and of the public re-implementations: every fix above off, flips on.
 PAPER_RECIPE: dict[str, Any] = {"flip": True, "init_from_captions": False, "background_distill": 0.0,
                                 "embedding_pull": 0.0, "leak_penalty": 0.0, "context_gate": 0.0, "phrasing_gate": 0.0,
-                                "leading_object": 0.0,
+                                "leading_object": 0.0, "pair_scenes": 0,
                                 "train_beta": 0.75, "train_tau": 0.1}
 
 

@@ -33,6 +33,7 @@ class TrainingImage:
     caption: str | None  # optional template from NAME.txt beside the image ("{}" marks the concept)
     original_size: tuple[int, int] | None = None  # (h, w) of the file, for SDXL's size conditioning
     crop_top_left: tuple[int, int] = (0, 0)  # where the square crop starts in the image scaled to `resolution`
+    mirrorable: bool = True  # False for composed scenes whose caption says left and right (pair_scenes)
 
 
 @dataclasses.dataclass
@@ -94,6 +95,12 @@ def _load_mask(path: Path, size: tuple[int, int], name: str, notes: list[str]) -
         notes.append(f"{name}: mask {path.name} resized from {mw}×{mh} to the image's {w}×{h} px")
         mask = mask.resize(size, Image.BILINEAR)
     return mask
+
+
+def pixels_of(img: Image.Image, resolution: int) -> np.ndarray:
+    """An RGB image as training pixels: its centred square crop at `resolution`, float32 [3, R, R] in [-1, 1]."""
+    pixels = np.asarray(_square(img, resolution, Image.LANCZOS), dtype=np.float32) / 127.5 - 1.0
+    return pixels.transpose(2, 0, 1).copy()
 
 
 def _square(img: Image.Image, size: int, resample) -> Image.Image:
@@ -184,13 +191,13 @@ def load_images(folder: str | Path, resolution: int, masks_dir: str | Path | Non
                 mask_img = None
             else:
                 mask_img = _load_mask(candidates[0], img.size, path.name, notes)
-        pixels = np.asarray(_square(img, resolution, Image.LANCZOS), dtype=np.float32) / 127.5 - 1.0
+        pixels = pixels_of(img, resolution)
         mask = None
         if mask_img is not None:
             mask = np.asarray(_square(mask_img.convert("L"), resolution, Image.BILINEAR), dtype=np.float32) / 255.0
         caption_file = path.with_suffix(".txt")
         caption = caption_file.read_text(encoding="utf-8").strip() if caption_file.is_file() else None
-        images.append(TrainingImage(path, pixels.transpose(2, 0, 1).copy(), mask, caption, (img.height, img.width),
+        images.append(TrainingImage(path, pixels, mask, caption, (img.height, img.width),
                                     _crop_top_left(img.width, img.height, resolution)))
     if not images:
         raise PerfusionError(f"no usable image in {folder}:\n  " + "\n  ".join(notes))

@@ -31,6 +31,7 @@ from ..core.hooks import ResolvedConcept, attach, build_edits, detach
 from ..core.layers import cross_attention_layers
 from ..core.tags import ConceptTag
 from ..core.text import EncodedPrompts
+from . import pair_scenes
 from .backend import Backend
 from .config import TrainConfig
 from .dataset import Dataset
@@ -78,6 +79,10 @@ class ConceptTrainer:
     def __init__(self, backend: Backend, config: TrainConfig, dataset: Dataset):
         config = config.resolved(backend.family, backend.device)  # the family's defaults where a field is None
         config.check()
+        if config.pair_scenes:  # two-object scenes with the subject in them, built once (deterministic on resume)
+            scenes = pair_scenes.compose(backend, dataset, config.superclass, config.pair_scenes, config.resolution,
+                                         config.seed)
+            dataset = dataclasses.replace(dataset, images=dataset.images + scenes)
         self.backend, self.cfg, self.dataset = backend, config, dataset
         self.layers = cross_attention_layers(backend.unet)
         self.family = backend.family
@@ -140,6 +145,12 @@ class ConceptTrainer:
                 self.order = [int(i) for i in self.rng.permutation(len(self.dataset.images))]
             out.append(self.order.pop(0))
         return out
+
+    def _flips(self, idx: list[int]) -> np.ndarray:
+        """1 for the images to mirror: half at random when the run flips, never a scene whose caption says where
+        its objects are (pair scenes)."""
+        flips = (self.rng.random(len(idx)) < 0.5).astype(int) if self.cfg.flip else np.zeros(len(idx), int)
+        return flips * np.array([self.dataset.images[i].mirrorable for i in idx], dtype=int)
 
     def _segments(self, template: str, tag: ConceptTag) -> list:
         before, _, after = template.partition("{}")
@@ -255,7 +266,7 @@ class ConceptTrainer:
     def _micro_step(self, n: int, batch_size: int) -> float:
         cfg, tag = self.cfg, ConceptTag(self.cfg.name)
         idx = self._next_indices(n)
-        flips = (self.rng.random(n) < 0.5).astype(int) if cfg.flip else np.zeros(n, int)
+        flips = self._flips(idx)
         prompts = [self._segments(self._caption(i), tag) for i in idx]
         latents = self.latents[idx, flips].to(self.backend.device)
         noise = torch.randn(latents.shape, generator=self.noise_gen).to(latents.device)

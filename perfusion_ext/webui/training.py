@@ -21,6 +21,7 @@ from ..core.errors import PerfusionError
 from ..core.hooks import ResolvedConcept, attach, build_edits, detach
 from ..core.library import delete_concept
 from ..training import TrainCallbacks, train
+from ..training.dataset import pixels_of
 from .activation import concept_word
 from .backend import WebuiLdmBackend, is_sgm, refuse_unusable
 from .concepts import ConceptStore, mismatch_reason
@@ -47,13 +48,25 @@ class _Previews:
         word = concept_word(concept.name, "0" * 6) + "preview"
         env.register_embedding(word, concept)
         handles = attach(build_edits(self.unet, [ResolvedConcept(concept, 1.0, concept.beta, concept.tau)]))
+        try:
+            return self._txt2img(prompt_template.format(word), seed, self.preview_resolution)
+        finally:
+            detach(handles)
+            env.unregister_embedding(word)
+
+    def sample(self, prompt, seed, size):
+        """The loaded model's own picture of a plain prompt (pair scenes), at the training resolution."""
+        return pixels_of(self._txt2img(prompt, seed, size).convert("RGB"), size)
+
+    def _txt2img(self, prompt: str, seed: int, size: int):
+        """One image from the WebUI's txt2img, leaving its progress display as it was."""
         saved = {k: getattr(shared.state, k) for k in ("job", "job_count", "job_no", "sampling_step", "sampling_steps",
                                                         "textinfo", "current_image")}
         try:
             p = processing.StableDiffusionProcessingTxt2Img(
-                sd_model=shared.sd_model, prompt=prompt_template.format(word), negative_prompt="", seed=int(seed),
-                sampler_name="Euler a", steps=self.preview_steps, cfg_scale=7.0, width=self.preview_resolution,
-                height=self.preview_resolution, batch_size=1, n_iter=1, do_not_save_samples=True,
+                sd_model=shared.sd_model, prompt=prompt, negative_prompt="", seed=int(seed),
+                sampler_name="Euler a", steps=self.preview_steps, cfg_scale=7.0, width=size,
+                height=size, batch_size=1, n_iter=1, do_not_save_samples=True,
                 do_not_save_grid=True, do_not_reload_embeddings=True,
             )
             p.disable_extra_networks = True  # our hooks are already on; the extra network would reset them
@@ -62,8 +75,6 @@ class _Previews:
                 processed = processing.process_images(p)
             return processed.images[0]
         finally:
-            detach(handles)
-            env.unregister_embedding(word)
             for k, v in saved.items():
                 setattr(shared.state, k, v)
 
