@@ -121,6 +121,10 @@ def test_the_trainer_adds_the_scenes_and_never_mirrors_them(random_toy_backend, 
     trainer = ConceptTrainer(random_toy_backend, cfg, load_images(images, 32, masks_dir=images / "masks"))
     assert len(trainer.dataset.images) == 4 and [im.mirrorable for im in trainer.dataset.images] == [True, True,
                                                                                                        False, False]
+    again = ConceptTrainer(random_toy_backend, cfg, load_images(images, 32, masks_dir=images / "masks"))
+    # a resumed run rebuilds the same scenes (its data order indexes them)
+    assert all(np.array_equal(a.pixels, b.pixels) and a.caption == b.caption
+               for a, b in zip(trainer.dataset.images, again.dataset.images))
     assert not trainer._flips([2, 3] * 16).any()
     assert trainer._flips([0, 1] * 16).any()  # the subject's own images still are
     assert np.isfinite(trainer.train_step())

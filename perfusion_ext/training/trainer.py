@@ -6,7 +6,7 @@ Locked: the key target o*_K = W_k i_super, where i_super is the superclass word'
 concept position (EMA over batches). The target input i* is the EMA (momentum 0.99) of the concept
 token's encoding, initialised from the superclass encoding; u = C⁻¹ i* follows it. The train-time gate
 is the concept's inference gate (β 0.7, τ 0.15) unless the config sets one. Batch via gradient
-accumulation; latents cached once; optional subject masks.
+accumulation; latents cached once; optional subject masks; optional two-object pair scenes (pair_scenes).
 
 Runs are robust: checkpoints (state + a loadable concept) every N steps, written atomically; resume
 continues to the same result as an uninterrupted run; Ctrl-C / should_stop save and return; a
@@ -79,10 +79,6 @@ class ConceptTrainer:
     def __init__(self, backend: Backend, config: TrainConfig, dataset: Dataset):
         config = config.resolved(backend.family, backend.device)  # the family's defaults where a field is None
         config.check()
-        if config.pair_scenes:  # two-object scenes with the subject in them, built once (deterministic on resume)
-            scenes = pair_scenes.compose(backend, dataset, config.superclass, config.pair_scenes, config.resolution,
-                                         config.seed)
-            dataset = dataclasses.replace(dataset, images=dataset.images + scenes)
         self.backend, self.cfg, self.dataset = backend, config, dataset
         self.layers = cross_attention_layers(backend.unet)
         self.family = backend.family
@@ -92,6 +88,10 @@ class ConceptTrainer:
                 f"superclass {config.superclass!r} is {len(super_ids)} tokens for this tokenizer; it must be exactly "
                 "one (e.g. 'dog', 'bear', 'toy', 'circle'). Pick a single common word."
             )
+        if config.pair_scenes:  # two-object scenes with the subject in them, built once (deterministic on resume)
+            scenes = pair_scenes.compose(backend, dataset, config.superclass, config.pair_scenes, config.resolution,
+                                         config.seed)
+            self.dataset = dataset = dataclasses.replace(dataset, images=dataset.images + scenes)
         self.embedding = {k: torch.nn.Parameter(v.clone()) for k, v in backend.token_embedding(super_ids[0]).items()}
         # detached: the pull must not differentiate through its own anchor (which pushed the embedding away)
         self.superclass_embedding = {k: v.detach().clone() for k, v in self.embedding.items()}
