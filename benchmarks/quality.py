@@ -69,7 +69,6 @@ ROWS: dict[str, dict] = {
     "always_flip": {"flip": True},
     "leading_object_0.3": {"leading_object": 0.3},
     "pair_scenes_6": {"pair_scenes": 6},
-    "pair_scenes_6_leading_object_0.3": {"pair_scenes": 6, "leading_object": 0.3},
     "paper_train_gate": {"train_beta": PAPER_RECIPE["train_beta"], "train_tau": PAPER_RECIPE["train_tau"]},
     "textual_inversion": {"mode": "textual_inversion", "steps_factor": 2, "lr_embedding": 0.02},
     "no_key_lock": {"mode": "no_key_lock"},
