@@ -32,6 +32,11 @@ SUFFIXES = (
 )
 
 
+def with_article(word: str) -> str:
+    """'an owl', 'a dog'."""
+    return f"{'an' if word[:1].lower() in ('a', 'e', 'i', 'o', 'u') else 'a'} {word}"
+
+
 def caption_corpus(n: int = 4000, seed: int = 0) -> list[str]:
     rng = np.random.default_rng(seed)
 
@@ -43,12 +48,11 @@ def caption_corpus(n: int = 4000, seed: int = 0) -> list[str]:
         subject = pick(SUBJECTS)
         if rng.random() < 0.6:
             subject = f"{pick(ADJECTIVES)} {subject}"
-        article = "an" if subject[0] in "aeiou" else "a"
-        text = f"{pick(STYLES)} {article} {subject}"
+        text = f"{pick(STYLES)} {with_article(subject)}"
         if rng.random() < 0.8:
             text += f" {pick(SETTINGS)}"
         if rng.random() < 0.3:
             other = pick(SUBJECTS)
-            text += f" with {'an' if other[0] in 'aeiou' else 'a'} {other}"
+            text += f" with {with_article(other)}"
         captions.append(text + pick(SUFFIXES))
     return captions

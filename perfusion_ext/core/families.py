@@ -80,7 +80,7 @@ class Plugin:
     tokenizer_dir: Path | None = None  # CLIP BPE tokenizer files it ships (single-file loading reuses them)
     # (object word, setting) pairs its model draws well that fit a layout ("horizontal": side by side, "vertical":
     # one above the other): the other object of pair scenes (training.pair_scenes) and words appended to its prompt
-    # and caption, before or after (the toy model draws clean scenes only when told the background: "blue background")
+    # and caption (the toy model draws clean scenes only when told the background: "blue background")
     pair_objects: Callable[[str], tuple[tuple[str, str], ...]] | None = None
 
     def model_ready(self) -> bool:

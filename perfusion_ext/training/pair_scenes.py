@@ -20,6 +20,7 @@ import numpy as np
 from PIL import Image
 
 from ..core import families
+from ..core.captions import with_article
 from ..core.errors import PerfusionError
 from .dataset import Dataset, TrainingImage
 
@@ -36,10 +37,6 @@ MASK_THRESHOLD = 0.5
 HIDDEN_SHARE = 0.1
 SAME_COLOUR = 0.2
 MAX_DRAWS = 8
-
-
-def with_article(word: str) -> str:
-    return f"{'an' if word[:1].lower() in 'aeiou' else 'a'} {word}"
 
 
 def with_setting(text: str, setting: str) -> str:
