@@ -6,6 +6,7 @@ file runs in a few minutes on one CPU thread; each export is made once per sessi
 """
 from __future__ import annotations
 
+import dataclasses
 import filecmp
 import json
 import types
@@ -21,6 +22,7 @@ from perfusion_ext.core.errors import PerfusionError
 
 pytest.importorskip("onnxruntime")
 from perfusion_export import components, verify
+from perfusion_export.bake import SlotEntry
 from perfusion_export.exporter import export_pipeline
 from perfusion_export.refit import refit
 
@@ -349,3 +351,30 @@ def test_competitive_gates_are_baked_and_verified(toy, files, two_slots, exports
 
     ops = [n.op_type for n in onnx.load(str(out / "unet" / "model.onnx"), load_external_data=False).graph.node]
     assert {"ReduceMax", "Equal"} <= set(ops)
+
+
+@pytest.mark.slow
+def test_competitive_gates_with_different_betas_bake_the_similarity_rule_and_refit(toy, files, exports):
+    """With β 0.9 and 0.2 a token near both concepts has its most open gate on the one it is less similar to:
+    the ONNX graph must pick the similar one, as the hooks do, also after a refit changes a slot's β."""
+    from perfusion_ext.cli import main
+    from perfusion_ext.core.concept import load_concept
+    from perfusion_ext.core.gated_edit import gate_edit
+
+    teddy, robot = (dataclasses.replace(load_concept(files[n]), beta=b) for n, b in (("teddy", 0.9), ("robot", 0.2)))
+    out = exports / "competitive_betas"
+    info = export_pipeline(toy, [teddy, robot], out, layout="unet-only", slots=3, competitive_gates=True)
+    assert info["verification"]["unet"]["max_rel"] <= 1e-4
+    x, t, e = toy_inputs()
+    e[:, 1] = 0.8 * teddy.target_input.float() + 0.3 * robot.target_input.float()
+    edit = gate_edit([(teddy, 0.9, 0.15), (robot, 0.2, 0.15)])
+    s, gates = edit.similarity(e[0, 1]), edit.gate(edit.similarity(e[0, 1]))
+    assert s[0] > s[1] and gates[1] > gates[0]  # a token where the two rules disagree
+    entries = [SlotEntry(0, teddy, 1.0, 0.9, 0.15), SlotEntry(1, robot, 1.0, 0.2, 0.15)]
+    ref = verify.torch_unet(toy.unet, x, t, e, entries, competitive=True)
+    assert verify.rel(unet_run(out, x, t, e), ref) <= 1e-4
+    # a refit that gives the robot β 0.95 moves its τ/β initializers with it
+    assert main(["export", "refit", str(out), "--concept", str(files["robot"]), "--slot", "1", "--beta", "0.95"]) == 0
+    entries[1] = SlotEntry(1, load_concept(files["robot"]), 1.0, 0.95, 0.15)
+    ref = verify.torch_unet(toy.unet, x, t, e, entries, competitive=True)
+    assert verify.rel(unet_run(out, x, t, e), ref) <= 1e-4

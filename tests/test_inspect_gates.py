@@ -98,7 +98,7 @@ def test_cli_inspect_prompt_json_and_file(pipe, tmp_path, capsys, monkeypatch):
     assert cli_main(["inspect"]) != 0
 
 
-def test_competitive_gates_leave_each_token_its_most_open_gate(pipe, tmp_path, capsys, monkeypatch):
+def test_competitive_gates_leave_each_token_its_most_similar_concepts_gate(pipe, tmp_path, capsys, monkeypatch):
     import perfusion_ext.pipelines.loading as loading
 
     concept_locked_to(pipe, lambda e: e.concept_positions[0]["teddy"][0], tmp_path)
@@ -115,9 +115,9 @@ def test_competitive_gates_leave_each_token_its_most_open_gate(pipe, tmp_path, c
     competitive = json.loads(capsys.readouterr().out)
     assert [t["s"] for t in competitive["tokens"]] == [t["s"] for t in plain["tokens"]]
     for mine, theirs in zip(competitive["tokens"], plain["tokens"]):
-        strongest = max(theirs["gate"], key=theirs["gate"].get)
-        assert mine["gate"][strongest] == theirs["gate"][strongest]
-        assert all(mine["gate"][n] == 0.0 for n in theirs["gate"] if theirs["gate"][n] < theirs["gate"][strongest])
+        nearest = max(theirs["s"], key=theirs["s"].get)
+        assert mine["gate"][nearest] == theirs["gate"][nearest]
+        assert all(mine["gate"][n] == 0.0 for n in theirs["s"] if theirs["s"][n] < theirs["s"][nearest])
     # the teddy's own token keeps only the teddy's gate
     teddy = next(t for t in competitive["tokens"] if t["text"] == "<perfusion:teddy>")
     assert teddy["gate"]["ring"] == 0.0 and teddy["gate"]["teddy"] > 0.5

@@ -173,11 +173,11 @@ def test_competitive_gates_keep_only_each_tokens_most_open_gate(setup):
     plain = edit_for([i_star, i2], cov, [o_v, o2], strengths=[1.0, 0.8])
     competitive = edit_for([i_star, i2], cov, [o_v, o2], strengths=[1.0, 0.8])
     competitive.competitive = True
-    # the formula, in float64: g_k·[g_k = max_j g_j] replaces g_k; the projection α is unchanged
+    # the formula, in float64: g_k·[s_k = max_j s_j] replaces g_k; the projection α is unchanged
     U = torch.linalg.solve(cov, torch.stack([i_star, i2]).T).T
     s = (e @ U.T) / (U * torch.stack([i_star, i2])).sum(-1)
     gates = torch.sigmoid((s - 0.7) / 0.15)
-    kept = gates * (gates == gates.max(-1, keepdim=True).values)
+    kept = gates * (s == s.max(-1, keepdim=True).values)
     alpha, _ = plain.coefficients(e)
     w = torch.tensor([1.0, 0.8], dtype=torch.float64)
     expected = (w * kept) @ torch.stack([o_v, o2]) - (w * alpha) @ (torch.stack([i_star, i2]) @ W.T)
@@ -194,3 +194,24 @@ def test_competitive_gates_keep_only_each_tokens_most_open_gate(setup):
     alone_competitive = edit_for([i_star], cov, [o_v])
     alone_competitive.competitive = True
     assert torch.equal(alone.delta(e, W), alone_competitive.delta(e, W))
+
+
+def test_competitive_gates_follow_the_most_similar_concept_when_betas_differ(setup):
+    """A concept with a lower β opens wider on another concept's own word than that concept does; competitive
+    gates still give each word to the concept it is most similar to."""
+    W, cov, i_star, _, o_v, g = setup
+    i2 = torch.randn(D, generator=g, dtype=torch.float64)
+    o2 = torch.randn(OUT, generator=g, dtype=torch.float64)
+    edit = edit_for([i_star, i2], cov, [o_v, o2])
+    edit.competitive = True
+    edit.set_gates([0.9, 0.2], [0.15, 0.15])
+    U = torch.linalg.solve(cov, torch.stack([i_star, i2]).T).T
+    energies = (U * torch.stack([i_star, i2])).sum(-1)
+    # a word leaning towards concept 0: 0.85 of its own direction, 0.6 of concept 1's, in s
+    e = torch.linalg.lstsq(U, (torch.tensor([0.85, 0.6], dtype=torch.float64) * energies)[:, None]).solution.T
+    s = (e @ U.T) / energies
+    gates = torch.sigmoid((s - torch.tensor([0.9, 0.2], dtype=torch.float64)) / 0.15)
+    assert torch.allclose(s, torch.tensor([[0.85, 0.6]], dtype=torch.float64), atol=1e-9)
+    assert gates[0, 1] > gates[0, 0]  # the most open gate is concept 1's: the old rule would have picked it
+    _, kept = edit.coefficients(e)
+    assert kept[0, 1] == 0 and math.isclose(kept[0, 0], gates[0, 0].item(), rel_tol=1e-12)

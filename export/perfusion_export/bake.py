@@ -50,6 +50,16 @@ def gate_parameters(entries: list[SlotEntry], n_slots: int, dim: int) -> tuple[t
     return weight, bias
 
 
+def gate_scales(entries: list[SlotEntry], n_slots: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(τ [N], β [N]) in float64, for competitive gates, which rank the slots by s = logit·τ + β; empty slots get
+    τ = 1, β = 0, so their s is their shut gate's logit, EMPTY_SLOT_BIAS."""
+    tau = torch.ones(n_slots, dtype=torch.float64)
+    beta = torch.zeros(n_slots, dtype=torch.float64)
+    for e in entries:
+        tau[e.slot], beta[e.slot] = e.tau, e.beta
+    return tau, beta
+
+
 def baked_weight(weight: torch.Tensor, layer: str, kind: str, entries: list[SlotEntry], n_slots: int) -> torch.Tensor:
     """The [d + N, out] MatMul weight of one projection (`kind` 'key' or 'value') of attn2 `layer`."""
     w = weight.detach().double()  # [out, d]

@@ -39,7 +39,7 @@ def add_parser(sub) -> None:
     p.add_argument("--slots", type=int, help="reserve N concept slots (refit-able initializers)")
     p.add_argument("--slot", type=int, help="(refit) the slot to replace")
     p.add_argument("--competitive-gates", action="store_true",
-                   help="bake competitive gates: each token keeps only its most open concept gate (as the WebUI "
+                   help="bake competitive gates: each token keeps only the gate of its most similar concept (as the WebUI "
                         "setting and `perfusion generate --competitive-gates`)")
     p.add_argument("--no-verify", action="store_true", help="skip the CPU verification (not recommended)")
     p.add_argument("--build-trt", action="store_true", help="also build a TensorRT engine (needs tensorrt + GPU)")

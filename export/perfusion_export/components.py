@@ -9,9 +9,11 @@ import torch
 from perfusion_ext.core.layers import cross_attention_layers
 
 from . import layouts, onnx_io
-from .bake import SlotEntry, baked_weight, gate_parameters
+from .bake import SlotEntry, baked_weight, gate_parameters, gate_scales
 from .modules import (
+    GATE_BETA,
     GATE_BIAS,
+    GATE_TAU,
     GATE_WEIGHT,
     GatedTextInput,
     TextEncoderForExport,
@@ -54,8 +56,10 @@ def text_dim(unet) -> int:
     return next(iter(cross_attention_layers(unet).values())).in_dim
 
 
-def unet_tensors(layers, entries: list[SlotEntry], n_slots: int, dtype) -> dict[str, torch.Tensor]:
-    """Every concept-dependent initializer by its ONNX name: the gate and each baked K/V weight.
+def unet_tensors(layers, entries: list[SlotEntry], n_slots: int, dtype,
+                 competitive: bool = False) -> dict[str, torch.Tensor]:
+    """Every concept-dependent initializer by its ONNX name: the gate (with competitive gates also every slot's
+    τ and β) and each baked K/V weight.
 
     `layers` is `cross_attention_layers(unet)` (or the base K/V kept for refit). The gate stays fp32.
     """
@@ -63,6 +67,9 @@ def unet_tensors(layers, entries: list[SlotEntry], n_slots: int, dtype) -> dict[
         return {}
     gate_w, gate_b = gate_parameters(entries, n_slots, next(iter(layers.values())).in_dim)
     out = {GATE_WEIGHT: gate_w.float(), GATE_BIAS: gate_b.float()}
+    if competitive:
+        tau, beta = gate_scales(entries, n_slots)
+        out.update({GATE_TAU: tau.float(), GATE_BETA: beta.float()})
     for name, layer in layers.items():
         for proj, kind in (("to_k", "key"), ("to_v", "value")):
             w = getattr(layer, proj).weight
@@ -111,8 +118,9 @@ def export_unet(unet, entries, n_slots: int, layout: str, precision: str, opset:
     """Export the UNet (`competitive`: with competitive gates); returns the names of its concept-dependent
     initializers (empty for the base)."""
     dtype = DTYPES[precision]
-    tensors = unet_tensors(cross_attention_layers(unet), entries, n_slots, dtype)
-    gate = GatedTextInput(tensors[GATE_WEIGHT], tensors[GATE_BIAS], competitive) if tensors else None
+    tensors = unet_tensors(cross_attention_layers(unet), entries, n_slots, dtype, competitive)
+    gate = GatedTextInput(tensors[GATE_WEIGHT], tensors[GATE_BIAS], competitive, tensors.get(GATE_TAU),
+                          tensors.get(GATE_BETA)) if tensors else None
     lookup = {layer.module_path: layer for layer in cross_attention_layers(unet).values()}
     weights = {(path_, proj): tensors[baked_name(path_, proj)] for path_ in lookup for proj in ("to_k", "to_v")
                if baked_name(path_, proj) in tensors}

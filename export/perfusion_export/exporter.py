@@ -78,7 +78,7 @@ def export_pipeline(model, concepts=(), out="export", *, layout: str = "optimum"
                     competitive_gates: bool = False) -> dict:
     """Export `model` ('toy', a diffusers folder, a .safetensors file, or a loaded pipeline) with `concepts`
     (paths, Concept objects or (Concept, strength) pairs) baked in; `competitive_gates`: each token keeps only
-    its most open gate, as `activate(..., competitive=True)`. Returns the manifest.
+    the gate of its most similar concept, as `activate(..., competitive=True)`. Returns the manifest.
     """
     from .staging import check_destination, staged
 

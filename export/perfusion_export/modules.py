@@ -15,6 +15,7 @@ from perfusion_ext.core.gated_edit import strongest_only
 from perfusion_ext.core.layers import is_diffusers_unet
 
 GATE_WEIGHT, GATE_BIAS = "perfusion_gate.weight", "perfusion_gate.bias"
+GATE_TAU, GATE_BETA = "perfusion_gate.tau", "perfusion_gate.beta"  # competitive gates only: s from the gate's logit
 
 
 def baked_name(module_path: str, proj: str) -> str:
@@ -23,17 +24,29 @@ def baked_name(module_path: str, proj: str) -> str:
 
 class GatedTextInput(torch.nn.Module):
     """e_aug = Concat(e, Sigmoid(e·A + b)): MatMul, Add, Sigmoid, Concat once for the whole UNet, in fp32.
-    Competitive gates keep each token's largest gate only (ReduceMax, Equal, Cast, Mul after the Sigmoid)."""
 
-    def __init__(self, weight: torch.Tensor, bias: torch.Tensor, competitive: bool = False):
+    Competitive gates keep only the gate of each token's most similar concept: its similarity comes back from
+    the gate's logit as s = logit·τ + β (Mul, Add), then ReduceMax, Equal, Cast and Mul pick it. An empty
+    slot's τ = 1 and β = 0 give it s = −1e4 (its shut gate's logit), so it never outranks a concept."""
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor, competitive: bool = False,
+                 tau: torch.Tensor | None = None, beta: torch.Tensor | None = None):
         super().__init__()
         self.weight = torch.nn.Parameter(weight.float(), requires_grad=False)
         self.bias = torch.nn.Parameter(bias.float(), requires_grad=False)
         self.competitive = competitive
+        if competitive:
+            if tau is None or beta is None:
+                raise ValueError("competitive gates need every slot's tau and beta")
+            self.tau = torch.nn.Parameter(tau.float(), requires_grad=False)
+            self.beta = torch.nn.Parameter(beta.float(), requires_grad=False)
 
     def forward(self, e: torch.Tensor) -> torch.Tensor:
-        gate = torch.sigmoid(e @ self.weight + self.bias)
-        return torch.cat([e, strongest_only(gate) if self.competitive else gate], dim=-1)
+        logit = e @ self.weight + self.bias
+        gate = torch.sigmoid(logit)
+        if self.competitive:
+            gate = strongest_only(gate, logit * self.tau + self.beta)
+        return torch.cat([e, gate], dim=-1)
 
 
 class ExtendedProjection(torch.nn.Module):

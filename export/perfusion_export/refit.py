@@ -37,7 +37,8 @@ def refit(folder, concept_file, slot: int, strength: float = 1.0, beta: float | 
     entry, entries, layers = place(folder, info["concepts"], count, info["base_family"], concept_file, slot,
                                    strength, beta, tau)
     dtype = components.DTYPES[info["precision"]]
-    writes = {info["files"]["unet"]: components.unet_tensors(layers, entries, count, dtype)}
+    writes = {info["files"]["unet"]: components.unet_tensors(layers, entries, count, dtype,
+                                                             info.get("competitive_gates", False))}
     if "tokens" in info:  # every text encoder's table (SDXL: clip_l rows in text_encoder/, clip_g in _2/)
         for part, encoder in (info["tokens"].get("encoders") or {"text_encoder": None}).items():
             writes[info["files"][part]] = token_rows(folder, info, entry, part, encoder)

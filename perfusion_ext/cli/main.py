@@ -230,7 +230,7 @@ def _add_sampling_args(p: argparse.ArgumentParser) -> None:
 
 def _add_competitive_arg(p: argparse.ArgumentParser) -> None:
     p.add_argument("--competitive-gates", action="store_true",
-                   help="with several concepts in a prompt, each word keeps only its most open concept gate, so "
+                   help="with several concepts in a prompt, each word keeps only the gate of its most similar concept, so "
                         "one concept's edit never acts on another's word")
 
 

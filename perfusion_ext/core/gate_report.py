@@ -27,7 +27,7 @@ def gate_report(hidden: torch.Tensor, concepts: list[tuple], texts: list[str],
                 positions: dict[str, list[int]], competitive: bool = False) -> dict:
     """`hidden` [T, d]: one prompt's conditioning; `concepts`: (name, Concept, beta, tau); `texts`: a label per
     token (missing ones become `#i`); `positions`: each concept's own token indices; `competitive`: the gates
-    as competitive gates leave them (each token keeps only its most open one).
+    as competitive gates leave them (each token keeps only its most similar concept's).
 
     Returns {"tokens": [{"index", "text", "s": {NAME: float}, "gate": {NAME: float}}],
     "concepts": {NAME: {"beta", "tau"}}, "warnings": [...]} — the shape `perfusion inspect --json` prints."""

@@ -12,9 +12,11 @@ For one concept α = s, the paper's formula. Gate and projection run in fp32 eve
 models (an fp16 gate measurably blurs the concept boundary), in fp64 for fp64 inputs (tests);
 only the final delta is cast to the model's dtype.
 
-Competitive gates (an option for prompts with several concepts): each token keeps only its most open
-gate, g_k(e)·[g_k(e) = max_j g_j(e)] in place of g_k(e), so a concept's edit never acts on another
-concept's word; the projection α still removes every i*_k.
+Competitive gates (an option for prompts with several concepts): each token keeps only the gate of the
+concept it is most similar to, g_k(e)·[s_k(e) = max_j s_j(e)] in place of g_k(e), so a concept's edit never
+acts on another concept's word; the projection α still removes every i*_k. With equal β and τ that is the
+token's most open gate; with different ones (a tag's `beta=`, auto-β defaults) a concept with a lower β
+would otherwise open wider on another concept's own word than that concept does and take it over.
 
 The fast path (inference): α and g depend only on the text and the concepts, not on the layer, so the
 edits of one activation share them through a `CoefficientCache` (computed once per text tensor, not
@@ -73,7 +75,7 @@ class ProjectionEdit:
     betas: torch.Tensor  # [n]
     taus: torch.Tensor  # [n]
     linear_gate: bool = False  # g = s: the ungated ROME update (tests, ablations)
-    competitive: bool = False  # each token keeps only its most open gate (several concepts in one prompt)
+    competitive: bool = False  # each token keeps only its most similar concept's gate (several concepts in one prompt)
     cache: CoefficientCache | None = None  # shared with the other edits of the same concepts (hooks)
     concept_key: tuple = ()  # which concepts, in which order: edits with equal keys share coefficients
 
@@ -127,13 +129,13 @@ class ProjectionEdit:
 
     def gate(self, similarity: torch.Tensor) -> torch.Tensor:
         """g_k = sigmoid((s_k − β_k) / τ_k), or s_k itself for the ungated update; competitive gates keep only
-        each token's largest."""
+        the gate of each token's most similar concept."""
         if self.linear_gate:
             gate = similarity
         else:
             t = self._tensors(similarity.dtype, similarity.device)
             gate = torch.sigmoid((similarity - t["betas"]) / t["taus"])
-        return strongest_only(gate) if self.competitive else gate
+        return strongest_only(gate, similarity) if self.competitive else gate
 
     def project(self, e: torch.Tensor) -> torch.Tensor:
         """P(e): the C⁻¹-orthogonal projection of e onto span{i*_k}."""
@@ -178,11 +180,12 @@ class ProjectionEdit:
         return base_output + self.delta(e, weight).to(base_output.dtype)
 
 
-def strongest_only(gate: torch.Tensor) -> torch.Tensor:
-    """The gates [..., n] with all but each token's largest set to 0 (ties keep theirs): competitive gates."""
+def strongest_only(gate: torch.Tensor, similarity: torch.Tensor) -> torch.Tensor:
+    """The gates [..., n] with all but the one of each token's most similar concept (largest s) set to 0 (ties keep
+    theirs): competitive gates."""
     if gate.shape[-1] < 2:
         return gate
-    return gate * (gate == gate.amax(dim=-1, keepdim=True)).to(gate.dtype)
+    return gate * (similarity == similarity.amax(dim=-1, keepdim=True)).to(gate.dtype)
 
 
 def stack_edit(concepts, kind: str, layer: str, linear_gate: bool = False, cache: CoefficientCache | None = None,
@@ -191,7 +194,7 @@ def stack_edit(concepts, kind: str, layer: str, linear_gate: bool = False, cache
 
     `concepts` holds (Concept, strength, beta, tau) tuples; every concept must carry the layer. Edits given
     one `cache` and equal `concept_key`s share their coefficients (the same concepts in the same order).
-    `competitive`: each token keeps only its most open gate.
+    `competitive`: each token keeps only its most similar concept's gate.
     """
     def stack(values):
         return torch.stack([v.double() for v in values])

@@ -150,7 +150,7 @@ class Edits:
 
 def prepare_edits(unet: torch.nn.Module, entries: list[ResolvedConcept], competitive: bool = False) -> Edits:
     """Validate every concept against the UNet and stack one ProjectionEdit per edited Linear, with the
-    gates of the first sampling step. `competitive`: each token keeps only its most open gate."""
+    gates of the first sampling step. `competitive`: each token keeps only its most similar concept's gate."""
     layers = cross_attention_layers(unet)
     family = model_family(layers)
     for entry in entries:
@@ -201,7 +201,7 @@ def activate(unet: torch.nn.Module, concepts: Iterable[ConceptEntry], strength: 
 
     `concepts` holds Concept objects or (Concept, strength) pairs. Everything is validated before any
     hook is attached, so a concept that does not fit raises PerfusionError with the model untouched.
-    `competitive`: with several concepts, each token keeps only its most open gate, so no concept's edit
+    `competitive`: with several concepts, each token keeps only its most similar concept's gate, so no concept's edit
     acts on another concept's word.
     """
     with activation(unet, concepts, strength, beta, tau, competitive):

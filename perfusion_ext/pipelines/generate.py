@@ -66,7 +66,7 @@ def concept_entries(prepared: PreparedPrompt) -> list[tuple[Concept, float, floa
 
 def encoding_report(pipe, encoder, encoded, prepared: PreparedPrompt, competitive: bool = False) -> dict:
     """The gate inspector's report on the first prompt of `encoded` (encoded from `prepared`), with the gates
-    the hooks use (`competitive`: each token's most open gate only)."""
+    the hooks use (`competitive`: each token's most similar concept's gate only)."""
     concepts = [(concept.name, concept, concept.beta if beta is None else beta, concept.tau if tau is None else tau)
                 for concept, _, beta, tau in concept_entries(prepared)]
     texts = pipe.tokenizer.convert_ids_to_tokens([min(i, encoder.vocab_size - 1) for i in encoded.input_ids[0].tolist()])
@@ -104,7 +104,7 @@ def sampling_defaults(pipe) -> dict:
 def generate(pipe, prompt: str, negative: str = "", concepts_dir=None, seed: int = 0, n: int = 1,
              loaded: dict[str, Concept] | None = None, competitive_gates: bool = False, **overrides):
     """Images for a prompt with tags; returns (PIL images, warnings). Never fails on a bad tag.
-    `competitive_gates`: with several concepts, each token keeps only its most open gate (core.gated_edit)."""
+    `competitive_gates`: with several concepts, each token keeps only its most similar concept's gate (core.gated_edit)."""
     prepared = prepare_prompt(prompt, concepts_dir, loaded)
     warnings = list(prepared.warnings)
     model_hash_ = model_hash(pipe) if prepared.concepts else ""

@@ -21,8 +21,8 @@ def add_settings() -> None:
             0.0, "Default τ for tags without tau= (0: the value stored in the concept file)", gr.Slider,
             {"minimum": 0.0, "maximum": 1.0, "step": 0.01}),
         "perfusion_competitive_gates": shared.OptionInfo(
-            False, "Competitive gates: with several concepts in a prompt, each word keeps only its most open concept "
-                   "gate (one concept's edit never acts on another's word)"),
+            False, "Competitive gates: with several concepts in a prompt, each word keeps only the gate of the concept "
+                   "it is most similar to (one concept's edit never acts on another's word)"),
         "perfusion_default_steps": shared.OptionInfo(
             field_defaults(WEBUI_FAMILY)["steps"], "Default training steps", gr.Number, {"precision": 0}),
         "perfusion_save_previews": shared.OptionInfo(True, "Render and save preview images while training"),
