@@ -80,16 +80,32 @@ BETAS = (0.5, 0.6, 0.7, 0.8, 0.9)
 # Two concepts in one 32 px image only fit side by side when both are narrow (the upright composites, 11 px
 # wide) and one above the other when both are flat (the horizontal ones, ≤ 11 px tall).
 TWO_CONCEPT_PAIRS = (("house", "lollipop", "horizontal"), ("signpost", "duotone", "vertical"))
-# rows measured with two concepts in one prompt (where both concepts have the trained row): (label, the row whose
-# concepts it uses, their tag options, competitive gates)
-TWO_CONCEPT_ROWS = (("perfusion", "perfusion", "", False), ("perfusion_competitive_gates", "perfusion", "", True),
-                    ("leading_object_0.3_competitive_gates", "leading_object_0.3", "", True),
-                    ("pair_scenes_6_competitive_gates", "pair_scenes_6", "", True),
-                    ("no_leak_penalty", "no_leak_penalty", "", False),
-                    ("with_context_gate", "with_context_gate", "", False),
-                    ("textual_inversion", "textual_inversion", ":0", False))
+
+
+@dataclasses.dataclass(frozen=True)
+class TwoConceptRow:
+    """A row measured with two concepts in one prompt (where both concepts have the trained `row`): the tag
+    options of both tags, those of the second only, competitive gates, clause-wise encoding."""
+
+    label: str
+    row: str
+    option: str = ""
+    competitive: bool = False
+    second_option: str = ""
+    clause_encoding: bool = False
+
+
+TWO_CONCEPT_ROWS = (TwoConceptRow("perfusion", "perfusion"),
+                    TwoConceptRow("perfusion_competitive_gates", "perfusion", competitive=True),
+                    TwoConceptRow("leading_object_0.3_competitive_gates", "leading_object_0.3", competitive=True),
+                    TwoConceptRow("pair_scenes_6_competitive_gates", "pair_scenes_6", competitive=True),
+                    TwoConceptRow("pair_scenes_6_clauses_second_beta_0.5", "pair_scenes_6", competitive=True,
+                                  second_option=":beta=0.5", clause_encoding=True),
+                    TwoConceptRow("no_leak_penalty", "no_leak_penalty"),
+                    TwoConceptRow("with_context_gate", "with_context_gate"),
+                    TwoConceptRow("textual_inversion", "textual_inversion", option=":0"))
 # the two-concept table's rows: the methods, then the base model's ceilings
-TWO_CONCEPT_ORDER = tuple(label for label, *_ in TWO_CONCEPT_ROWS) + ("base_spelled_out", "base_superclass_words")
+TWO_CONCEPT_ORDER = tuple(r.label for r in TWO_CONCEPT_ROWS) + ("base_spelled_out", "base_superclass_words")
 TWO_CONCEPT_TEMPLATES = {
     "horizontal": ("a {a} on the left, a {b} on the right, {bg} background",
                    "{bg} background, {a} at the left and {b} at the right"),
@@ -324,17 +340,18 @@ def two_concepts(pipe, results: dict, work: Path, seeds: int) -> dict:
             continue
         backgrounds = [c for c in CONCEPTS[a].readable_backgrounds() if c in CONCEPTS[b].readable_backgrounds()]
         judges = {n: (lambda image, n=n: fidelity(image, n).is_concept) for n in (a, b)}
-        for label, row, option, competitive in TWO_CONCEPT_ROWS:
-            if not all(row in results[n] for n in (a, b)):
+        for spec in TWO_CONCEPT_ROWS:
+            if not all(spec.row in results[n] for n in (a, b)):
                 continue
-            folder = work / f"two-{row}-{a}-{b}"
+            folder = work / f"two-{spec.row}-{a}-{b}"
             folder.mkdir(exist_ok=True)
             for n in (a, b):
-                (folder / f"{n}.safetensors").write_bytes((work / f"{n}-{row}" / f"{n}.safetensors").read_bytes())
-            subjects = {n: f"<perfusion:{n}{option}>" for n in (a, b)}
-            alone = {n: results[n][row]["fidelity"] for n in (a, b)}
-            out.setdefault(label, {})[f"{a}+{b}"] = two_subject_fidelity(
-                pipe, layout, backgrounds, subjects, judges, alone, seeds, folder, competitive)
+                (folder / f"{n}.safetensors").write_bytes((work / f"{n}-{spec.row}" / f"{n}.safetensors").read_bytes())
+            subjects = {a: f"<perfusion:{a}{spec.option}>", b: f"<perfusion:{b}{spec.option}{spec.second_option}>"}
+            alone = {n: results[n][spec.row]["fidelity"] for n in (a, b)}
+            out.setdefault(spec.label, {})[f"{a}+{b}"] = two_subject_fidelity(
+                pipe, layout, backgrounds, subjects, judges, alone, seeds, folder, spec.competitive,
+                spec.clause_encoding)
         spelled = {n: CONCEPTS[n].composite.description() for n in (a, b)}
         alone = {n: results[n]["ceilings"]["spelled_out"]["fidelity"] for n in (a, b)}
         out.setdefault("base_spelled_out", {})[f"{a}+{b}"] = two_subject_fidelity(
@@ -352,7 +369,8 @@ def two_concepts(pipe, results: dict, work: Path, seeds: int) -> dict:
 
 
 def two_subject_fidelity(pipe, layout: str, backgrounds, subjects: dict, judges: dict, alone: dict, seeds: int,
-                         concepts_dir: Path | None = None, competitive: bool = False) -> dict:
+                         concepts_dir: Path | None = None, competitive: bool = False,
+                         clause_encoding: bool = False) -> dict:
     """Each subject's share of images judged right in its own half, beside its fidelity alone."""
     from perfusion_ext.pipelines.generate import generate
     from perfusion_ext.toy.two_named import halves
@@ -362,7 +380,7 @@ def two_subject_fidelity(pipe, layout: str, backgrounds, subjects: dict, judges:
     for bg in backgrounds:
         for template in TWO_CONCEPT_TEMPLATES[layout]:
             images, _ = generate(pipe, template.format(a=subjects[a], b=subjects[b], bg=bg), concepts_dir=concepts_dir,
-                                 n=seeds, competitive_gates=competitive)
+                                 n=seeds, competitive_gates=competitive, clause_encoding=clause_encoding)
             for image in images:
                 for name, half in zip((a, b), halves(np.asarray(image), layout)):
                     hits[name] += judges[name](half)
@@ -551,7 +569,7 @@ def main(argv=None) -> int:
         write_report(out, report)
     rows = [r for r in ROWS if any(r in entry for entry in results.values())]
     report["rows"] = rows
-    measured_together = any(row in rows for _, row, *_ in TWO_CONCEPT_ROWS)
+    measured_together = any(r.row in rows for r in TWO_CONCEPT_ROWS)
     report["two_concepts"] = two_concepts(pipe, results, work, args.seeds) if measured_together else {}
     report["summary"] = summarise(results, rows)
     report["complete"] = True

@@ -27,7 +27,7 @@ def _inspect_gates(args) -> int:
     from ..pipelines.inspect import format_report, inspect_prompt
 
     report = inspect_prompt(_load(args), args.prompt, concepts_dir=args.concepts or default_concepts_dir(),
-                            competitive_gates=args.competitive_gates)
+                            competitive_gates=args.competitive_gates, clause_encoding=args.clause_encoding)
     print(json.dumps(report, indent=2) if args.json else format_report(report))
     return 0
 
@@ -95,6 +95,9 @@ def _generate_exported(args) -> tuple[list, list[str]]:
 
     from ..core.families import sampling_defaults
 
+    if args.clause_encoding:
+        raise PerfusionError("--clause-encoding needs the PyTorch model (an export reads each prompt in one pass); "
+                             "run it with --model toy, a diffusers folder or a checkpoint")
     if manifest.read(args.model).get("layout") == "triton":
         from perfusion_export.serving.runtime import local_pipeline
 
@@ -125,7 +128,8 @@ def cmd_generate(args) -> int:
     else:
         concepts_dir = args.concepts or default_concepts_dir()
         images, warnings = generate(_load(args), args.prompt, args.negative, concepts_dir, seed=args.seed, n=args.n,
-                                    competitive_gates=args.competitive_gates, num_inference_steps=args.steps,
+                                    competitive_gates=args.competitive_gates, clause_encoding=args.clause_encoding,
+                                    num_inference_steps=args.steps,
                                     guidance_scale=args.guidance)
     for w in warnings:
         print(f"warning: {w}", file=sys.stderr)
@@ -144,6 +148,7 @@ def cmd_compose(args) -> int:
 
     image, warnings = compose(_load(args), args.prompt, args.concepts or default_concepts_dir(), seed=args.seed,
                               negative=args.negative, competitive_gates=args.competitive_gates,
+                              clause_encoding=args.clause_encoding,
                               num_inference_steps=args.steps, guidance_scale=args.guidance)
     for w in warnings:
         print(f"warning: {w}", file=sys.stderr)
@@ -229,9 +234,13 @@ def _add_sampling_args(p: argparse.ArgumentParser) -> None:
 
 
 def _add_competitive_arg(p: argparse.ArgumentParser) -> None:
+    """The options for prompts with several concepts."""
     p.add_argument("--competitive-gates", action="store_true",
                    help="with several concepts in a prompt, each word keeps only the gate of its most similar concept, so "
                         "one concept's edit never acts on another's word")
+    p.add_argument("--clause-encoding", action="store_true",
+                   help="with several concepts in a prompt, encode each one's clause as if the concepts before it were "
+                        "their superclass words, so a concept drawn second is not read in the first one's context")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -115,6 +115,14 @@ class PromptEncoder:
             return embedding
         return embedding[self.name] if self.name is not None else next(iter(embedding.values()))
 
+    def word_vector(self, word: str) -> torch.Tensor:
+        """[1, d_tok]: the mean input embedding of the word's tokens (the word itself for a one-token word)."""
+        ids = self.token_windows.words(word)
+        if not ids:
+            raise ValueError(f"{word!r} has no tokens")
+        table = self.text_encoder.get_input_embeddings().weight
+        return table[torch.tensor(ids, device=table.device)].detach().mean(0, keepdim=True)
+
     def slots_for(self, embeddings: dict) -> tuple[dict[str, list[int]], torch.Tensor | None]:
         """Placeholder ids per concept name and the stacked vectors they stand for."""
         slots, vectors, next_id = {}, [], self.vocab_size

@@ -8,6 +8,7 @@ from pathlib import Path
 import torch
 
 from ..core import families
+from ..core.clauses import encode_clauses
 from ..core.concept import Concept
 from ..core.errors import PerfusionError
 from ..core.gate_report import gate_report
@@ -101,10 +102,23 @@ def sampling_defaults(pipe) -> dict:
 
 
 @torch.no_grad()
+def encode_prepared(encoder, prepared: PreparedPrompt, clause_encoding: bool = False, min_tokens: int = 0):
+    """The prompt's conditional encoding; `clause_encoding`: each further concept's clause as if the concepts
+    before it were their superclass words (core.clauses)."""
+    embeddings = {tag.name: concept.embeddings for tag, concept in prepared.concepts}
+    if not clause_encoding:
+        return encoder.encode([prepared.segments], embeddings, min_tokens)
+    superclasses = {tag.name: concept.superclass for tag, concept in prepared.concepts}
+    return encode_clauses(encoder, prepared.segments, embeddings, superclasses, min_tokens)
+
+
 def generate(pipe, prompt: str, negative: str = "", concepts_dir=None, seed: int = 0, n: int = 1,
-             loaded: dict[str, Concept] | None = None, competitive_gates: bool = False, **overrides):
+             loaded: dict[str, Concept] | None = None, competitive_gates: bool = False,
+             clause_encoding: bool = False, **overrides):
     """Images for a prompt with tags; returns (PIL images, warnings). Never fails on a bad tag.
-    `competitive_gates`: with several concepts, each token keeps only its most similar concept's gate (core.gated_edit)."""
+    `competitive_gates`: with several concepts, each token keeps only its most similar concept's gate (core.gated_edit).
+    `clause_encoding`: with several concepts, each one's clause is encoded as if the concepts before it were their
+    superclass words (core.clauses)."""
     prepared = prepare_prompt(prompt, concepts_dir, loaded)
     warnings = list(prepared.warnings)
     model_hash_ = model_hash(pipe) if prepared.concepts else ""
@@ -119,11 +133,10 @@ def generate(pipe, prompt: str, negative: str = "", concepts_dir=None, seed: int
         warnings.append("tags in the negative prompt are ignored (as in the WebUI); removed them from it")
     negative_text = parsed_negative.text_with(lambda tag: "")
     encoder = prompt_encoder(pipe)
-    embeddings = {tag.name: concept.embeddings for tag, concept in prepared.concepts}
-    cond = encoder.encode([prepared.segments], embeddings)
+    cond = encode_prepared(encoder, prepared, clause_encoding)
     uncond = encoder.encode([[negative_text]], min_tokens=cond.hidden.shape[1])
     if uncond.hidden.shape[1] > cond.hidden.shape[1]:
-        cond = encoder.encode([prepared.segments], embeddings, min_tokens=uncond.hidden.shape[1])
+        cond = encode_prepared(encoder, prepared, clause_encoding, min_tokens=uncond.hidden.shape[1])
     if prepared.concepts:  # the gate inspector's warnings (a leak, a gate shut on the concept's own token)
         warnings += encoding_report(pipe, encoder, cond, prepared, competitive_gates)["warnings"]
     embeds = {"prompt_embeds": cond.hidden, "negative_prompt_embeds": uncond.hidden}

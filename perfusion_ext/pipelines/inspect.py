@@ -11,19 +11,18 @@ import torch
 
 from ..core.concept import Concept
 from .encoding import prompt_encoder
-from .generate import encoding_report, prepare_prompt
+from .generate import encode_prepared, encoding_report, prepare_prompt
 
 
 @torch.no_grad()
 def inspect_prompt(pipe, prompt: str, concepts_dir=None, loaded: dict[str, Concept] | None = None,
-                   competitive_gates: bool = False) -> dict:
+                   competitive_gates: bool = False, clause_encoding: bool = False) -> dict:
     """{"tokens": [{"index", "text", "s": {NAME: float}, "gate": {NAME: float}}],
     "concepts": {NAME: {"beta", "tau"}}, "warnings": [...]} for the prompt's conditional encoding; the gates
-    as `generate` with the same `competitive_gates` applies them."""
+    as `generate` with the same `competitive_gates` and `clause_encoding` applies them."""
     prepared = prepare_prompt(prompt, concepts_dir, loaded)
     encoder = prompt_encoder(pipe)  # SDXL: both encoders, the 2048-wide context the UNet reads
-    embeddings = {tag.name: concept.embeddings for tag, concept in prepared.concepts}
-    report = encoding_report(pipe, encoder, encoder.encode([prepared.segments], embeddings), prepared,
+    report = encoding_report(pipe, encoder, encode_prepared(encoder, prepared, clause_encoding), prepared,
                              competitive_gates)
     report["warnings"] = list(prepared.warnings) + report["warnings"]
     return report
