@@ -139,3 +139,17 @@ def test_inspect_and_generate_take_the_option(pipe, tmp_path, capsys, monkeypatc
     with_, _ = generate(pipe, one, clause_encoding=True, **settings)
     without, _ = generate(pipe, one, **settings)
     assert with_[0].tobytes() == without[0].tobytes()
+
+
+def test_a_clause_in_the_second_clip_window_is_spliced_there(encoder):
+    filler = " ".join(["red"] * 80)
+    prompt = f"a <perfusion:house> on the left, {filler}, a <perfusion:lollipop> on the right"
+    embeddings = {"house": vectors(1), "lollipop": vectors(2)}
+    clauses = encode(encoder, prompt, embeddings, {"house": "circle", "lollipop": "square"})
+    plain = encoder.encode([parse_prompt(prompt).segments], embeddings)
+    reference = encoder.encode([parse_prompt(prompt.replace("<perfusion:house>", "circle")).segments],
+                               {"lollipop": embeddings["lollipop"]})
+    second = plain.concept_positions[0]["lollipop"][0]
+    assert plain.hidden.shape[1] == 154 and second > 77  # the lollipop sits in the second window
+    assert torch.equal(clauses.hidden[:, :second], plain.hidden[:, :second])
+    assert torch.allclose(clauses.hidden[:, second:], reference.hidden[:, second:], atol=1e-6)
