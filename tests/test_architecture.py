@@ -177,10 +177,11 @@ def test_toy_world_is_a_plugin_nothing_below_imports():
 
 
 def test_webui_tag_path_is_four_files():
-    """extra network → activation → hooks → gated edit; the grammar and the lookup are leaves."""
+    """extra network → activation → hooks → gated edit; the grammar, the lookup and the clause-wise conditioning
+    are leaves."""
     edges = graph()
     leaves = {"perfusion_ext.core.tags", "perfusion_ext.core.errors", "perfusion_ext.core.families",
-              "perfusion_ext.core.layers", "perfusion_ext.webui.concepts"}
+              "perfusion_ext.core.layers", "perfusion_ext.webui.concepts", "perfusion_ext.webui.clause_conditioning"}
     path = ["perfusion_ext.webui.extra_network", "perfusion_ext.webui.activation", "perfusion_ext.core.hooks",
             "perfusion_ext.core.gated_edit"]
     for here, there in zip(path, path[1:]):

@@ -113,13 +113,6 @@ def test_both_sdxl_encoders_read_the_clauses(tmp_path):
     assert torch.equal(clauses.pooled, plain.pooled)  # the pooled output stays the prompt's own
 
 
-def test_exported_models_refuse_clause_encoding_with_a_clear_message(tmp_path, capsys):
-    (tmp_path / "perfusion_manifest.json").write_text("{}")
-    assert cli_main(["generate", "--model", str(tmp_path), "--prompt", TWO, "--clause-encoding",
-                     "--out", str(tmp_path / "out")]) != 0
-    assert "--clause-encoding needs the PyTorch model" in capsys.readouterr().err
-
-
 def test_inspect_and_generate_take_the_option(pipe, tmp_path, capsys, monkeypatch):
     for seed, (name, word) in enumerate((("house", "circle"), ("lollipop", "square")), 1):
         concept = make_concept(pipe.unet, name=name, seed=seed, family="toy", superclass=word)

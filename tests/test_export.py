@@ -310,6 +310,42 @@ def test_ort_generation_matches_torch_hooks(baked, toy, files):
 
 
 @pytest.mark.slow
+def test_ort_clause_encoding_equals_the_torch_encoder(toy, files, exports, tmp_path, capsys):
+    import json
+
+    from perfusion_export.ort_pipeline import OrtStableDiffusion, encode_clauses, replace_tags
+    from perfusion_ext.cli import main as cli_main
+    from perfusion_ext.core import clauses
+    from perfusion_ext.core.concept import load_concept
+    from perfusion_ext.core.tags import parse_prompt
+    from perfusion_ext.core.text import PromptEncoder
+
+    folder = exports / "two-optimum"
+    info = export_pipeline(toy, [files["teddy"], files["robot"]], folder, verify_export=False)
+    assert [c["superclass"] for c in info["concepts"]] == ["bear", "bear"]
+    pipe = OrtStableDiffusion(folder)
+    prompt = "a <perfusion:teddy> on the left, a <perfusion:robot> on the right, red background"
+    text = replace_tags(prompt, pipe.info)
+    plain = pipe.encode([text])[0]
+    served = encode_clauses(pipe, prompt, pipe.token_ids([text])[0], plain)
+    concepts = {n: load_concept(files[n]) for n in ("teddy", "robot")}
+    with torch.no_grad():
+        reference = clauses.encode_clauses(PromptEncoder(toy.tokenizer, toy.text_encoder), parse_prompt(prompt).segments,
+                                           {n: c.embeddings for n, c in concepts.items()},
+                                           {n: c.superclass for n, c in concepts.items()}).hidden[0].numpy()
+    assert np.abs(served - reference).max() <= 1e-4
+    assert np.abs(served - plain).max() > 1e-2
+    args = ["generate", "--model", str(folder), "--prompt", prompt, "--steps", "1", "--clause-encoding"]
+    assert cli_main(args + ["--out", str(tmp_path / "a")]) == 0
+    manifest = json.loads((folder / "perfusion_manifest.json").read_text())
+    for c in manifest["concepts"]:
+        del c["superclass"]  # an export written before clause-wise encoding
+    (folder / "perfusion_manifest.json").write_text(json.dumps(manifest))
+    assert cli_main(args + ["--out", str(tmp_path / "b")]) != 0
+    assert "export it again to use --clause-encoding" in capsys.readouterr().err
+
+
+@pytest.mark.slow
 def test_cli_generate_samples_an_export_with_ort(baked, tmp_path, capsys):
     from perfusion_ext.cli import main as cli_main
 

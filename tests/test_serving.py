@@ -193,6 +193,29 @@ def test_a_library_with_competitive_gates_serves_what_generate_draws_with_them(t
 
 
 @pytest.mark.slow
+def test_a_library_with_clause_encoding_reads_each_clause_as_the_torch_encoder(repo, toy, concept_dir):
+    from perfusion_export.serving.runtime import local_pipeline
+    from perfusion_ext.core.clauses import encode_clauses
+    from perfusion_ext.core.concept import load_concept
+    from perfusion_ext.core.text import PromptEncoder
+
+    lib = local_pipeline(repo[0], threads=1)
+    prompt = "a <perfusion:teddy> on the left, a <perfusion:robot> on the right, red background"
+    segments, _, ids = lib.active_concepts(prompt)
+    concepts = {n: load_concept(concept_dir / f"{n}.safetensors") for n in ("teddy", "robot")}
+    encoder = PromptEncoder(toy.tokenizer, toy.text_encoder)
+    with torch.no_grad():
+        reference = encode_clauses(encoder, segments, {n: c.embeddings for n, c in concepts.items()},
+                                   {n: c.superclass for n, c in concepts.items()}).hidden[0].numpy()
+    plain = lib.encode(segments, "", ids)
+    lib.info["clause_encoding"] = True  # what `perfusion export --layout triton --clause-encoding` writes
+    served = lib.encode(segments, "", ids)
+    assert np.abs(served[1] - reference).max() <= 1e-4
+    assert np.abs(served[1] - plain[1]).max() > 1e-2  # the robot's clause changed
+    assert np.array_equal(served[0], plain[0])  # the negative prompt is its own
+
+
+@pytest.mark.slow
 def test_bad_requests_get_clear_errors(repo):
     from perfusion_export.serving.runtime import local_pipeline
 

@@ -41,6 +41,10 @@ def add_parser(sub) -> None:
     p.add_argument("--competitive-gates", action="store_true",
                    help="bake competitive gates: each token keeps only the gate of its most similar concept (as the WebUI "
                         "setting and `perfusion generate --competitive-gates`)")
+    p.add_argument("--clause-encoding", action="store_true",
+                   help="(triton) encode every request's prompt clause by clause: with several concepts, each one's "
+                        "clause read as if the concepts before it were their superclass words (as the WebUI setting "
+                        "and `perfusion generate --clause-encoding`)")
     p.add_argument("--no-verify", action="store_true", help="skip the CPU verification (not recommended)")
     p.add_argument("--build-trt", action="store_true", help="also build a TensorRT engine (needs tensorrt + GPU)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out folder")
@@ -77,10 +81,14 @@ def run(args) -> int:
         info = export_library(args.model, args.concept, args.out, n_slots=args.library, backend=args.triton_backend,
                               opset=args.opset, pipeline_instances=args.pipeline_instances,
                               overwrite=args.overwrite, verify_export=not args.no_verify,
-                              tensorrt=args.triton_tensorrt, competitive_gates=args.competitive_gates)
+                              tensorrt=args.triton_tensorrt, competitive_gates=args.competitive_gates,
+                              clause_encoding=args.clause_encoding)
         print(json.dumps({"out": str(args.out), "library": args.library, "concepts": [c["name"] for c in info["concepts"]],
                           "unet_max_rel": info.get("verification", {}).get("unet", {}).get("max_rel")}, indent=2))
         return 0
+    if args.clause_encoding:
+        raise PerfusionError("--clause-encoding is a Triton library setting (--layout triton); with other layouts it "
+                             "is chosen when generating: perfusion generate --model EXPORT --clause-encoding")
     from .exporter import export_pipeline
 
     concepts = [(c, args.strength) for c in args.concept]

@@ -133,8 +133,8 @@ def _write(pipe, entries, n_slots, slot_mode, layout, precision, opset, name, tm
 
 def _concept_info(e: SlotEntry) -> dict:
     c = e.concept
-    return {"slot": e.slot, "name": c.name, "strength": e.strength, "beta": e.beta, "tau": e.tau,
-            "base_hash": c.base_hash, "file": c.path.name if c.path else None,
+    return {"slot": e.slot, "name": c.name, "superclass": c.superclass, "strength": e.strength, "beta": e.beta,
+            "tau": e.tau, "base_hash": c.base_hash, "file": c.path.name if c.path else None,
             "tensor_sha256": tensor_hash(c.path) if c.path else None}
 
 

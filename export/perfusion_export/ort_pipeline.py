@@ -17,9 +17,11 @@ from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
+import torch
 from PIL import Image
 
 from perfusion_ext.core import families
+from perfusion_ext.core.clauses import splice_clauses, stand_in_name
 from perfusion_ext.core.errors import PerfusionError
 from perfusion_ext.core.tags import parse_prompt
 from perfusion_ext.core.text import CHUNK, TokenWindows
@@ -58,6 +60,40 @@ def replace_tags(prompt: str, info: dict) -> str:
     return parsed.text_with(replace)
 
 
+def encode_clauses(pipe: OrtStableDiffusion, prompt: str, ids: np.ndarray, hidden: np.ndarray) -> np.ndarray:
+    """One prompt's context [T, d] (`hidden`, its token `ids` [T]) with each further concept's clause encoded from
+    the prompt in which the concepts before it are their superclass word, once per trigger token (a superclass
+    is one token, so positions stay); the pooled output stays the prompt's own."""
+    concepts = {c["name"]: c for c in pipe.info["concepts"] if c.get("triggers")}
+    positions = {name: np.flatnonzero(np.isin(ids, c["token_ids"])).tolist() for name, c in concepts.items()}
+    known = {name for name, where in positions.items() if where}
+    stand_ins = {stand_in_name(name): name for name in known}
+
+    def word(tag) -> str:
+        if tag.name in stand_ins:
+            concept = concepts[stand_ins[tag.name]]
+            return " ".join([superclass_word(pipe, concept)] * len(concept["triggers"]))
+        return " ".join(concepts[tag.name]["triggers"]) if tag.name in known else ""
+
+    def encode_variant(variant, earlier):
+        text = "".join(s if isinstance(s, str) else word(s) for s in variant)
+        return torch.from_numpy(pipe.encode_with_pooled([text], len(ids))[0])
+
+    segments = parse_prompt(prompt).segments
+    return splice_clauses(torch.from_numpy(hidden[None]), segments, known, positions, encode_variant)[0].numpy()
+
+
+def superclass_word(pipe: OrtStableDiffusion, concept: dict) -> str:
+    """The concept's superclass word from the manifest, checked to be one token of the export's tokenizer."""
+    word = concept.get("superclass")
+    if word is None:
+        raise PerfusionError(f"{pipe.folder} was exported before clause-wise encoding (its manifest names no "
+                             "superclass words); export it again to use --clause-encoding")
+    if len(pipe.tokenizer(word, add_special_tokens=False).input_ids) != 1:
+        raise PerfusionError(f"clause-wise encoding needs a one-token superclass word; {concept['name']!r} has {word!r}")
+    return word
+
+
 class OrtStableDiffusion:
     """The exported components as ORT sessions, plus tokenizer and scheduler from the folder."""
 
@@ -88,18 +124,18 @@ class OrtStableDiffusion:
         self.unet_config = json.loads((self.folder / "unet" / "config.json").read_text())
         self.vae_config = json.loads((self.folder / "vae_decoder" / "config.json").read_text())
 
-    def token_ids(self, prompts: list[str]) -> np.ndarray:
-        return TokenWindows(self.tokenizer).windows(prompts, {})[0].numpy().astype(np.int32)
+    def token_ids(self, prompts: list[str], min_tokens: int = 0) -> np.ndarray:
+        return TokenWindows(self.tokenizer).windows(prompts, {}, min_tokens)[0].numpy().astype(np.int32)
 
     def encode(self, prompts: list[str]) -> np.ndarray:
         return self.encode_with_pooled(prompts)[0]
 
-    def encode_with_pooled(self, prompts: list[str]) -> tuple[np.ndarray, np.ndarray | None]:
+    def encode_with_pooled(self, prompts: list[str], min_tokens: int = 0) -> tuple[np.ndarray, np.ndarray | None]:
         """The UNet's context (every encoder's chosen hidden state, concatenated) and the pooled `text_embeds`
         of the first chunk where the model reads one (SDXL), else None. Every tokenizer of a family gives
         the same ids (CLIP's BPE; tokenizer_2 differs only in padding, which the causal encoders never see
         before the EOS)."""
-        ids = self.token_ids(prompts)
+        ids = self.token_ids(prompts, min_tokens)
         hidden, pooled = [], None
         for part in self.encoders:
             te = self.sessions[part]
@@ -139,14 +175,20 @@ class OrtStableDiffusion:
 def generate_onnx(folder, prompt: str | list[str], *, negative_prompt: str = "", seed: int = 0, steps: int = 20,
                   n: int = 1, guidance_scale: float = 7.5, guidance_rescale: float = 0.0, height: int | None = None,
                   width: int | None = None, execution_providers: list[str] | None = None,
-                  pipeline: OrtStableDiffusion | None = None) -> list[Image.Image]:
-    """Images for `prompt` (tags allowed) from the exported folder, `n` per prompt, seeded like diffusers."""
+                  pipeline: OrtStableDiffusion | None = None, clause_encoding: bool = False) -> list[Image.Image]:
+    """Images for `prompt` (tags allowed) from the exported folder, `n` per prompt, seeded like diffusers;
+    `clause_encoding`: each prompt encoded clause by clause (core.clauses)."""
     pipe = pipeline or OrtStableDiffusion(folder, execution_providers)
-    prompts = [prompt] if isinstance(prompt, str) else list(prompt)
-    prompts = [replace_tags(p, pipe.info) for p in prompts for _ in range(n)]
+    raw = [p for p in ([prompt] if isinstance(prompt, str) else list(prompt)) for _ in range(n)]
+    prompts = [replace_tags(p, pipe.info) for p in raw]
     negatives = [replace_tags(negative_prompt, pipe.info)] * len(prompts)
     cfg = guidance_scale > 1.0
     context, pooled = pipe.encode_with_pooled(negatives + prompts if cfg else prompts)  # one chunk count for both
+    if clause_encoding:
+        first = len(negatives) if cfg else 0
+        ids = pipe.token_ids(prompts, context.shape[1])
+        for row, text in enumerate(raw):
+            context[first + row] = encode_clauses(pipe, text, ids[row], context[first + row])
     factor = 2 ** (len(pipe.vae_config["block_out_channels"]) - 1)
     size = pipe.unet_config["sample_size"] * factor
     h, w = (height or size) // factor, (width or size) // factor

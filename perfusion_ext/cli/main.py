@@ -95,13 +95,11 @@ def _generate_exported(args) -> tuple[list, list[str]]:
 
     from ..core.families import sampling_defaults
 
-    if args.clause_encoding:
-        raise PerfusionError("--clause-encoding needs the PyTorch model (an export reads each prompt in one pass); "
-                             "run it with --model toy, a diffusers folder or a checkpoint")
     if manifest.read(args.model).get("layout") == "triton":
         from perfusion_export.serving.runtime import local_pipeline
 
         library = local_pipeline(args.model)
+        library.info["clause_encoding"] = library.info.get("clause_encoding", False) or args.clause_encoding
         return [Image.fromarray(library.generate(args.prompt, args.negative, seed=args.seed + i, steps=args.steps,
                                                  guidance=args.guidance)) for i in range(args.n)], []
     pipe = OrtStableDiffusion(args.model)
@@ -111,7 +109,8 @@ def _generate_exported(args) -> tuple[list, list[str]]:
         images = generate_onnx(args.model, args.prompt, negative_prompt=args.negative, seed=args.seed, n=args.n,
                                steps=args.steps or defaults["num_inference_steps"],
                                guidance_scale=args.guidance or defaults["guidance_scale"],
-                               guidance_rescale=defaults.get("guidance_rescale", 0.0), pipeline=pipe)
+                               guidance_rescale=defaults.get("guidance_rescale", 0.0), pipeline=pipe,
+                               clause_encoding=args.clause_encoding)
     return images, [str(w.message) for w in caught]
 
 

@@ -29,28 +29,61 @@ def encode_clauses(encoder, segments: list, embeddings: dict, superclasses: dict
 
     `superclasses`: concept name -> its superclass word. `encoder`: a PromptEncoder or MultiPromptEncoder."""
     full = encoder.encode([segments], embeddings, min_tokens)
-    firsts = first_tags(segments, embeddings)
-    if len(firsts) < 2:
-        return full
-    hidden = full.hidden.clone()
-    starts = [min(full.concept_positions[0][name]) for _, name in firsts] + [hidden.shape[1]]
-    for i in range(1, len(firsts)):
-        before = firsts[i][0]
-        variant = [dataclasses.replace(s, name=s.name + SUPERCLASS_SUFFIX)
-                   if isinstance(s, ConceptTag) and s.name in embeddings and index < before else s
-                   for index, s in enumerate(segments)]
-        stand_ins = {name + SUPERCLASS_SUFFIX: stand_in(encoder, superclasses[name], embeddings[name])
-                     for _, name in firsts[:i]}
-        clause = encoder.encode([variant], {**embeddings, **stand_ins}, hidden.shape[1])
-        hidden[:, starts[i]:starts[i + 1]] = clause.hidden[:, starts[i]:starts[i + 1]]
+
+    def encode_variant(variant, earlier):
+        stand_ins = {stand_in_name(name): stand_in(encoder, superclasses[name], embeddings[name]) for name in earlier}
+        return encoder.encode([variant], {**embeddings, **stand_ins}, full.hidden.shape[1]).hidden
+
+    hidden = splice_clauses(full.hidden, segments, embeddings, full.concept_positions[0], encode_variant)
     return dataclasses.replace(full, hidden=hidden)
 
 
-def first_tags(segments: list, embeddings: dict) -> list[tuple[int, str]]:
-    """(segment index, name) of each concept's first tag, in prompt order (tags without vectors skipped)."""
+def splice_clauses(hidden, segments: list, known, positions: dict[str, list[int]], encode_variant):
+    """`hidden` [B, T, d] (the prompt's own encoding) with every further concept's clause taken from
+    `encode_variant(variant segments, names of the concepts before it)` [B, ≥ T, d] (see `clause_variants`);
+    `positions`: each concept's token positions in `hidden`. Unchanged (the same tensor) with one concept."""
+    variants = clause_variants(segments, known)
+    if not variants:
+        return hidden
+    out = hidden.clone()
+    starts = [min(positions[name]) for name in variants[-1][1] + [variants[-1][2]]]
+    for (variant, earlier, _), (start, end) in zip(variants, clause_spans(starts, out.shape[1])):
+        out[:, start:end] = encode_variant(variant, earlier)[:, start:end]
+    return out
+
+
+def clause_variants(segments: list, known) -> list[tuple[list, list[str], str]]:
+    """For every concept after the first (concepts: tags whose name is in `known`, in order of first tag):
+    (the segments with every tag before its first tag renamed to `stand_in_name` of its concept, the concepts
+    before it, its name). Whoever encodes a variant maps each stand-in name to the superclass word's vectors."""
+    firsts = first_tags(segments, known)
+    out = []
+    for i in range(1, len(firsts)):
+        before = firsts[i][0]
+        variant = [dataclasses.replace(s, name=stand_in_name(s.name))
+                   if isinstance(s, ConceptTag) and s.name in known and index < before else s
+                   for index, s in enumerate(segments)]
+        out.append((variant, [name for _, name in firsts[:i]], firsts[i][1]))
+    return out
+
+
+def stand_in_name(name: str) -> str:
+    """The name under which a variant's tag stands for the concept's superclass word."""
+    return name + SUPERCLASS_SUFFIX
+
+
+def clause_spans(starts: list[int], length: int) -> list[tuple[int, int]]:
+    """[start, end) token range of every concept's clause after the first, from the first token position of
+    each concept in prompt order: up to the next concept's first token, the last one up to `length`."""
+    bounds = list(starts) + [length]
+    return [(bounds[i], bounds[i + 1]) for i in range(1, len(starts))]
+
+
+def first_tags(segments: list, known) -> list[tuple[int, str]]:
+    """(segment index, name) of each concept's first tag, in prompt order (names not in `known` skipped)."""
     seen, out = set(), []
     for index, s in enumerate(segments):
-        if isinstance(s, ConceptTag) and s.name in embeddings and s.name not in seen:
+        if isinstance(s, ConceptTag) and s.name in known and s.name not in seen:
             seen.add(s.name)
             out.append((index, s.name))
     return out

@@ -39,6 +39,7 @@ from ..core.errors import PerfusionError
 from ..core.hooks import Edits, ResolvedConcept, attach, detach, gate_settings, prepare_edits
 from ..core.layers import unet_family
 from ..core.tags import TAG_RE, ConceptTag, format_schedule, parse_tag_body, unclosed_warnings
+from .clause_conditioning import ClauseConditioning, stand_in_word
 from .concepts import ConceptStore, mismatch_reason
 
 log = logging.getLogger("perfusion")
@@ -47,13 +48,16 @@ _LETTERS = "abcdefghijklmnop"  # hex digit -> letter, so the word is one run of 
 
 # ---- prompt glue ---------------------------------------------------------------------------------
 INFOTEXT_KEY = "Perfusion hashes"
+CLAUSES_KEY = "Perfusion clause encoding"
 
 
-def concept_word(name: str, tensor_sha256: str) -> str:
-    """The prompt word that carries a concept's embedding, e.g. `perfusionteddyqkdafm`."""
+def concept_word(name: str, tensor_sha256: str, clause_encoding: bool = False) -> str:
+    """The prompt word that carries a concept's embedding, e.g. `perfusionteddyqkdafm`; with clause-wise encoding
+    it ends in `z` (a letter the hash never gives), so the WebUI's conditioning cache, keyed by the prompt text,
+    never hands one mode's conditioning to the other."""
     slug = re.sub(r"[^a-z]", "", name.lower())[:20]
     tail = "".join(_LETTERS[int(c, 16)] for c in tensor_sha256[:6].lower())
-    return f"perfusion{slug}{tail}"
+    return f"perfusion{slug}{tail}" + ("z" if clause_encoding else "")
 
 
 @dataclasses.dataclass
@@ -195,12 +199,16 @@ class Activator:
         self.pass_words: dict[str, str] = {}
         self.competitive = False  # competitive gates on this pass (the setting, with two or more concepts)
         self.inspect_pending = False
+        self.restore_conditioning = None  # undoes the clause-wise encoding wrapper while one is installed
 
     # ---- cleanup ---------------------------------------------------------------------------
     def release(self) -> None:
         """Remove hooks and registered words (idempotent)."""
         if self.handles:
             detach(self.handles)
+        if self.restore_conditioning is not None:
+            self.restore_conditioning()
+            self.restore_conditioning = None
         self.edits, self.p, self.pass_concepts, self.pass_words, self.inspect_pending = None, None, {}, {}, False
         for word in self.words:
             try:
@@ -211,7 +219,7 @@ class Activator:
 
     @property
     def active(self) -> bool:
-        return bool(self.handles or self.words)
+        return bool(self.handles or self.words or self.restore_conditioning)
 
     def on_step(self, step: int, total: int) -> bool:
         """The sampler is about to run step `step` of `total` of this pass: move scheduled gates there."""
@@ -231,7 +239,7 @@ class Activator:
         self.env.on_activate(p, self)
         model_family_name = self._model_family(warnings)
         defaults = self.env.defaults()
-        resolved, words, hashes = {}, {}, {}
+        resolved, hashes = {}, {}
         for name, tag in collected.tags.items():
             try:
                 entry = self.store.load(name)
@@ -248,12 +256,15 @@ class Activator:
             beta, beta_schedule = gate_settings(tag.schedule("beta", hires=hr), defaults.get("beta") or concept.beta)
             tau, tau_schedule = gate_settings(tag.schedule("tau", hires=hr), defaults.get("tau") or concept.tau)
             resolved[name] = ResolvedConcept(concept, tag.strength, beta, tau, beta_schedule, tau_schedule)
-            words[name] = concept_word(name, entry.sha256)
             hashes[name] = entry.sha256
 
+        clauses = bool(defaults.get("clause_encoding")) and len(resolved) > 1
+        words = {name: concept_word(name, hashes[name], clauses) for name in resolved}
         for name, entry in resolved.items():
             self.env.register_embedding(words[name], entry.concept)
             self.words.append(words[name])
+        if clauses:
+            self._encode_by_clauses(p, resolved, words, warnings)
 
         for key, (attr, raws, strip) in sources.items():
             current = getattr(p, attr, None)
@@ -296,6 +307,21 @@ class Activator:
             p.extra_generation_params[INFOTEXT_KEY] = format_hashes(recorded)
         for w in warnings:
             self.env.warn(p, w)
+
+    def _encode_by_clauses(self, p, resolved: dict, words: dict, warnings: list) -> None:
+        """Register every concept's stand-in word (its superclass) and wrap the model's conditioning so that each
+        further concept's clause is read after the stand-ins of the concepts before it (clause_conditioning.py)."""
+        try:
+            for name, entry in resolved.items():
+                word = stand_in_word(words[name])
+                self.env.register_vectors(word, self.env.superclass_vectors(entry.concept), word)
+                self.words.append(word)
+            self.restore_conditioning = self.env.wrap_conditioning(lambda original: ClauseConditioning(
+                original, lambda text: self.env.token_layout(text)[1], list(words.values())))
+        except Exception as exc:  # noqa: BLE001 - the plain encoding still gives an image
+            warnings.append(f"clause-wise encoding not applied: {exc}")
+            return
+        p.extra_generation_params[CLAUSES_KEY] = True
 
     def _model_family(self, warnings) -> str | None:
         try:

@@ -11,6 +11,7 @@ import torch
 from modules import devices, extra_networks, sd_hijack, sd_unet, shared
 from modules.textual_inversion.textual_inversion import Embedding
 
+from ..core.errors import PerfusionError
 from .activation import Activator
 
 log = logging.getLogger("perfusion")
@@ -34,13 +35,17 @@ class WebuiEnv:
         return shared.sd_model.model.diffusion_model
 
     def register_embedding(self, word, concept):
-        vectors = {k: v.to(devices.device, dtype=torch.float32) for k, v in concept.embeddings.items()}
+        self.register_vectors(word, concept.embeddings, str(concept.path) if concept.path else word)
+
+    def register_vectors(self, word, vectors, filename):
+        """A textual-inversion embedding `word` with `vectors` ({encoder key: [n, d]}, one key per text encoder)."""
+        vectors = {k: v.to(devices.device, dtype=torch.float32) for k, v in vectors.items()}
         vec = next(iter(vectors.values())) if len(vectors) == 1 else vectors
         embedding = Embedding(vec, word)
         first = next(iter(vectors.values()))
         embedding.vectors = int(first.shape[0])
         embedding.shape = sum(int(v.shape[-1]) for v in vectors.values())
-        embedding.filename = str(concept.path) if concept.path else word
+        embedding.filename = filename
         embedding.shorthash = None  # recorded as "Perfusion hashes", not "TI hashes"
         engines = forge_text_engines(shared.sd_model)
         if engines:  # Forge: one database per text engine, each picks its encoder's vectors (clip_l, clip_g)
@@ -70,13 +75,42 @@ class WebuiEnv:
         option = getattr(current, "option", None)
         return getattr(option, "label", None) or type(current).__name__
 
+    def superclass_vectors(self, concept):
+        """The concept's superclass word as embedding vectors shaped like the concept's ({encoder key: [n, d]}): the
+        mean of the word's token embeddings, from the WebUI's own text encoders (SDXL: both, side by side)."""
+        if forge_text_engines(shared.sd_model):
+            raise PerfusionError("clause-wise encoding is not available in Forge yet (A1111 only)")
+        model = shared.sd_model.cond_stage_model
+        with torch.no_grad():
+            mean = model.encode_embedding_init_text(concept.superclass, 75).float().mean(0)
+        out, offset = {}, 0
+        for key, vectors in concept.embeddings.items():  # the family's encoder order, as the WebUI concatenates them
+            width = int(vectors.shape[-1])
+            out[key] = mean[offset:offset + width].expand(vectors.shape[0], width).clone()
+            offset += width
+        if offset != mean.numel():
+            raise PerfusionError(f"the text encoders give {mean.numel()} numbers per token, the concept {offset}")
+        return out
+
+    def wrap_conditioning(self, make):
+        """Replace the model's `get_learned_conditioning` by `make(original)`; returns the function that restores it."""
+        model = shared.sd_model
+        had_own = "get_learned_conditioning" in vars(model)
+        original = model.get_learned_conditioning
+        model.get_learned_conditioning = make(original)
+
+        def restore():
+            if had_own:
+                model.get_learned_conditioning = original
+            else:
+                vars(model).pop("get_learned_conditioning", None)
+        return restore
+
     def token_layout(self, prompt):
         """(a text per token of the WebUI's conditioning of `prompt`, {embedding word: positions}), from the
         WebUI's own tokenizer: 77-token chunks with start/end tokens, an embedding at offset + 1 of its chunk."""
-        model = getattr(shared.sd_model, "cond_stage_model", None)
-        if not hasattr(model, "tokenize_line"):  # Forge (cond_stage_model is None): its text engine tokenizes
-            model = next((e for e in forge_text_engines(shared.sd_model) if hasattr(e, "tokenize_line")), None)
-        if model is None:  # A1111's SDXL conditioner: no per-token layout to read
+        model = _tokenizing_model(shared.sd_model)
+        if model is None:
             return [], {}
         chunks, _ = model.tokenize_line(prompt)
         tokenizer = getattr(model, "tokenizer", None) or getattr(getattr(model, "wrapped", None), "tokenizer", None)
@@ -104,7 +138,8 @@ class WebuiEnv:
     def defaults(self):
         return {"beta": float(getattr(shared.opts, "perfusion_default_beta", 0) or 0),
                 "tau": float(getattr(shared.opts, "perfusion_default_tau", 0) or 0),
-                "competitive_gates": bool(getattr(shared.opts, "perfusion_competitive_gates", False))}
+                "competitive_gates": bool(getattr(shared.opts, "perfusion_competitive_gates", False)),
+                "clause_encoding": bool(getattr(shared.opts, "perfusion_clause_encoding", False))}
 
     def warn(self, p, message):
         warned = getattr(p, "_perfusion_warned", None)
@@ -136,6 +171,16 @@ class WebuiEnv:
 
         p.close = close
         p._perfusion_close_wrapped = True
+
+
+def _tokenizing_model(sd_model):
+    """What splits a prompt into the WebUI's 77-token chunks: the hijacked text encoder (SD1/SD2), Forge's text
+    engine, or the first encoder of A1111's SDXL conditioner (both SDXL encoders chunk a prompt alike)."""
+    model = getattr(sd_model, "cond_stage_model", None)
+    if hasattr(model, "tokenize_line"):
+        return model
+    candidates = forge_text_engines(sd_model) + list(getattr(model, "embedders", None) or [])
+    return next((e for e in candidates if hasattr(e, "tokenize_line")), None)
 
 
 def _token_text(tokenizer, token_id: int) -> str:

@@ -23,6 +23,10 @@ def add_settings() -> None:
         "perfusion_competitive_gates": shared.OptionInfo(
             False, "Competitive gates: with several concepts in a prompt, each word keeps only the gate of the concept "
                    "it is most similar to (one concept's edit never acts on another's word)"),
+        "perfusion_clause_encoding": shared.OptionInfo(
+            False, "Clause-wise encoding: with several concepts in a prompt, read each further concept's clause as if "
+                   "the concepts before it were their superclass words (one more text-encoder pass per concept; "
+                   "helps the second concept appear)"),
         "perfusion_default_steps": shared.OptionInfo(
             field_defaults(WEBUI_FAMILY)["steps"], "Default training steps", gr.Number, {"precision": 0}),
         "perfusion_save_previews": shared.OptionInfo(True, "Render and save preview images while training"),

@@ -248,6 +248,85 @@ def test_gate_shut_on_its_own_token_is_noted(trained):
         path.unlink()
 
 
+SECOND = "vmug"
+
+
+def set_options(**options):
+    status, body = call("/sdapi/v1/options", options)
+    assert status == 200, body
+
+
+def log_offset() -> int:
+    """Where the WebUI's console log ends now (0 without PERFUSION_WEBUI_LOG): read what a test adds after it."""
+    log = os.environ.get("PERFUSION_WEBUI_LOG")
+    return Path(log).stat().st_size if log else 0
+
+
+def log_since(offset: int) -> str | None:
+    log = os.environ.get("PERFUSION_WEBUI_LOG")
+    if not log:
+        return None
+    with open(log, "rb") as f:
+        f.seek(offset)
+        return f.read().decode(errors="replace")
+
+
+@pytest.fixture(scope="module")
+def trained_second(trained):
+    """A second concept (another name and superclass, same images), for the two-concept checks."""
+    status, body = call("/perfusion/v1/train", {"name": SECOND, "superclass": "cup", "images": [NAME], "steps": 3,
+                                                "batch_size": 2, "micro_batch": 1, "resolution": 64, "seed": 5,
+                                                "preview_every": 0, "overwrite": True})
+    assert status == 200, body
+    assert wait_job(body["job_id"])["state"] == "finished"
+    status, concepts = call("/perfusion/v1/concepts")
+    entry = next(c for c in concepts if c["name"] == SECOND)
+    assert entry["compatible"] and entry["base_family"] == "sd1"
+    return entry
+
+
+def test_clause_encoding_setting_changes_only_two_concept_prompts(trained, trained_second):
+    """perfusion_clause_encoding on: a prompt with two concepts gives another image and says so in the infotext; one
+    concept is unchanged. Off again: the first image pixel for pixel (no conditioning cached from the other mode),
+    the plain prompt too, and no Perfusion word (concept or stand-in) is left in the embedding database."""
+    plain = "a photo of a bear and a cup on a table"
+    two = f"a <perfusion:{NAME}> on the left, a <perfusion:{SECOND}> on the right"
+    one = f"a photo of a <perfusion:{NAME}> on the beach"
+    start = log_offset()
+    set_options(perfusion_clause_encoding=False)
+    try:
+        p0 = pixels(txt2img(plain)["images"][0])
+        off = txt2img(two)
+        one_off = pixels(txt2img(one)["images"][0])
+        set_options(perfusion_clause_encoding=True)
+        assert call("/sdapi/v1/options")[1]["perfusion_clause_encoding"] is True
+        on = txt2img(two)
+        one_on = txt2img(one)
+        set_options(perfusion_clause_encoding=False)
+        off_again = txt2img(two)
+        p1 = pixels(txt2img(plain)["images"][0])
+    finally:
+        set_options(perfusion_clause_encoding=False)
+    x0, x1, x2 = (pixels(b["images"][0]) for b in (off, on, off_again))
+    print(f"clause encoding mean |diff|: on vs off {np.abs(x1.astype(int) - x0).mean():.2f}, "
+          f"off again vs off {np.abs(x2.astype(int) - x0).mean():.2f}")
+    info_off, info_on, info_again, info_one = (json.loads(b["info"])["infotexts"][0]
+                                               for b in (off, on, off_again, one_on))
+    assert not np.array_equal(x1, x0), "clause-wise encoding changes a two-concept image"
+    assert "Perfusion clause encoding: True" in info_on, info_on
+    assert f"{NAME}: " in info_on and f"{SECOND}: " in info_on, info_on  # both concepts still in Perfusion hashes
+    assert np.array_equal(x2, x0), "setting off again gives the first image (no stale cached conditioning)"
+    assert "Perfusion clause encoding" not in info_off and "Perfusion clause encoding" not in info_again
+    assert np.array_equal(pixels(one_on["images"][0]), one_off), "one concept: nothing to encode by clauses"
+    assert "Perfusion clause encoding" not in info_one, info_one
+    assert np.array_equal(p0, p1), "the plain prompt after these is pixel-identical to the one before"
+    status, embeddings = call("/sdapi/v1/embeddings")
+    assert status == 200 and not [w for w in embeddings["loaded"] if w.startswith("perfusion")], embeddings["loaded"]
+    text = log_since(start)
+    if text is not None:
+        assert "clause-wise encoding not applied" not in text and "Traceback" not in text, text[-3000:]
+
+
 def test_retrained_same_name_does_not_reuse_cached_conditioning(trained):
     prompt = f"a photo of a <perfusion:{NAME}> on the beach"
     before = pixels(txt2img(prompt)["images"][0])

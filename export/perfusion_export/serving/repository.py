@@ -76,10 +76,12 @@ def check_options(n_slots: int, backend: str, n_concepts: int) -> None:
 
 def export_library(model, concepts=(), out="triton_repo", *, n_slots: int = 16, backend: str = "onnxruntime",
                    opset: int = 18, pipeline_instances: int = 4, overwrite: bool = False,
-                   verify_export: bool = True, tensorrt: bool = False, competitive_gates: bool = False) -> dict:
+                   verify_export: bool = True, tensorrt: bool = False, competitive_gates: bool = False,
+                   clause_encoding: bool = False) -> dict:
     """Write a Triton model repository for `model` with a library of `n_slots` concept slots, the first filled
     with `concepts` (paths or Concept objects); `competitive_gates`: every request's concepts get competitive
-    gates. Returns the manifest."""
+    gates; `clause_encoding`: every request's prompt is encoded clause by clause (core.clauses). Returns the
+    manifest."""
     check_export_options("optimum", "fp32", opset, None, 0)
     check_options(n_slots, backend, len(concepts))
     if tensorrt and backend != "onnxruntime":
@@ -102,7 +104,7 @@ def export_library(model, concepts=(), out="triton_repo", *, n_slots: int = 16, 
     entries = slot_entries(pipe.unet, [(c, 1.0) for c in loaded], None, None)
     with staged(out, overwrite) as tmp:
         info = _write(pipe, entries, n_slots, backend, opset, pipeline_instances, tmp, family, tensorrt,
-                      competitive_gates)
+                      competitive_gates, clause_encoding)
         info["base_hash"] = _base_hash(pipe)
         if verify_export:
             info["verification"] = {"unet": library_unet_parity(pipe.unet, entries, n_slots,
@@ -112,7 +114,7 @@ def export_library(model, concepts=(), out="triton_repo", *, n_slots: int = 16, 
 
 
 def _write(pipe, entries, n_slots, backend, opset, instances, tmp: Path, family: str, tensorrt: bool,
-           competitive: bool) -> dict:
+           competitive: bool, clause_encoding: bool) -> dict:
     te, unet, vae = pipe.text_encoder, pipe.unet, pipe.vae
     lib = tmp / "pipeline" / "library"
     vocab = te.get_input_embeddings().num_embeddings
@@ -137,13 +139,14 @@ def _write(pipe, entries, n_slots, backend, opset, instances, tmp: Path, family:
                      "width": defaults["width"], "height": defaults["height"]},
         "token_slots": [{"slot": s.slot, "ids": s.ids, "rows": s.n_rows} for s in token_slots],
         "concepts": [slot_concept(e, s) for e, s in zip(entries, token_slots)], "competitive_gates": competitive,
+        "clause_encoding": clause_encoding,
     }
     write_json(lib / LIBRARY_JSON, lib_info)
     dims = {"text": te.config.hidden_size, "context": components.text_dim(unet) + 2 * n_slots,
             "latent": unet.config.in_channels, "image": vae.config.out_channels}
     triton_config.write_repository(tmp, backend, dims, instances, tensorrt)
     return {"format_version": manifest.FORMAT_VERSION, "layout": "triton", "triton_backend": backend,
-            "tensorrt": tensorrt, "competitive_gates": competitive,
+            "tensorrt": tensorrt, "competitive_gates": competitive, "clause_encoding": clause_encoding,
             "base_family": family, "opset": opset, "precision": "fp32",
             "library": {"slots": n_slots, "rows_per_slot": rows_per_slot, "unet_initializers": initializers},
             "files": {name: f"{name}/1/model.onnx" for name in NETWORKS},

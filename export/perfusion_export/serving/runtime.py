@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from perfusion_ext.core.clauses import splice_clauses, stand_in_name
 from perfusion_ext.core.concept import load_concept
 from perfusion_ext.core.errors import PerfusionError
 from perfusion_ext.core.hooks import ResolvedConcept, resolve
@@ -81,13 +82,37 @@ class LibraryPipeline:
         return parsed.segments, active, ids
 
     def encode(self, segments: list, negative: str, ids: dict[str, list[int]]) -> np.ndarray:
-        """[negative; positive] text, both padded to the same number of 77-token windows."""
-        positive, _ = self.windows.windows([segments], ids)
+        """[negative; positive] text, both padded to the same number of 77-token windows; with the library's
+        clause-wise encoding, each further concept's clause of the positive prompt read after the superclass
+        words of the concepts before it (core.clauses)."""
+        positive, positions = self.windows.windows([segments], ids)
         negative_ids, _ = self.windows.windows([[negative]], {}, min_tokens=positive.shape[1])
         if negative_ids.shape[1] > positive.shape[1]:
-            positive, _ = self.windows.windows([segments], ids, min_tokens=negative_ids.shape[1])
-        both = torch.cat([negative_ids, positive]).to(torch.int32).numpy()
-        window = CHUNK + 2
+            positive, positions = self.windows.windows([segments], ids, min_tokens=negative_ids.shape[1])
+        hidden = self._run_text(torch.cat([negative_ids, positive]))
+        if not self.info.get("clause_encoding", False):
+            return hidden
+
+        def encode_variant(variant, earlier):
+            # a superclass is one token: the stand-in of a concept with n vectors is that token n times
+            stand_ins = {stand_in_name(n): self.superclass_ids(n) * len(ids[n]) for n in earlier}
+            variant_ids, _ = self.windows.windows([variant], {**ids, **stand_ins}, min_tokens=hidden.shape[1])
+            return torch.from_numpy(self._run_text(variant_ids))
+
+        positive_hidden = splice_clauses(torch.from_numpy(hidden[1:]), segments, ids, positions[0], encode_variant)
+        return np.concatenate([hidden[:1], positive_hidden.numpy()])
+
+    def superclass_ids(self, name: str) -> list[int]:
+        """The token of a concept's superclass word (training takes only one-token superclass words)."""
+        word = self.concepts[name][1].superclass
+        ids = self.windows.words(word)
+        if len(ids) != 1:
+            raise PerfusionError(f"clause-wise encoding needs a one-token superclass word; {name!r} has {word!r}")
+        return ids
+
+    def _run_text(self, input_ids: torch.Tensor) -> np.ndarray:
+        """The text encoder over [B, 77k] ids, window by window."""
+        both, window = input_ids.to(torch.int32).numpy(), CHUNK + 2
         return np.concatenate([self.text_encoder(both[:, c:c + window]) for c in range(0, both.shape[1], window)],
                               axis=1)
 
