@@ -298,8 +298,8 @@ def test_clause_encoding_setting_changes_only_two_concept_prompts(trained, train
         p0 = pixels(txt2img(plain)["images"][0])
         off = txt2img(two)
         one_off = pixels(txt2img(one)["images"][0])
-        set_options(perfusion_clause_encoding=True)
-        assert call("/sdapi/v1/options")[1]["perfusion_clause_encoding"] is True
+        set_options(perfusion_clause_encoding=True)  # GET /sdapi/v1/options never lists extension settings (its
+        # response model is built before extensions add theirs): the infotext below shows the setting took effect
         on = txt2img(two)
         one_on = txt2img(one)
         set_options(perfusion_clause_encoding=False)
