@@ -171,3 +171,17 @@ def test_sdxl_dict_keeps_its_pooled_vector_and_the_batch_attributes():
     assert seen[1] == (["a perfusionsuperclassaz x perfusionbz"], True)
     assert out["crossattn"][0, :3].abs().sum() == 0 and (out["crossattn"][0, 3:] == 1).all()
     assert torch.equal(out["vector"], torch.arange(3.0))
+
+
+def test_a_failing_variant_encoding_keeps_the_prompts_own_conditioning():
+    calls = []
+
+    def original(texts):
+        calls.append(list(texts))
+        if len(calls) > 1:
+            raise RuntimeError("out of memory")
+        return torch.ones(len(texts), 10, 4)
+
+    layout = {"a perfusionaz x perfusionbz": {"perfusionaz": [1], "perfusionbz": [3]}}
+    out = ClauseConditioning(original, layout.get, ["perfusionaz", "perfusionbz"])(["a perfusionaz x perfusionbz"])
+    assert len(calls) == 2 and torch.equal(out, torch.ones(1, 10, 4))

@@ -14,11 +14,13 @@ batch), the rest go through untouched. The WebUI's SDXL output (a dict) keeps it
 from __future__ import annotations
 
 import copy
+import logging
 import re
 from collections.abc import Callable
 
 from ..core.clauses import clause_spans
 
+log = logging.getLogger("perfusion")
 STAND_IN_PREFIX = "perfusionsuperclass"
 
 
@@ -63,6 +65,13 @@ class ClauseConditioning:
 
     def __call__(self, texts):
         out = self.original(texts)
+        try:
+            return self._splice(texts, out)
+        except Exception:
+            log.warning("Perfusion: clause-wise encoding skipped for this prompt", exc_info=True)
+            return out
+
+    def _splice(self, texts, out):
         plans = [clause_variants(text, self.words, self.layout(text)) if sum(w in text for w in self.words) > 1
                  else [] for text in texts]
         variants = [v for plan in plans for v, _ in plan]
@@ -71,15 +80,15 @@ class ClauseConditioning:
         batch = copy.copy(texts)  # keeps the WebUI's attributes of the batch (size, negative prompt, ...)
         batch[:] = variants
         encoded = _hidden(self.original(batch))
-        hidden, k = _hidden(out), 0
+        hidden, k = _hidden(out).clone(), 0
         for row, plan in enumerate(plans):
             starts = [start for _, start in plan]
             spans = clause_spans([0] + starts, min(hidden.shape[1], encoded.shape[1]))
             for start, end in spans:
                 hidden[row, start:end] = encoded[k, start:end].to(hidden)
                 k += 1
-            self.applied += bool(plan)
-        return out
+        self.applied += sum(bool(plan) for plan in plans)
+        return {**out, "crossattn": hidden} if isinstance(out, dict) else hidden
 
 
 def _hidden(conditioning):
