@@ -293,7 +293,9 @@ def test_sd2_single_file_loads_eps_or_v(sd2, tmp_path, monkeypatch):
     with torch.no_grad():  # diffusers' conversion of the ldm weights is exact
         ours = pipe.unet(x, torch.tensor([500]), encoder_hidden_states=ctx).sample
         ldm = tiny_ldm_sd2_unet()(x, timesteps=torch.tensor([500]), context=ctx)
-    assert torch.allclose(ours, ldm, atol=1e-5)
+    # float32 through two attention implementations: 1.5e-5 of an output of 1.5 on an AMD EPYC (1e-5 was
+    # exceeded there); a wrongly converted weight moves it by the order of the output itself
+    assert (ours - ldm).abs().max() <= 1e-4 * ldm.abs().max(), ((ours - ldm).abs().max(), ldm.abs().max())
     assert pipe.scheduler.config.prediction_type in ("epsilon", "v_prediction")  # A1111's test decides
     assert load_pipeline(path, prediction_type="v_prediction").scheduler.config.prediction_type == "v_prediction"
     path.with_suffix(".yaml").write_text('model:\n  params:\n    parameterization: "v"\n')
