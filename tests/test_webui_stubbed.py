@@ -73,8 +73,39 @@ def test_token_layout_reads_the_webui_chunks(webui):
     texts, positions = extra_network.WebuiEnv().token_layout("a perfusionteddyabc on white")
     assert len(texts) == 154 and texts[:2] == ["<|startoftext|>", "a</w>"] and texts[3] == "on</w>"
     assert positions == {"perfusionteddyabc": [2, 79]}  # offset + 1 in each 77-token chunk
-    fakes["modules.shared"].sd_model = types.SimpleNamespace(cond_stage_model=object())  # SDXL: no layout
+    conditioner = types.SimpleNamespace(embedders=[object(), model])  # A1111's SDXL: the encoder that tokenizes
+    fakes["modules.shared"].sd_model = types.SimpleNamespace(cond_stage_model=conditioner)
+    assert extra_network.WebuiEnv().token_layout("a perfusionteddyabc on white")[1] == positions
+    fakes["modules.shared"].sd_model = types.SimpleNamespace(cond_stage_model=object())  # nothing tokenizes
     assert extra_network.WebuiEnv().token_layout("x") == ([], {})
+
+
+def test_sdxl_stand_in_vectors_split_the_webui_concatenation_in_the_family_order(webui):
+    fakes, extra_network, _ = webui
+    # A1111's conditioner concatenates clip_l (768) then clip_g (1280); here a two-token word
+    rows = torch.cat([torch.ones(2, 768), torch.full((2, 1280), 2.0)], dim=1)
+    rows[1] += 1.0  # the mean of the two tokens: 1.5 and 2.5
+    model = types.SimpleNamespace(encode_embedding_init_text=lambda word, nvpt: rows)
+    fakes["modules.shared"].sd_model = types.SimpleNamespace(cond_stage_model=model)
+    concept = types.SimpleNamespace(superclass="teddy bear", base_family="sdxl",  # as read back from a file
+                                    embeddings={"clip_g": torch.zeros(2, 1280), "clip_l": torch.zeros(2, 768)})
+    out = extra_network.WebuiEnv().superclass_vectors(concept)
+    assert torch.equal(out["clip_l"], torch.full((2, 768), 1.5)) and torch.equal(out["clip_g"], torch.full((2, 1280), 2.5))
+
+
+def test_the_conditioning_wrapper_is_removed_without_a_trace(webui):
+    fakes, extra_network, _ = webui
+
+    class Model:
+        def get_learned_conditioning(self, texts):
+            return "own"
+
+    model = Model()
+    fakes["modules.shared"].sd_model = model
+    restore = extra_network.WebuiEnv().wrap_conditioning(lambda original: lambda texts: ("wrapped", original(texts)))
+    assert model.get_learned_conditioning(["x"]) == ("wrapped", "own")
+    restore()
+    assert "get_learned_conditioning" not in vars(model) and model.get_learned_conditioning(["x"]) == "own"
 
 
 def test_cfg_denoiser_drives_schedules_and_the_inspector(webui, tmp_path, monkeypatch):

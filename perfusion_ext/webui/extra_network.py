@@ -11,6 +11,7 @@ import torch
 from modules import devices, extra_networks, sd_hijack, sd_unet, shared
 from modules.textual_inversion.textual_inversion import Embedding
 
+from ..core import families
 from ..core.errors import PerfusionError
 from .activation import Activator
 
@@ -84,7 +85,10 @@ class WebuiEnv:
         with torch.no_grad():
             mean = model.encode_embedding_init_text(concept.superclass, 75).float().mean(0)
         out, offset = {}, 0
-        for key, vectors in concept.embeddings.items():  # the family's encoder order, as the WebUI concatenates them
+        # the WebUI concatenates its encoders in the family's order (SDXL: clip_l, then clip_g); a concept read from
+        # its file lists them in the file's order (clip_g first), so the family's order is walked
+        for key in families.get(concept.base_family).encoder_names:
+            vectors = concept.embeddings[key]
             width = int(vectors.shape[-1])
             out[key] = mean[offset:offset + width].expand(vectors.shape[0], width).clone()
             offset += width
